@@ -1,0 +1,346 @@
+"""Command line: one action flag per call, options after it; a thin layer over the library.
+
+Nothing heavy is imported here: each handler imports its stage when it runs, so ``--help`` is instant.
+Exit codes: 0 ok, 1 failed, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+from . import __version__
+from .errors import AltI2VError, UsageError
+
+ACTIONS: dict[str, tuple[str, str]] = {
+    # dest: (help, example)
+    "scrape": ("collect posts and images from Danbooru (JSON API, HTML fallback)",
+               'alt-i2v --scrape --data data --query "kantai_collection 1girl" --limit 1000'),
+    "import_src": ("turn a folder into a dataset (class sub-folders, or images + .txt captions)",
+                   "alt-i2v --import ~/pictures/labelled --data data --mode folders"),
+    "vocab": ("build the tag vocabulary DATA/vocab.json (alias --maeshori)",
+              "alt-i2v --vocab --data data --size 4096 --min-count 5"),
+    "build": ("decode, resize and store images in DATA/store (LevelDB)",
+              "alt-i2v --build --data data --image-size 150 --resize pad"),
+    "train": ("train a tagger into a model directory",
+              "alt-i2v --train --data data --model model --epochs 20 --weights imagenet"),
+    "evaluate": ("score a model on a split; writes MODEL/reports/",
+                 "alt-i2v --evaluate --data data --model model --split test"),
+    "pred": ("tag images or folders",
+             "alt-i2v --pred img.jpg folder/ --model model --format json"),
+    "embed": ("write L2-normalised embeddings of images to a .npy file",
+              "alt-i2v --embed folder/ --model model --out emb.npy"),
+    "index": ("build a similar-image index from a dataset or an image folder",
+              "alt-i2v --index --model model --images folder/ --out folder.index"),
+    "similar": ("print the nearest images to one image",
+                "alt-i2v --similar query.jpg --index folder.index --top-k 10"),
+    "demo": ("run the whole pipeline on generated data (offline)",
+             "alt-i2v --demo demo_run --quick"),
+}
+
+# Options each action accepts (besides --quiet/--debug); anything else given is a usage error.
+ACTION_OPTIONS: dict[str, set[str]] = {
+    "scrape": {"data", "query", "limit", "base_url", "source", "rate", "workers", "file_size", "max_bytes",
+               "login", "api_key"},
+    "import_src": {"data", "mode", "workers"},
+    "vocab": {"data", "size", "min_count", "categories"},
+    "build": {"data", "image_size", "resize", "workers", "max_pixels", "rebuild", "val_fraction",
+              "test_fraction"},
+    "train": {"data", "model", "epochs", "batch_size", "lr", "backbone", "weights", "frozen", "image_size",
+              "mixed_precision", "resume", "patience", "loss", "workers"},
+    "evaluate": {"data", "model", "split", "batch_size"},
+    "pred": {"model", "threshold", "top_k", "format", "write_captions", "caption_mode", "recursive",
+             "exclude", "max_tags", "tag_style", "no_escape", "batch_size", "workers"},
+    "embed": {"model", "out", "recursive", "batch_size", "workers"},
+    "index": {"model", "data", "images", "out", "recursive", "approx", "batch_size", "workers"},
+    "similar": {"index", "top_k", "model"},
+    "demo": {"quick"},
+}
+COMMON = {"quiet", "debug"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    lines = [f"  --{a.replace('_src', '').replace('_', '-'):9s} {h}\n  {'':9s}   e.g. {ex}"
+             for a, (h, ex) in ACTIONS.items()]
+    p = argparse.ArgumentParser(
+        prog="alt-i2v",
+        description="Learn to tag anime-style illustrations with many labels at once.",
+        epilog="actions (exactly one per call):\n" + "\n".join(lines) +
+               "\n\nexit codes: 0 ok, 1 failed, 2 usage error",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"alt-i2v {__version__}")
+    act = p.add_argument_group("actions").add_mutually_exclusive_group(required=True)
+    act.add_argument("--scrape", action="store_true", help=ACTIONS["scrape"][0])
+    act.add_argument("--import", dest="import_src", metavar="SRC", help=ACTIONS["import_src"][0])
+    act.add_argument("--vocab", "--maeshori", dest="vocab", action="store_true", help=ACTIONS["vocab"][0])
+    act.add_argument("--build", action="store_true", help=ACTIONS["build"][0])
+    act.add_argument("--train", action="store_true", help=ACTIONS["train"][0])
+    act.add_argument("--evaluate", action="store_true", help=ACTIONS["evaluate"][0])
+    act.add_argument("--pred", nargs="+", metavar="FILE_OR_DIR", help=ACTIONS["pred"][0])
+    act.add_argument("--embed", nargs="+", metavar="FILE_OR_DIR", help=ACTIONS["embed"][0])
+    act.add_argument("--index", dest="index_action", action="store_true", help=ACTIONS["index"][0])
+    act.add_argument("--similar", metavar="FILE", help=ACTIONS["similar"][0])
+    act.add_argument("--demo", nargs="?", const="alt-i2v-demo", metavar="DIR", help=ACTIONS["demo"][0] +
+                     " (default DIR: ./alt-i2v-demo)")
+
+    g = p.add_argument_group("common")
+    g.add_argument("--data", metavar="DIR", help="dataset directory (posts.jsonl, images/, vocab.json, store/)")
+    g.add_argument("--model", metavar="DIR", help="model directory")
+    g.add_argument("--workers", type=int, metavar="N", help="parallel workers (default: scrape 4, others cores)")
+    g.add_argument("--batch-size", type=int, metavar="N", help="batch size (train default 32, predict 64)")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summaries")
+    g.add_argument("--debug", action="store_true", help="show tracebacks of failures")
+
+    g = p.add_argument_group("--scrape")
+    g.add_argument("--query", action="append", metavar="TAGS", help="tag search, repeatable, worked in order")
+    g.add_argument("--limit", type=int, metavar="N", help="stop after N new posts in this run")
+    g.add_argument("--base-url", metavar="URL", help="Danbooru-compatible server (default danbooru.donmai.us)")
+    g.add_argument("--source", choices=["api", "html"], help="JSON API (default) or HTML pages")
+    g.add_argument("--rate", type=float, metavar="R", help="requests per second (default 1)")
+    g.add_argument("--file-size", choices=["original", "sample"], help="original file or the large sample")
+    g.add_argument("--max-bytes", type=int, metavar="B", help="skip files larger than B bytes")
+    g.add_argument("--login", metavar="USER", help="Danbooru login (default $DANBOORU_LOGIN)")
+    g.add_argument("--api-key", metavar="KEY", help="Danbooru API key (default $DANBOORU_API_KEY)")
+
+    g = p.add_argument_group("--import")
+    g.add_argument("--mode", choices=["auto", "folders", "captions"], help="folder layout (default auto)")
+
+    g = p.add_argument_group("--vocab")
+    g.add_argument("--size", type=int, metavar="N", help="number of tags (default 4096)")
+    g.add_argument("--min-count", type=int, metavar="N", help="least posts per tag (default 1)")
+    g.add_argument("--categories", metavar="LIST",
+                   help="comma-separated: general,character,copyright (default), artist, meta, rating")
+
+    g = p.add_argument_group("--build / --train")
+    g.add_argument("--image-size", type=int, metavar="PX", help="square side in pixels (default 150)")
+    g.add_argument("--resize", choices=["pad", "stretch", "crop"], help="aspect handling (default pad)")
+    g.add_argument("--max-pixels", type=int, metavar="N", help="refuse images with more pixels (bomb guard)")
+    g.add_argument("--rebuild", action="store_true", help="delete DATA/store and build it again")
+    g.add_argument("--val-fraction", type=float, metavar="F", help="validation share (default 0.1)")
+    g.add_argument("--test-fraction", type=float, metavar="F", help="test share (default 0.1)")
+
+    g = p.add_argument_group("--train")
+    g.add_argument("--epochs", type=int, metavar="N", help="epochs (default 20)")
+    g.add_argument("--lr", type=float, metavar="LR", help="learning rate (default 1e-3)")
+    g.add_argument("--backbone", metavar="NAME", help="vgg16 (default), tiny, or another keras.applications name")
+    g.add_argument("--weights", metavar="W", help="imagenet (default for vgg16), none, or a weights file path")
+    g.add_argument("--frozen", type=int, metavar="N", help="freeze the first N backbone layers (default 12)")
+    g.add_argument("--mixed-precision", nargs="?", const="auto", metavar="DTYPE",
+                   help="mixed precision: auto, float16 or bfloat16")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
+    g.add_argument("--patience", type=int, metavar="N", help="early-stopping patience in epochs")
+    g.add_argument("--loss", choices=["bce", "focal", "asl"], help="loss (default bce)")
+
+    g = p.add_argument_group("--evaluate")
+    g.add_argument("--split", choices=["train", "val", "test"], help="split to score (default test)")
+
+    g = p.add_argument_group("--pred / --embed / --index / --similar")
+    g.add_argument("--threshold", metavar="T",
+                   help="float, or per category 'general=0.4,character=0.8' (default: calibrated)")
+    g.add_argument("--top-k", type=int, metavar="K", help="at most K tags / neighbours")
+    g.add_argument("--format", choices=["text", "json", "caption"], help="output format (default text)")
+    g.add_argument("--write-captions", action="store_true", help="write <image>.txt beside each image")
+    g.add_argument("--caption-mode", choices=["append", "skip", "overwrite"],
+                   help="existing caption files: append new tags, skip the image, or overwrite")
+    g.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders")
+    g.add_argument("--exclude", action="append", metavar="TAGS", help="tags never written (comma-separated)")
+    g.add_argument("--max-tags", type=int, metavar="N", help="at most N tags per caption")
+    g.add_argument("--tag-style", choices=["underscores", "spaces"], help="caption tag style (default spaces)")
+    g.add_argument("--no-escape", action="store_true", help="do not escape parentheses in captions")
+    g.add_argument("--out", metavar="PATH", help="output file (.npy for --embed, index path for --index)")
+    g.add_argument("--images", metavar="DIR", help="--index: an image folder instead of --data")
+    g.add_argument("--approx", action="store_true", help="--index: also build an approximate (faiss) index")
+    g.add_argument("--index-path", dest="index", metavar="INDEX", help=argparse.SUPPRESS)
+
+    g = p.add_argument_group("--demo")
+    g.add_argument("--quick", action="store_true", help="a sub-minute version")
+    return p
+
+
+def _parse(argv: Sequence[str] | None) -> tuple[str, argparse.Namespace]:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --index is both an action flag and the --similar option; disambiguate before argparse sees it.
+    if "--similar" in argv and "--index" in argv:
+        argv[argv.index("--index")] = "--index-path"
+    args = parser.parse_args(argv)
+    action = next(a for a in ACTIONS if _given(getattr(args, "index_action" if a == "index" else a, None)))
+    allowed = ACTION_OPTIONS[action] | COMMON
+    for dest, value in vars(args).items():
+        if dest in ACTIONS or dest in ("index_action",) or dest in allowed:
+            continue
+        if _given(value):
+            flag = "--" + dest.replace("_", "-")
+            parser.error(f"{flag} does not apply to --{action.replace('_src', '')}")
+    return action, args
+
+
+def _given(value: Any) -> bool:
+    return value is not None and value is not False
+
+
+def _opt(args: argparse.Namespace, name: str, default: Any) -> Any:
+    value = getattr(args, name, None)
+    return default if value is None else value
+
+
+def _need(args: argparse.Namespace, name: str, action: str) -> str:
+    value = getattr(args, name, None)
+    if not value:
+        raise UsageError(f"--{action} needs --{name.replace('_', '-')}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Handlers: one per action, each calls one library function and prints its summary.
+
+
+def cmd_scrape(args: argparse.Namespace) -> int:
+    from .scraper import scrape
+    from .progress import summary
+
+    data = _need(args, "data", "scrape")
+    if not args.query:
+        raise UsageError("--scrape needs at least one --query")
+    kw = {k: getattr(args, k) for k in ("limit", "base_url", "source", "rate", "workers", "file_size",
+                                         "max_bytes", "login", "api_key") if getattr(args, k) is not None}
+    result = scrape(data, args.query, quiet=args.quiet, **kw)
+    summary("scrape", result.summary(), quiet=args.quiet)
+    return 0
+
+
+def cmd_import_src(args: argparse.Namespace) -> int:
+    from .dataset import import_folder
+    from .progress import summary
+
+    data = _need(args, "data", "import")
+    from .config import resolve_workers
+
+    result = import_folder(args.import_src, data, mode=_opt(args, "mode", "auto"),
+                           workers=resolve_workers(args.workers) * 2, quiet=args.quiet)
+    summary("import", {**result.summary(), "report": os.path.join(data, "reports", "import_report.json")},
+            quiet=args.quiet)
+    return 0
+
+
+def cmd_vocab(args: argparse.Namespace) -> int:
+    from .config import DEFAULT_CATEGORIES
+    from .progress import summary
+    from .vocab import build_vocab
+
+    data = _need(args, "data", "vocab")
+    cats = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else DEFAULT_CATEGORIES
+    vocab = build_vocab(data, size=_opt(args, "size", 4096), min_count=_opt(args, "min_count", 1), categories=cats)
+    top = ", ".join(f"{t['name']} ({t['count']})" for t in vocab.tags[:8])
+    summary("vocab", {"tags": len(vocab), "from posts": vocab.built_from, "categories": ",".join(vocab.categories),
+                      "most common": top or "-", "written": os.path.join(data, "vocab.json")}, quiet=args.quiet)
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .progress import summary
+    from .store import build_store
+
+    data = _need(args, "data", "build")
+    kw = {k: getattr(args, k) for k in ("image_size", "resize", "workers", "max_pixels", "val_fraction",
+                                         "test_fraction") if getattr(args, k) is not None}
+    result = build_store(data, rebuild=args.rebuild, quiet=args.quiet, **kw)
+    summary("build", {**result.summary(), "report": os.path.join(data, "reports", "build_report.json")},
+            quiet=args.quiet)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .progress import summary
+    from .train import train
+
+    data = _need(args, "data", "train")
+    model = _need(args, "model", "train")
+    kw = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "backbone", "weights", "frozen",
+                                         "image_size", "mixed_precision", "patience", "loss", "workers")
+          if getattr(args, k) is not None}
+    result = train(data, model, resume=args.resume, quiet=args.quiet, **kw)
+    summary("train", result.summary(), quiet=args.quiet)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+    from .progress import summary
+
+    result = evaluate(_need(args, "data", "evaluate"), _need(args, "model", "evaluate"),
+                      split=_opt(args, "split", "test"), batch_size=args.batch_size, quiet=args.quiet)
+    summary("evaluate", result.summary(), quiet=args.quiet)
+    return 0
+
+
+def cmd_pred(args: argparse.Namespace) -> int:
+    from .tagger import run_pred
+
+    return run_pred(args)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from .tagger import run_embed
+
+    return run_embed(args)
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .search import run_index
+
+    return run_index(args)
+
+
+def cmd_similar(args: argparse.Namespace) -> int:
+    from .search import run_similar
+
+    return run_similar(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.demo, quick=args.quick, quiet=args.quiet)
+    return 0
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "scrape": cmd_scrape, "import_src": cmd_import_src, "vocab": cmd_vocab, "build": cmd_build,
+    "train": cmd_train, "evaluate": cmd_evaluate, "pred": cmd_pred, "embed": cmd_embed, "index": cmd_index,
+    "similar": cmd_similar, "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m alt_i2v`` and ``alt-i2v``; returns the exit code."""
+    try:
+        action, args = _parse(argv)
+    except SystemExit as e:  # argparse: --help/--version exit 0, errors exit 2
+        return int(e.code or 0) if isinstance(e.code, int) else 2
+    try:
+        return int(HANDLERS[action](args) or 0)
+    except UsageError as e:
+        print(f"alt-i2v: usage error: {e}", file=sys.stderr)
+        return 2
+    except AltI2VError as e:
+        if args.debug:
+            raise
+        print(f"alt-i2v: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("alt-i2v: interrupted; finished work is kept, run the same command again to resume",
+              file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - last resort: a clear line, the traceback only on --debug
+        if args.debug:
+            raise
+        print(f"alt-i2v: error: unexpected {type(e).__name__}: {e} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

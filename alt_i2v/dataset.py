@@ -1,0 +1,351 @@
+"""The dataset directory: reading and appending ``posts.jsonl`` safely, and importing folders.
+
+``posts.jsonl`` is the source of truth. Reading never crashes on a bad line: malformed lines, duplicate
+ids and file paths that escape ``DATA/images`` are reported (with line numbers) and skipped. Appending
+repairs a line torn by a crash, writes whole lines and fsyncs, so a SIGKILL never leaves half a post.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .errors import AltI2VError, ImageLoadError, UnsafePathError, UsageError
+from .fsutil import atomic_write_bytes, fsync_dir, image_relpath, is_md5, normalize_ext, safe_join
+
+POSTS_FILE = "posts.jsonl"
+CATEGORIES = ("general", "character", "copyright", "artist", "meta")
+RATINGS = {"g": "g", "general": "g", "s": "s", "sensitive": "s", "q": "q", "questionable": "q",
+           "e": "e", "explicit": "e"}
+IMPORT_MODES = ("auto", "folders", "captions")
+
+
+@dataclass
+class PostsRead:
+    """What :func:`read_posts` found: the usable posts and everything it skipped, with line numbers."""
+
+    posts: list[dict] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)  # {"line": n, "reason": "...", "detail": "..."}
+    duplicates: list[dict] = field(default_factory=list)  # {"line": n, "id": ...}
+    lines: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {"lines": self.lines, "posts": len(self.posts), "malformed": len(self.errors),
+                "duplicate_ids": len(self.duplicates)}
+
+
+def posts_path(data_dir: str | os.PathLike) -> Path:
+    return Path(data_dir) / POSTS_FILE
+
+
+def normalize_tag(tag: str) -> str:
+    """Danbooru style: lowercase, spaces to underscores, caption escapes ``\\(`` removed."""
+    tag = tag.strip().replace("\\(", "(").replace("\\)", ")")
+    tag = re.sub(r"\s+", "_", tag).lower()
+    return tag
+
+
+def _tag_list(value: Any) -> list[str] | None:
+    if isinstance(value, str):
+        value = value.split()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
+        return None
+    out, seen = [], set()
+    for t in value:
+        t = normalize_tag(t)
+        if t and t not in seen:
+            seen.add(t)
+            out.append(t)
+    return out
+
+
+def validate_post(obj: Any, data_dir: str | os.PathLike) -> dict:
+    """Check and normalise one post; raises ValueError (reason text) or UnsafePathError.
+
+    Unknown keys are kept. ``tags`` may be the contract's ``{category: [tags]}``, or a list/space-separated
+    string (taken as general). ``file`` is derived from md5 + file_ext when absent; either way it must
+    resolve inside ``DATA/images``.
+    """
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    pid = obj.get("id")
+    if isinstance(pid, bool) or not (isinstance(pid, int) or (isinstance(pid, str) and pid.strip())):
+        raise ValueError("missing or invalid id")
+    post = dict(obj)
+    md5 = post.get("md5")
+    if md5 is not None and not is_md5(md5):
+        raise ValueError(f"md5 {md5!r} is not 32 lowercase hex characters")
+    rel = post.get("file")
+    if rel is None:
+        if md5 is None or post.get("file_ext") is None:
+            raise ValueError("no image: needs 'file' or 'md5' + 'file_ext'")
+        rel = image_relpath(md5, post["file_ext"])
+    safe_join(data_dir, rel, inside="images")  # raises UnsafePathError
+    post["file"] = rel
+    tags = post.get("tags", {})
+    if isinstance(tags, dict):
+        norm = {}
+        for cat, lst in tags.items():
+            got = _tag_list(lst)
+            if got is None:
+                raise ValueError(f"tags[{cat!r}] is not a list of strings")
+            norm[str(cat)] = got
+        post["tags"] = norm
+    else:
+        got = _tag_list(tags)
+        if got is None:
+            raise ValueError("tags must be an object of category lists, a list, or a string")
+        post["tags"] = {"general": got}
+    rating = post.get("rating")
+    post["rating"] = RATINGS.get(rating.lower()) if isinstance(rating, str) else None
+    return post
+
+
+def iter_posts(data_dir: str | os.PathLike, result: PostsRead | None = None) -> Iterator[dict]:
+    """Yield valid, first-seen posts in file order; problems are recorded in ``result`` if given."""
+    result = result if result is not None else PostsRead()
+    path = posts_path(data_dir)
+    if not path.exists():
+        return
+    seen: set = set()
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            result.lines = lineno
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                torn = not raw.endswith(b"\n")
+                result.errors.append({"line": lineno, "reason": "torn last line" if torn else "malformed JSON",
+                                      "detail": str(e)[:200]})
+                continue
+            try:
+                post = validate_post(obj, data_dir)
+            except UnsafePathError as e:
+                result.errors.append({"line": lineno, "reason": "unsafe file path", "detail": str(e)[:300]})
+                continue
+            except ValueError as e:
+                result.errors.append({"line": lineno, "reason": "invalid post", "detail": str(e)[:300]})
+                continue
+            key = id_key(post["id"])
+            if key in seen:
+                result.duplicates.append({"line": lineno, "id": post["id"]})
+                continue
+            seen.add(key)
+            yield post
+
+
+def read_posts(data_dir: str | os.PathLike) -> PostsRead:
+    """Read all of ``DATA/posts.jsonl`` (see :func:`iter_posts`)."""
+    result = PostsRead()
+    result.posts = list(iter_posts(data_dir, result))
+    return result
+
+
+def id_key(pid: Any) -> str:
+    """The canonical text of a post id (ints and strings never collide with each other's keys)."""
+    return f"i{pid}" if isinstance(pid, int) else f"s{pid}"
+
+
+def post_image_path(post: dict, data_dir: str | os.PathLike) -> Path:
+    """Absolute path of a validated post's image (inside DATA/images, checked again)."""
+    return safe_join(data_dir, post["file"], inside="images")
+
+
+class PostsWriter:
+    """Appends whole lines to posts.jsonl; on open it cuts a torn last line left by a crash."""
+
+    def __init__(self, data_dir: str | os.PathLike, *, sync: bool = True):
+        self.path = posts_path(data_dir)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.sync = sync
+        self.repaired = _repair_tail(self.path)
+        self._f = open(self.path, "ab")
+
+    def append(self, post: dict) -> None:
+        self.append_many([post])
+
+    def append_many(self, posts: Iterable[dict]) -> None:
+        data = b"".join(json.dumps(p, ensure_ascii=False, separators=(",", ":")).encode() + b"\n" for p in posts)
+        if not data:
+            return
+        self._f.write(data)
+        self._f.flush()
+        if self.sync:
+            os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+
+    def __enter__(self) -> "PostsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _repair_tail(path: Path) -> int:
+    """Truncate bytes after the last newline (a line the previous run never finished); returns bytes cut."""
+    if not path.exists():
+        return 0
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return 0
+        pos, chunk = size, 65536
+        while pos > 0:
+            start = max(0, pos - chunk)
+            f.seek(start)
+            buf = f.read(pos - start)
+            i = buf.rfind(b"\n")
+            if i >= 0:
+                keep = start + i + 1
+                break
+            pos = start
+        else:
+            keep = 0
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    return size - keep
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Import from folders
+
+
+@dataclass
+class ImportResult:
+    added: int = 0
+    already_present: int = 0
+    merged_duplicates: int = 0
+    skipped: list[dict] = field(default_factory=list)  # {"path", "reason", "detail"}
+    mode: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        reasons: dict[str, int] = {}
+        for s in self.skipped:
+            reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
+        return {"mode": self.mode, "added": self.added, "already present": self.already_present,
+                "merged duplicates": self.merged_duplicates, "skipped": len(self.skipped),
+                "skip reasons": reasons}
+
+
+_CANDIDATE_EXTS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".jfif"}
+
+
+def _caption_for(img: Path) -> Path | None:
+    for cand in (img.with_suffix(".txt"), img.with_name(img.name + ".txt")):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def parse_caption(text: str) -> list[str]:
+    """Comma-separated tags (newlines also separate) to normalised Danbooru-style names."""
+    parts = re.split(r"[,\n]", text)
+    return _tag_list([p for p in parts if p.strip()]) or []
+
+
+def _detect_mode(images: list[Path], src: Path) -> str:
+    if any(_caption_for(p) for p in images):
+        return "captions"
+    if any(p.parent != src for p in images):
+        return "folders"
+    raise UsageError(f"{src}: cannot tell the layout: no caption .txt files and no class sub-folders; "
+                     "use --mode folders or --mode captions")
+
+
+def import_folder(src: str | os.PathLike, data_dir: str | os.PathLike, mode: str = "auto", *,
+                  workers: int = 4, quiet: bool = False) -> ImportResult:
+    """Turn a folder into a dataset: class sub-folders become tags (``folders``), or images with
+    same-named ``.txt`` captions of comma-separated tags (``captions``). Images are copied into
+    ``DATA/images/<md5[:2]>/<md5>.<ext>``; posts already in the dataset (same md5) are not added again."""
+    from .imaging import identify
+    from .progress import bar, write_report
+
+    src, data_dir = Path(src), Path(data_dir)
+    if mode not in IMPORT_MODES:
+        raise UsageError(f"--mode must be one of {', '.join(IMPORT_MODES)}")
+    if not src.is_dir():
+        raise AltI2VError(f"{src}: not a folder")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if src.resolve() == data_dir.resolve() or data_dir.resolve() in src.resolve().parents:
+        raise UsageError("the source folder must not be inside the data directory")
+    images = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in _CANDIDATE_EXTS)
+    result = ImportResult(mode=_detect_mode(images, src) if mode == "auto" and images else mode)
+    if mode == "auto" and not images:
+        result.mode = "folders"
+
+    existing: set = set()
+    for p in iter_posts(data_dir):
+        existing.update(x for x in (p.get("md5"), p["id"]) if isinstance(x, str))
+
+    def tags_of(path: Path) -> list[str] | None:
+        if result.mode == "folders":
+            rel = path.relative_to(src)
+            return [normalize_tag(rel.parts[0])] if len(rel.parts) > 1 else None
+        cap = _caption_for(path)
+        return parse_caption(cap.read_text(encoding="utf-8", errors="replace")) if cap else None
+
+    def examine(path: Path) -> tuple[Path, dict | None, dict | None]:
+        rel = str(path.relative_to(src))
+        tags = tags_of(path)
+        if tags is None:
+            reason = "not in a class folder" if result.mode == "folders" else "no caption file"
+            return path, None, {"path": rel, "reason": reason, "detail": ""}
+        try:
+            data = path.read_bytes()
+            ext, w, h = identify(data)
+        except ImageLoadError as e:
+            return path, None, {"path": rel, "reason": e.reason, "detail": str(e)}
+        except OSError as e:
+            return path, None, {"path": rel, "reason": "unreadable", "detail": str(e)}
+        md5 = hashlib.md5(data).hexdigest()
+        post = {"id": md5, "md5": md5, "file_ext": ext, "file": image_relpath(md5, ext),
+                "tags": {"general": tags}, "width": w, "height": h, "source": "import", "original_path": rel}
+        if md5 not in existing:
+            target = data_dir / post["file"]
+            if not (target.exists() and target.stat().st_size == len(data)):
+                atomic_write_bytes(target, data)
+        return path, post, None
+
+    new_posts: dict[str, dict] = {}
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
+        for path, post, skip in bar(ex.map(examine, images), total=len(images), desc="import", unit="img",
+                                    quiet=quiet):
+            if skip:
+                result.skipped.append(skip)
+            elif post["md5"] in existing:
+                result.already_present += 1
+            elif post["md5"] in new_posts:
+                old = new_posts[post["md5"]]["tags"]["general"]
+                old.extend(t for t in post["tags"]["general"] if t not in old)
+                result.merged_duplicates += 1
+            else:
+                new_posts[post["md5"]] = post
+    fsync_dir(data_dir)
+    with PostsWriter(data_dir) as w:
+        w.append_many(new_posts.values())
+    result.added = len(new_posts)
+    write_report(data_dir, "import_report", {"source": str(src), **result.summary(), "skipped_files": result.skipped})
+    return result
+
+
+__all__ = ["PostsRead", "PostsWriter", "ImportResult", "read_posts", "iter_posts", "validate_post",
+           "post_image_path", "import_folder", "normalize_tag", "parse_caption", "id_key", "posts_path",
+           "normalize_ext"]

@@ -1,0 +1,115 @@
+"""Crash-safe file writes and path checks: temp file + fsync + rename, and no escape from DATA."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import UnsafePathError
+
+MD5_RE = re.compile(r"^[0-9a-f]{32}$")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "gif", "webp", "bmp", "tif", "tiff")
+TMP_SUFFIX = ".part"
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside ``path`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(os.fspath(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` so that ``path`` holds either the old content or all of the new, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def remove_stale_temps(root: str | os.PathLike) -> int:
+    """Delete temp files left by an interrupted atomic write under ``root``; returns how many."""
+    n = 0
+    for p in Path(root).rglob(f"*{TMP_SUFFIX}"):
+        if p.is_file() and p.name.startswith("."):
+            try:
+                p.unlink()
+                n += 1
+            except OSError:
+                pass
+    return n
+
+
+def is_md5(value: Any) -> bool:
+    return isinstance(value, str) and bool(MD5_RE.match(value))
+
+
+def normalize_ext(ext: Any) -> str | None:
+    """Lowercase allow-listed image extension without the dot, or None."""
+    if not isinstance(ext, str):
+        return None
+    ext = ext.lower().lstrip(".")
+    if ext == "jpeg":
+        ext = "jpg"
+    if ext == "tif":
+        ext = "tiff"
+    return ext if ext in IMAGE_EXTS else None
+
+
+def image_relpath(md5: str, ext: str) -> str:
+    """The contract's place for an image: ``images/<md5[:2]>/<md5>.<ext>`` (validated)."""
+    norm = normalize_ext(ext)
+    if not is_md5(md5) or norm is None:
+        raise UnsafePathError(f"refusing image name md5={md5!r} ext={ext!r}: md5 must be 32 hex, ext an image type")
+    return f"images/{md5[:2]}/{md5}.{norm}"
+
+
+def safe_join(root: str | os.PathLike, rel: Any, *, inside: str = "") -> Path:
+    """Resolve ``rel`` under ``root/inside`` or raise UnsafePathError (absolute, ``..``, symlink escapes)."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise UnsafePathError(f"invalid relative path {rel!r}")
+    if os.path.isabs(rel) or rel.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", rel):
+        raise UnsafePathError(f"absolute path {rel!r} not allowed")
+    root = Path(root).resolve()
+    base = (root / inside).resolve() if inside else root
+    target = (root / rel).resolve()
+    if target != base and base not in target.parents:
+        raise UnsafePathError(f"path {rel!r} resolves outside {base}")
+    return target

@@ -1,0 +1,246 @@
+"""The one image loader: any file an illustration collection holds becomes a uint8 square RGB array.
+
+``--build`` and prediction both call :func:`load_image`, so training and serving see identical pixels.
+It orients by EXIF, flattens transparency on white, converts every mode to 8-bit RGB, takes the first
+frame of animations, refuses decompression bombs from the header alone, and lets the JPEG decoder scale
+down while decoding (``draft``), which is most of the speed of a build.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import struct
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .config import RESIZE_MODES, ImageConfig
+from .errors import ImageLoadError
+
+DEFAULT_MAX_PIXELS = ImageConfig.max_pixels
+WHITE = (255, 255, 255)
+FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp",
+              "TIFF": "tiff"}
+
+# Our own header check below is the bomb guard; Pillow's warning would only repeat it.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+ImageSource = Any  # str | os.PathLike | bytes | PIL.Image.Image | np.ndarray
+
+
+def describe(source: ImageSource) -> str:
+    """A short name for a source, for error messages and reports."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, np.ndarray):
+        return f"<array {source.shape} {source.dtype}>"
+    if isinstance(source, Image.Image):
+        return f"<PIL {source.mode} {source.size[0]}x{source.size[1]}>"
+    return f"<{type(source).__name__}>"
+
+
+def _array_to_pil(arr: np.ndarray) -> Image.Image:
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.floating) and arr.size and float(np.nanmax(arr)) <= 1.0:
+            arr = arr * 255.0
+        arr = np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 2:
+        return Image.fromarray(arr, "L")
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        return Image.fromarray(np.ascontiguousarray(arr), "RGB" if arr.shape[2] == 3 else "RGBA")
+    raise ImageLoadError("bad_array", f"array of shape {arr.shape} is not an HxW, HxWx3 or HxWx4 image")
+
+
+def _open(source: ImageSource) -> Image.Image:
+    """Open lazily (header only) from any supported source, mapping failures to ImageLoadError."""
+    name = describe(source)
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, np.ndarray):
+        return _array_to_pil(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if not data:
+            raise ImageLoadError("empty", "empty image data (0 bytes)")
+        fp: Any = io.BytesIO(data)
+        head = data[:512]
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise ImageLoadError("missing", f"{name}: file not found")
+        if not path.is_file():
+            raise ImageLoadError("unreadable", f"{name}: not a regular file")
+        try:
+            if path.stat().st_size == 0:
+                raise ImageLoadError("empty", f"{name}: empty file (0 bytes)")
+            with open(path, "rb") as f:
+                head = f.read(512)
+        except PermissionError as e:
+            raise ImageLoadError("unreadable", f"{name}: {e.strerror or e}") from None
+        fp = path
+    else:
+        raise ImageLoadError("bad_input", f"cannot load an image from {type(source).__name__}; "
+                                          "give a path, bytes, a PIL image or a uint8 array")
+    try:
+        return Image.open(fp)
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError("too_large", f"{name}: refused, {e}") from None
+    except UnidentifiedImageError:
+        lowered = head.lstrip().lower()
+        if lowered.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body")) or b"<html" in lowered:
+            raise ImageLoadError("html", f"{name}: this is an HTML page, not an image "
+                                         "(a failed or blocked download saved under an image name?)") from None
+        raise ImageLoadError("not_an_image", f"{name}: not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageLoadError("corrupt", f"{name}: unreadable image header ({e})") from None
+
+
+def _check_size(img: Image.Image, max_pixels: int, name: str) -> None:
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ImageLoadError("corrupt", f"{name}: image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise ImageLoadError("too_large", f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of "
+                                          f"{max_pixels:,} (a decompression bomb?); raise max_pixels to allow it")
+
+
+def _target_scale(w: int, h: int, size: int, resize: str) -> tuple[float, float]:
+    if resize == "stretch":
+        return size / w, size / h
+    s = size / max(w, h) if resize == "pad" else size / min(w, h)
+    return s, s
+
+
+def _to_rgb(img: Image.Image, pad_color: Sequence[int]) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited on ``pad_color`` (white)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I") or mode == "F":
+        arr = np.asarray(img)
+        if mode.startswith("I;16") or (mode == "I" and arr.size and arr.max() > 255):
+            arr = arr.astype(np.float32) / 257.0
+        elif mode == "F" and arr.size and np.nanmax(arr) <= 1.0:
+            arr = arr * 255.0
+        arr = np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info) \
+        or (mode in ("L", "RGB") and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, tuple(pad_color) + (255,))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _fit(img: Image.Image, size: int, resize: str, pad_color: Sequence[int]) -> Image.Image:
+    w, h = img.size
+    sx, sy = _target_scale(w, h, size, resize)
+    nw, nh = max(1, round(w * sx)), max(1, round(h * sy))
+    if resize == "stretch":
+        nw = nh = size
+    if resize == "crop":
+        nw, nh = max(nw, size), max(nh, size)
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if resize == "pad" and (nw, nh) != (size, size):
+        canvas = Image.new("RGB", (size, size), tuple(pad_color))
+        canvas.paste(img, ((size - nw) // 2, (size - nh) // 2))
+        return canvas
+    if resize == "crop" and (nw, nh) != (size, size):
+        left, top = (nw - size) // 2, (nh - size) // 2
+        return img.crop((left, top, left + size, top + size))
+    return img
+
+
+def load_image(source: ImageSource, image_size: int = 150, resize: str = "pad", *,
+               max_pixels: int = DEFAULT_MAX_PIXELS, pad_color: Sequence[int] = WHITE) -> np.ndarray:
+    """Decode ``source`` (path, bytes, PIL image or array) into a uint8 ``(size, size, 3)`` RGB array.
+
+    ``resize``: ``pad`` keeps the aspect and pads to a square (default), ``stretch`` ignores the aspect
+    (the original design), ``crop`` fills the square and cuts the centre. Raises ImageLoadError with a
+    ``reason`` code (missing, empty, html, not_an_image, truncated, corrupt, too_large, ...).
+    """
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    name = describe(source)
+    img = _open(source)
+    try:
+        if max_pixels > (Image.MAX_IMAGE_PIXELS or math.inf):
+            Image.MAX_IMAGE_PIXELS = max_pixels  # our check is the guard; let Pillow go as far as it
+        _check_size(img, max_pixels, name)
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)
+        if img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
+            w, h = img.size
+            sx, sy = _target_scale(w, h, image_size, resize)
+            img.draft(None, (max(1, math.ceil(w * sx)), max(1, math.ceil(h * sy))))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        img = _to_rgb(img, pad_color)
+        img = _fit(img, image_size, resize, pad_color)
+        arr = np.asarray(img, dtype=np.uint8)
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError("too_large", f"{name}: refused, {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
+        msg = str(e)
+        reason = "truncated" if ("truncated" in msg or "broken data stream" in msg or isinstance(e, EOFError)) \
+            else "corrupt"
+        raise ImageLoadError(reason, f"{name}: {reason} image ({msg or type(e).__name__})") from None
+    if arr.shape != (image_size, image_size, 3):  # pragma: no cover - defensive
+        raise ImageLoadError("corrupt", f"{name}: decoded to unexpected shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def load_image_config(source: ImageSource, config: ImageConfig) -> np.ndarray:
+    """:func:`load_image` with an :class:`ImageConfig` (what a store or a model directory records)."""
+    return load_image(source, config.image_size, config.resize, max_pixels=config.max_pixels,
+                      pad_color=config.pad_color)
+
+
+def load_many(sources: Iterable[ImageSource], config: ImageConfig, workers: int = 4
+              ) -> list[np.ndarray | ImageLoadError]:
+    """Load several images on threads (Pillow releases the GIL while decoding); errors are returned
+    in place, so one bad file never loses the others."""
+
+    def one(src: ImageSource) -> np.ndarray | ImageLoadError:
+        try:
+            return load_image_config(src, config)
+        except ImageLoadError as e:
+            return e
+
+    sources = list(sources)
+    if workers <= 1 or len(sources) <= 1:
+        return [one(s) for s in sources]
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        return list(ex.map(one, sources))
+
+
+def identify(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, int, int]:
+    """``(extension, width, height)`` of an image from its content, not its name; fully decodes it once
+    so a broken file is caught here. Raises ImageLoadError."""
+    name = describe(source)
+    img = _open(source)
+    _check_size(img, max_pixels, name)
+    ext = FORMAT_EXT.get(img.format or "")
+    if ext is None:
+        raise ImageLoadError("unsupported", f"{name}: image format {img.format} is not supported")
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        reason = "truncated" if "truncated" in str(e) else "corrupt"
+        raise ImageLoadError(reason, f"{name}: {reason} image ({e})") from None
+    return ext, img.size[0], img.size[1]

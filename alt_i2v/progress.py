@@ -1,0 +1,69 @@
+"""Progress bars, one-screen summaries and JSON reports, all silenced by ``quiet``."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .fsutil import atomic_write_json
+
+
+def bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it",
+        quiet: bool = False, **kw: Any):
+    """A tqdm bar on stderr; disabled when ``quiet`` (or when tqdm is missing)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return _NoBar(iterable)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=quiet, dynamic_ncols=True,
+                file=sys.stderr, **kw)
+
+
+class _NoBar:
+    def __init__(self, iterable=None):
+        self._it = iterable
+
+    def __iter__(self):
+        return iter(self._it or ())
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def summary(title: str, rows: Mapping[str, Any], *, quiet: bool = False, file=None) -> str:
+    """Print an aligned ``key: value`` block under ``title`` (stdout); returns the text."""
+    width = max((len(k) for k in rows), default=0)
+    lines = [f"== {title} =="] + [f"  {k.ljust(width)} : {_fmt(v)}" for k, v in rows.items()]
+    text = "\n".join(lines)
+    if not quiet:
+        print(text, file=file or sys.stdout, flush=True)
+    return text
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, Mapping):
+        return ", ".join(f"{k}={_fmt(x)}" for k, x in v.items()) or "-"
+    return str(v)
+
+
+def write_report(data_dir: str | Path, name: str, report: Mapping[str, Any]) -> Path:
+    """Atomically write ``DATA/reports/<name>.json`` and return its path."""
+    path = Path(data_dir) / "reports" / f"{name}.json"
+    payload = {"written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **report}
+    return atomic_write_json(path, payload)
