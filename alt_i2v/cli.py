@@ -198,12 +198,12 @@ def _need(args: argparse.Namespace, name: str, action: str) -> str:
 
 
 def cmd_scrape(args: argparse.Namespace) -> int:
-    from .scraper import scrape
-    from .progress import summary
-
     data = _need(args, "data", "scrape")
     if not args.query:
         raise UsageError("--scrape needs at least one --query")
+    from .progress import summary
+    from .scraper import scrape
+
     kw = {k: getattr(args, k) for k in ("limit", "base_url", "source", "rate", "workers", "file_size",
                                          "max_bytes", "login", "api_key") if getattr(args, k) is not None}
     result = scrape(data, args.query, quiet=args.quiet, **kw)

@@ -1,0 +1,74 @@
+"""The command line: every action documented, exit codes, --quiet, and no heavy imports for --help."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from alt_i2v.cli import ACTIONS, main
+from conftest import make_dataset
+
+ACTION_FLAGS = ["--scrape", "--import", "--vocab", "--maeshori", "--build", "--train", "--evaluate", "--pred",
+                "--embed", "--index", "--similar", "--demo"]
+
+
+def test_help_lists_every_action_with_an_example(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ACTION_FLAGS:
+        assert flag in out, flag
+    for _help, example in ACTIONS.values():
+        assert example in out
+    assert out.count("e.g. alt-i2v") == len(ACTIONS)
+
+
+def test_import_and_help_do_not_load_tensorflow_or_keras():
+    code = ("import sys, alt_i2v, alt_i2v.cli, contextlib, io\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    rc = alt_i2v.cli.main(['--help'])\n"
+            "heavy = [m for m in ('tensorflow', 'keras', 'jax', 'torch', 'PIL', 'plyvel') if m in sys.modules]\n"
+            "print(rc, heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "0 []"
+
+
+def test_module_entry_point_runs():
+    done = subprocess.run([sys.executable, "-m", "alt_i2v", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("alt-i2v ")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    ([], "one of the arguments"),
+    (["--build", "--vocab", "--data", "x"], "not allowed with"),
+    (["--build", "--data", "x", "--epochs", "3"], "--epochs does not apply to --build"),
+    (["--vocab"], "--vocab needs --data"),
+    (["--scrape", "--data", "x"], "at least one --query"),
+    (["--build", "--data", "x", "--resize", "squash"], "invalid choice"),
+])
+def test_usage_errors_exit_2(argv, needle, capsys):
+    assert main(argv) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_failures_exit_1_with_a_clear_message(tmp_path, capsys):
+    assert main(["--build", "--data", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "--vocab" in err and "Traceback" not in err
+
+
+def test_import_vocab_build_from_the_cli(tmp_path, capsys):
+    data = tmp_path / "data"
+    make_dataset(data, n=30)
+    assert main(["--vocab", "--data", str(data), "--size", "5"]) == 0
+    assert "== vocab ==" in capsys.readouterr().out
+    assert len(json.loads((data / "vocab.json").read_text())["tags"]) == 5
+    assert main(["--build", "--data", str(data), "--image-size", "24", "--workers", "1", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    report = json.loads((data / "reports" / "build_report.json").read_text())
+    assert report["stored now"] == 30
+    assert main(["--maeshori", "--data", str(data), "--categories", "general,rating", "-q"]) == 0
+    assert "rating:g" in (data / "vocab.json").read_text()
