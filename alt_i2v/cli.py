@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 failed, 2 usage error.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from typing import Any, Callable, Sequence
@@ -329,6 +330,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"alt-i2v: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if args.debug:
+            raise
+        hint = (" (the disk is full: free space and run the same command again; finished work is kept)"
+                if e.errno == errno.ENOSPC else "")
+        print(f"alt-i2v: error: {e}{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("alt-i2v: interrupted; finished work is kept, run the same command again to resume",
