@@ -119,7 +119,91 @@ def load_config(cls: type[T], path: str | Path) -> T:
     return cls.from_json(Path(path).read_text(encoding="utf-8"))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Model and training settings (model.py / train.py)
+
+LOSSES = ("bce", "focal", "asl")
+MIXED_PRECISION = ("auto", "float16", "bfloat16", "mixed_float16", "mixed_bfloat16", "float32", "none")
+
+
+@dataclass(frozen=True)
+class ModelConfig(JsonConfig):
+    """The network: a backbone from the registry (model.py) and the tagging head on top of it.
+
+    ``None`` fields take the backbone's default (registry entry): image size, frozen layers, width of
+    the per-position "features" layer, head pooling. ``weights`` is "imagenet", None or a file path.
+    """
+
+    backbone: str = "vgg16"
+    num_tags: int = 4096
+    image_size: int | None = None
+    weights: str | None = "imagenet"
+    frozen: int | None = None
+    dense_units: int | None = None
+    pooling: str | None = None  # "flatten" (the reference) or "avg"
+    dropout: float = 0.0
+    filters: tuple | None = None  # the tiny backbone's conv widths, one block each
+
+    def __post_init__(self):
+        if not isinstance(self.num_tags, int) or self.num_tags < 1:
+            raise UsageError(f"num_tags must be a positive integer, got {self.num_tags!r}")
+        if self.image_size is not None and (not isinstance(self.image_size, int) or
+                                            not 8 <= self.image_size <= 2048):
+            raise UsageError(f"image size must be an integer in 8..2048, got {self.image_size!r}")
+        if self.frozen is not None and (not isinstance(self.frozen, int) or self.frozen < 0):
+            raise UsageError(f"frozen must be a non-negative integer, got {self.frozen!r}")
+        if self.dense_units is not None and self.dense_units < 1:
+            raise UsageError("dense_units must be >= 1")
+        if self.pooling not in (None, "flatten", "avg"):
+            raise UsageError(f"pooling must be flatten or avg, got {self.pooling!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise UsageError("dropout must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig(JsonConfig):
+    """How a model is trained (recorded in MODEL/config.json; --resume reuses it)."""
+
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3
+    loss: str = "bce"
+    patience: int = 5
+    monitor: str = "val_auc"  # early stopping and the best checkpoint
+    mixed_precision: str | None = None
+    workers: int = 0  # input pipeline threads; 0 = cores
+    augment: bool = True
+    zoom: float = 0.15  # random crop/zoom up to this factor (train-time augmentation)
+    seed: int = 0
+    min_positives: int = 5  # tags with fewer validation positives get the global threshold
+    steps_per_epoch: int | None = None  # None = the whole train split every epoch
+    focal_gamma: float = 2.0
+    asl_gamma_neg: float = 4.0
+    asl_gamma_pos: float = 0.0
+    asl_clip: float = 0.05
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise UsageError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise UsageError(f"epochs must be >= 1, got {self.epochs!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise UsageError(f"batch size must be >= 1, got {self.batch_size!r}")
+        if not float(self.lr) > 0:
+            raise UsageError(f"learning rate must be > 0, got {self.lr!r}")
+        if not isinstance(self.patience, int) or self.patience < 0:
+            raise UsageError(f"patience must be >= 0 (0 turns early stopping off), got {self.patience!r}")
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
+            raise UsageError(f"mixed precision must be one of {', '.join(MIXED_PRECISION)}, "
+                             f"got {self.mixed_precision!r}")
+        if not 0.0 <= float(self.zoom) < 1.0:
+            raise UsageError("zoom must be in [0, 1)")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise UsageError("steps_per_epoch must be >= 1")
+
+
 __all__ = [
     "JsonConfig", "ImageConfig", "VocabConfig", "BuildConfig", "RESIZE_MODES", "DEFAULT_CATEGORIES",
-    "ALL_CATEGORIES", "resolve_workers", "load_config", "field",
+    "ALL_CATEGORIES", "resolve_workers", "load_config", "field", "ModelConfig", "TrainConfig", "LOSSES",
+    "MIXED_PRECISION",
 ]

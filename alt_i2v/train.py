@@ -1,0 +1,597 @@
+"""Training: the store in, a self-contained model directory out (CONTRACTS section 4).
+
+``MODEL/``::
+
+    model.keras        the best epoch's weights (float32, no optimizer), written atomically
+    config.json        model + train + image settings, backend, Keras version, vocab sha256, embedding dim
+    vocab.json         copy of the data's vocabulary
+    thresholds.json    per-tag thresholds calibrated on the validation split
+    history.csv        one row per completed epoch; curves.png: loss, AUC and F1 per epoch
+    checkpoints/       best.keras, last-eNNNN.keras (with the optimizer) and state.json
+
+A run is resumable at any point: after every epoch the last checkpoint is written under a new name, then
+history.csv, then ``state.json`` (atomic) which names it; ``--resume`` loads what state.json names,
+keeps the history rows up to that epoch and continues with the next one. Killed during the final steps
+(thresholds, model.keras), ``--resume`` just redoes them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from .config import ImageConfig, ModelConfig, TrainConfig, resolve_workers
+from .errors import AltI2VError, UsageError
+from .evaluate import THRESHOLDS_FILE, calibrate_thresholds, predict_split, prf_at, thresholds_vector
+from .fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, remove_stale_temps
+from .model import (MODEL_FILE, build_model, count_params, embedding_dim, get_backbone, get_loss,
+                    resolve_config)
+from .pipeline import EpochSetter, StoreDataset
+from .store import Store
+from .vocab import VOCAB_FILE, Vocab
+
+CONFIG_VERSION = 1
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.csv"
+CURVES_FILE = "curves.png"
+CKPT_DIR = "checkpoints"
+STATE_FILE = "state.json"
+BEST_FILE = "best.keras"
+MODEL_FIELDS = {f.name for f in fields(ModelConfig)} - {"num_tags"}
+TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
+RESUME_OVERRIDES = {"epochs", "patience", "workers"}  # what --resume may change
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Result
+
+
+@dataclass
+class TrainResult:
+    """What a training run did; ``summary()`` is the one-screen report the CLI prints."""
+
+    model_dir: Path
+    model_config: ModelConfig
+    train_config: TrainConfig
+    history: list[dict[str, Any]] = field(default_factory=list)
+    initial_epoch: int = 0
+    best_epoch: int | None = None
+    best_value: float | None = None
+    stopped_early: bool = False
+    resumed: bool = False
+    params: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    val_scores: dict[str, float] = field(default_factory=dict)
+    thresholds: dict[str, Any] = field(default_factory=dict)
+    precision_policy: str = "float32"
+    seconds: float = 0.0
+
+    @property
+    def epochs_completed(self) -> int:
+        return int(self.history[-1]["epoch"]) if self.history else 0
+
+    def summary(self) -> dict[str, Any]:
+        mc, tc = self.model_config, self.train_config
+        last = self.history[-1] if self.history else {}
+        rates = [r.get("img_per_s") for r in self.history[self.initial_epoch:] if r.get("img_per_s")]
+        rows: dict[str, Any] = {
+            "model": str(self.model_dir),
+            "backbone": f"{mc.backbone} {mc.image_size}px, weights={mc.weights or 'none'}, frozen={mc.frozen}, "
+                        f"{self.precision_policy}",
+            "parameters": f"{self.params.get('total', 0):,} ({self.params.get('trainable', 0):,} trainable)",
+            "tags": mc.num_tags,
+            "images": ", ".join(f"{k} {v}" for k, v in self.counts.items()),
+            "epochs": (f"{self.initial_epoch + 1}-{self.epochs_completed} of {tc.epochs}"
+                       if self.epochs_completed > self.initial_epoch else
+                       f"{self.epochs_completed} of {tc.epochs} (nothing left to train)")
+                      + (" (resumed)" if self.resumed else "") + (", stopped early" if self.stopped_early else ""),
+            "best epoch": f"{self.best_epoch} ({tc.monitor} {self.best_value:.4f})"
+                          if self.best_value is not None else "-",
+            "last epoch": ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "val_loss", "val_auc", "val_f1")
+                                    if isinstance(last.get(k), float)) or "-",
+        }
+        if self.val_scores:
+            v = self.val_scores
+            rows["val micro F1"] = (f"{v['micro_f1']:.4f} calibrated, {v['micro_f1_at_0.5']:.4f} at 0.5; "
+                                    f"macro {v['macro_f1']:.4f} / {v['macro_f1_at_0.5']:.4f}")
+        if self.thresholds:
+            rows["thresholds"] = (f"global {self.thresholds['global']:.2f}, "
+                                  f"{self.thresholds.get('tags_with_own_threshold', 0)} tags calibrated on "
+                                  f"{self.thresholds.get('calibrated_on')}")
+        if rates:
+            rows["train speed"] = f"{np.median(rates):.1f} img/s"
+        rows["seconds"] = round(self.seconds, 1)
+        rows["files"] = "model.keras, config.json, vocab.json, thresholds.json, history.csv, curves.png"
+        return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers: files, precision, settings
+
+
+def save_model_atomic(model: keras.Model, path: Path) -> Path:
+    """``model.save`` to a temporary name in the same directory, then ``os.replace``: never a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
+    try:
+        model.save(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def copy_atomic(src: Path, dst: Path) -> Path:
+    tmp = dst.with_name(f".{dst.stem}.tmp-{os.getpid()}{dst.suffix}")
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return dst
+
+
+def _remove_temps(model_dir: Path) -> None:
+    """Temporary files of writes a kill interrupted (model saves here, JSON/CSV writes in fsutil)."""
+    remove_stale_temps(model_dir)
+    for d in (model_dir, model_dir / CKPT_DIR):
+        if d.is_dir():
+            for p in d.glob(".*.tmp-*"):
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+
+
+def precision_policy(mixed_precision: str | None) -> str:
+    """The Keras dtype policy for ``--mixed-precision`` (auto: bfloat16 on an accelerator, else float32)."""
+    mp = (mixed_precision or "none").lower()
+    if mp in ("none", "float32"):
+        return "float32"
+    if mp in ("float16", "mixed_float16"):
+        return "mixed_float16"
+    if mp in ("bfloat16", "mixed_bfloat16"):
+        return "mixed_bfloat16"
+    if mp == "auto":
+        return "mixed_bfloat16" if _has_accelerator() else "float32"
+    raise UsageError(f"unknown mixed precision {mixed_precision!r}; use auto, float16 or bfloat16")
+
+
+def _has_accelerator() -> bool:
+    backend = keras.backend.backend()
+    try:
+        if backend == "jax":
+            import jax
+
+            return jax.default_backend() != "cpu"
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            return bool(tf.config.list_physical_devices("GPU"))
+        if backend == "torch":
+            import torch
+
+            return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001 - detection only
+        return False
+    return False
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            out: dict[str, Any] = {}
+            for k, v in row.items():
+                try:
+                    out[k] = int(v) if k == "epoch" else float(v)
+                except (TypeError, ValueError):
+                    out[k] = v
+            rows.append(out)
+    return rows
+
+
+def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rewrite history.csv atomically (earlier rows kept as they were: an append that cannot tear)."""
+    keys: list[str] = ["epoch"]
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """curves.png: loss, AUC and F1 per epoch, train and validation (matplotlib Agg, no pyplot state)."""
+    if not rows:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 3.6))
+    FigureCanvasAgg(fig)
+    epochs = [r["epoch"] for r in rows]
+    for i, (key, title) in enumerate([("loss", "loss"), ("auc", "AUC"), ("f1", "micro F1 at 0.5")]):
+        ax = fig.add_subplot(1, 3, i + 1)
+        for prefix, style in (("", "-o"), ("val_", "-s")):
+            ys = [r.get(prefix + key) for r in rows]
+            if any(isinstance(y, float) and math.isfinite(y) for y in ys):
+                ax.plot(epochs, [y if isinstance(y, float) else np.nan for y in ys], style, markersize=3,
+                        label="train" if not prefix else "val")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _split_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    unknown = set(settings) - MODEL_FIELDS - TRAIN_FIELDS
+    if unknown:
+        raise UsageError(f"unknown training setting(s): {', '.join(sorted(unknown))}; known: "
+                         f"{', '.join(sorted(MODEL_FIELDS | TRAIN_FIELDS))}")
+    model_kw = {k: v for k, v in settings.items() if k in MODEL_FIELDS and v is not None}
+    train_kw = {k: v for k, v in settings.items() if k in TRAIN_FIELDS and v is not None}
+    return model_kw, train_kw
+
+
+def _check_resume_settings(saved_model: ModelConfig, saved_train: TrainConfig, model_kw: dict,
+                           train_kw: dict) -> None:
+    """A resumed run keeps its settings; only epochs, patience and workers may change."""
+    problems = []
+    for k, v in model_kw.items():
+        old = getattr(saved_model, k)
+        if k == "backbone":
+            v = get_backbone(v).name
+        if k == "weights":
+            continue  # the checkpoint holds the weights now
+        if _norm(old) != _norm(v):
+            problems.append(f"{k} (was {old!r}, given {v!r})")
+    for k, v in train_kw.items():
+        if k not in RESUME_OVERRIDES and _norm(getattr(saved_train, k)) != _norm(v):
+            problems.append(f"{k} (was {getattr(saved_train, k)!r}, given {v!r})")
+    if problems:
+        raise UsageError("--resume continues a run with its own settings; these differ: " + "; ".join(problems) +
+                         ". Only --epochs, --patience and --workers may change; train into a new --model "
+                         "directory to change the others")
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [_norm(x) for x in v]
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Callbacks
+
+
+class NaNGuard(keras.callbacks.TerminateOnNaN):
+    """TerminateOnNaN that remembers where the loss went bad, so train() can say so clearly."""
+
+    def __init__(self):
+        super().__init__()
+        self.epoch = 0
+        self.batch: int | None = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and self.batch is None and not math.isfinite(float(loss)):
+            self.batch = batch
+        super().on_batch_end(batch, logs)
+
+
+class RunState(keras.callbacks.Callback):
+    """After each epoch: best checkpoint (on the monitored metric), last checkpoint, history.csv, early
+    stopping counters and state.json, in an order that a kill at any moment cannot make inconsistent."""
+
+    def __init__(self, run: "_Run"):
+        super().__init__()
+        self.run = run
+        self._t0 = 0.0
+        self._train_seconds = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.perf_counter()
+        self._train_seconds = 0.0
+
+    def on_test_begin(self, logs=None):
+        if not self._train_seconds:
+            self._train_seconds = time.perf_counter() - self._t0
+
+    def on_epoch_end(self, epoch, logs=None):
+        run = self.run
+        logs = {k: float(v) for k, v in (logs or {}).items() if _is_number(v)}
+        if run.nan_guard.batch is not None or not all(math.isfinite(v) for v in logs.values()):
+            if run.nan_guard.batch is None:  # finite training loss, but a metric or the validation went bad
+                run.nan_guard.batch, run.nan_guard.epoch = -1, epoch
+                self.model.stop_training = True
+            return  # nothing of this epoch is kept
+        seconds = time.perf_counter() - self._t0
+        train_seconds = self._train_seconds or seconds
+        row = {"epoch": epoch + 1, **logs,
+               "lr": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+               "seconds": round(seconds, 3),
+               "img_per_s": round(run.train_images_per_epoch / max(train_seconds, 1e-9), 2)}
+        value = logs.get(run.monitor)
+        if value is None:
+            raise AltI2VError(f"the monitored metric {run.monitor!r} is not in the training logs "
+                              f"({', '.join(logs)})")
+        improved = run.best_value is None or (value > run.best_value if run.mode == "max"
+                                              else value < run.best_value)
+        if improved:
+            run.best_value, run.best_epoch, run.wait = value, epoch + 1, 0
+            run.export.set_weights(self.model.get_weights())
+            save_model_atomic(run.export, run.ckpt / BEST_FILE)
+        else:
+            run.wait += 1
+        last = f"last-e{epoch + 1:04d}.keras"
+        save_model_atomic(self.model, run.ckpt / last)
+        run.history.append(row)
+        write_history(run.model_dir / HISTORY_FILE, run.history)
+        stop = run.train_cfg.patience > 0 and run.wait >= run.train_cfg.patience
+        run.stopped_early = stop
+        run.write_state(epoch + 1, last)
+        for old in run.ckpt.glob("last-e*.keras"):
+            if old.name != last:
+                old.unlink(missing_ok=True)
+        if seconds > 10:
+            plot_curves(run.history, run.model_dir / CURVES_FILE)
+        if stop:
+            self.model.stop_training = True
+
+
+def _is_number(v: Any) -> bool:
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class _Run:
+    model_dir: Path
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    monitor: str
+    mode: str
+    history: list = field(default_factory=list)
+    best_value: float | None = None
+    best_epoch: int | None = None
+    wait: int = 0
+    stopped_early: bool = False
+    train_images_per_epoch: int = 0
+    export: Any = None
+    nan_guard: Any = None
+
+    @property
+    def ckpt(self) -> Path:
+        return self.model_dir / CKPT_DIR
+
+    def write_state(self, epoch: int, last: str | None, finished: bool = False) -> None:
+        atomic_write_json(self.ckpt / STATE_FILE, {
+            "version": 1, "epoch": epoch, "last": last, "best": BEST_FILE if self.best_epoch else None,
+            "best_epoch": self.best_epoch, "best_value": self.best_value, "monitor": self.monitor,
+            "mode": self.mode, "wait": self.wait, "stopped_early": self.stopped_early, "finished": finished,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def _compile(model: keras.Model, tc: TrainConfig) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=float(tc.lr)),
+        loss=get_loss(tc.loss, focal_gamma=tc.focal_gamma, asl_gamma_neg=tc.asl_gamma_neg,
+                      asl_gamma_pos=tc.asl_gamma_pos, asl_clip=tc.asl_clip),
+        metrics=[keras.metrics.AUC(name="auc"),
+                 keras.metrics.F1Score(average="micro", threshold=0.5, name="f1")])
+
+
+def _config_record(mc: ModelConfig, tc: TrainConfig, image: ImageConfig, vocab: Vocab, dim: int | None,
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"version": CONFIG_VERSION, "model": mc.get_config(), "train": tc.get_config(),
+            "image": image.get_config(), "backend": keras.backend.backend(), "keras_version": keras.__version__,
+            "num_tags": mc.num_tags, "vocab_sha256": vocab.sha256, "embedding_dim": dim, **(extra or {})}
+
+
+def train(data_dir: str | os.PathLike, model_dir: str | os.PathLike, *, resume: bool = False,
+          quiet: bool = False, **settings: Any) -> TrainResult:
+    """Train a tagger on ``DATA/store`` into ``MODEL`` (see the module docstring for what is written).
+
+    ``settings`` are ModelConfig / TrainConfig fields (epochs, batch_size, lr, backbone, weights, frozen,
+    image_size, mixed_precision, patience, loss, workers, ...). Without ``weights`` a backbone uses its
+    default: ImageNet for keras.applications backbones, none for ``tiny``. ``resume=True`` continues an
+    interrupted run from its last completed epoch with the settings it was started with.
+    """
+    t_start = time.perf_counter()
+    data_dir, model_dir = Path(data_dir), Path(model_dir)
+    model_kw, train_kw = _split_settings(settings)
+    vocab = Vocab.load(data_dir / VOCAB_FILE)
+    if len(vocab) == 0:
+        raise AltI2VError(f"{data_dir / VOCAB_FILE} has no tags")
+    cfg_path, state_path = model_dir / CONFIG_FILE, model_dir / CKPT_DIR / STATE_FILE
+    saved = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else None
+    state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else None
+
+    if saved is not None and not resume:
+        raise UsageError(f"{model_dir} already holds a training run; continue it with --resume, or train into a "
+                         "new --model directory")
+    resumed = bool(resume and saved is not None)
+    if resumed:
+        mc = ModelConfig.from_config(saved["model"])
+        saved_tc = TrainConfig.from_config(saved["train"])
+        _check_resume_settings(mc, saved_tc, model_kw, train_kw)
+        tc = saved_tc.replace(**{k: v for k, v in train_kw.items() if k in RESUME_OVERRIDES})
+        if saved.get("vocab_sha256") != vocab.sha256:
+            raise AltI2VError(f"{data_dir / VOCAB_FILE} is not the vocabulary {model_dir} was trained with; "
+                              "resume with the same data, or train into a new --model directory")
+        if state is None:  # killed before the first epoch finished: start again, weights checked again
+            mc = resolve_config(mc.replace(weights=saved["model"].get("weights")))
+    else:
+        bb = get_backbone(model_kw.get("backbone", "vgg16"))
+        model_kw.setdefault("weights", "imagenet" if bb.pretrained else None)
+        tc = TrainConfig(**train_kw)
+        size_given = model_kw.pop("image_size", None)
+        mc = ModelConfig(num_tags=len(vocab), **model_kw)
+    store = Store(data_dir, vocab=vocab)
+    try:
+        if not resumed:
+            if size_given is not None and int(size_given) != store.image_size:
+                raise UsageError(f"the store holds {store.image_size}px images, not {size_given}px: rebuild it "
+                                 f"with `--build --image-size {size_given} --rebuild`, or leave --image-size out")
+            mc = resolve_config(mc.replace(image_size=store.image_size))  # weights checked before building
+        elif int(mc.image_size) != store.image_size:
+            raise AltI2VError(f"{model_dir} was trained on {mc.image_size}px images but the store now holds "
+                              f"{store.image_size}px ones; rebuild the store at {mc.image_size}px to resume")
+        return _train(store, data_dir, model_dir, mc, tc, vocab, state if resumed else None, resumed, quiet,
+                      t_start)
+    finally:
+        store.close()
+
+
+def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: TrainConfig, vocab: Vocab,
+           state: dict | None, resumed: bool, quiet: bool, t_start: float) -> TrainResult:
+    counts = store.counts()
+    if counts["train"] == 0:
+        raise AltI2VError(f"{store.path} has no training images; add data and run --build")
+    has_val = counts["val"] > 0
+    monitor = tc.monitor if has_val else tc.monitor.replace("val_", "")
+    if not has_val:
+        warnings.warn("the store has no validation images: early stopping and the best checkpoint follow the "
+                      "training metric, and thresholds are calibrated on the training split", UserWarning,
+                      stacklevel=3)
+    mode = "min" if monitor.endswith("loss") else "max"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / CKPT_DIR).mkdir(exist_ok=True)
+    _remove_temps(model_dir)
+    image = store.image_config()
+    copy_atomic(data_dir / VOCAB_FILE, model_dir / VOCAB_FILE)
+
+    policy = precision_policy(tc.mixed_precision)
+    previous_policy = keras.config.dtype_policy().name
+    run = _Run(model_dir, mc, tc, monitor, mode)
+    run.history = read_history(model_dir / HISTORY_FILE) if state else []
+    initial_epoch = 0
+    try:
+        keras.config.set_dtype_policy(policy)
+        if state:
+            initial_epoch = int(state["epoch"])
+            run.history = [r for r in run.history if int(r["epoch"]) <= initial_epoch]
+            run.best_value, run.best_epoch = state.get("best_value"), state.get("best_epoch")
+            run.wait = int(state.get("wait", 0))
+            run.stopped_early = tc.patience > 0 and run.wait >= tc.patience  # --patience may have changed
+            model = keras.saving.load_model(run.ckpt / state["last"], safe_mode=True, compile=True)
+        else:
+            model = build_model(config=mc)
+            _compile(model, tc)
+        keras.config.set_dtype_policy("float32")
+        run.export = build_model(config=mc, load_weights=False)  # float32, uncompiled: best.keras, model.keras
+        keras.config.set_dtype_policy(policy)
+        dim = embedding_dim(model)
+        atomic_write_json(model_dir / CONFIG_FILE, _config_record(mc, tc, image, vocab, dim, {
+            "precision_policy": policy, "finished": False}))
+
+        workers = resolve_workers(tc.workers)
+        train_ds = StoreDataset.from_split(store, "train", batch_size=tc.batch_size, shuffle=True,
+                                           augment=tc.augment, zoom=tc.zoom, seed=tc.seed, epoch=initial_epoch,
+                                           workers=workers, steps=tc.steps_per_epoch)
+        run.train_images_per_epoch = min(train_ds.num_images, len(train_ds) * tc.batch_size)
+        val_ds = StoreDataset.from_split(store, "val", batch_size=tc.batch_size, workers=workers) \
+            if has_val else None
+        run.nan_guard = NaNGuard()
+        done = run.stopped_early or initial_epoch >= tc.epochs
+        if not done:
+            verbose = 0 if quiet else (1 if sys.stdout.isatty() else 2)
+            model.fit(train_ds, validation_data=val_ds, epochs=tc.epochs, initial_epoch=initial_epoch,
+                      callbacks=[EpochSetter(train_ds), run.nan_guard, RunState(run)], verbose=verbose, shuffle=False)
+        if run.nan_guard.batch is not None:
+            good = run.history[-1]["epoch"] if run.history else 0
+            where = (f"batch {run.nan_guard.batch + 1}" if run.nan_guard.batch >= 0 else
+                     "its metrics or validation")
+            raise AltI2VError(
+                f"training stopped: the loss became NaN/inf in epoch {run.nan_guard.epoch + 1}, {where} "
+                f"(lr {tc.lr:g}, loss {tc.loss}, precision {policy}). "
+                f"Checkpoints up to epoch {good} are kept. Try a lower --lr (e.g. {tc.lr / 10:g})"
+                + (", or drop --mixed-precision" if policy != "float32" else "") +
+                ", then start a new --model directory" + (f" or --resume from epoch {good}" if good else ""))
+        if not run.history:
+            raise AltI2VError("no epoch completed; nothing to save")
+        result = _finish(run, store, model_dir, mc, tc, image, vocab, dim, has_val, policy, quiet)
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+    result.initial_epoch, result.resumed = initial_epoch, resumed
+    result.params = count_params(run.export)
+    result.counts = counts
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def _finish(run: _Run, store: Store, model_dir: Path, mc: ModelConfig, tc: TrainConfig, image: ImageConfig,
+            vocab: Vocab, dim: int, has_val: bool, policy: str, quiet: bool) -> TrainResult:
+    """Best weights -> model.keras, thresholds on val -> thresholds.json, curves, final config.json."""
+    best = run.ckpt / BEST_FILE
+    run.export.load_weights(best)
+    split = "val" if has_val else "train"
+    _, y_true, y_prob = predict_split(run.export, store, split, batch_size=max(tc.batch_size, 64),
+                                      workers=tc.workers, quiet=quiet, desc=f"calibrate on {split}")
+    thresholds = calibrate_thresholds(y_true, y_prob, vocab.names, min_positives=tc.min_positives,
+                                      calibrated_on=split)
+    cal = prf_at(y_true, y_prob, thresholds_vector(thresholds, vocab.names))
+    half = prf_at(y_true, y_prob, 0.5)
+    val_scores = {"micro_f1": cal["micro_f1"], "macro_f1": cal["macro_f1"],
+                  "micro_f1_at_0.5": half["micro_f1"], "macro_f1_at_0.5": half["macro_f1"]}
+    atomic_write_json(model_dir / THRESHOLDS_FILE, thresholds)
+    plot_curves(run.history, model_dir / CURVES_FILE)
+    copy_atomic(best, model_dir / MODEL_FILE)
+    atomic_write_json(model_dir / CONFIG_FILE, _config_record(mc, tc, image, vocab, dim, {
+        "precision_policy": policy, "finished": True, "epochs_completed": run.history[-1]["epoch"],
+        "best_epoch": run.best_epoch, "monitor": run.monitor, "best_value": run.best_value,
+        "stopped_early": run.stopped_early, f"{split}_scores": val_scores}))
+    run.write_state(int(run.history[-1]["epoch"]), _last_name(run), finished=True)
+    return TrainResult(model_dir=model_dir, model_config=mc, train_config=tc, history=run.history,
+                       best_epoch=run.best_epoch, best_value=run.best_value, stopped_early=run.stopped_early,
+                       val_scores=val_scores, thresholds=thresholds, precision_policy=policy)
+
+
+def _last_name(run: _Run) -> str | None:
+    lasts = sorted(run.ckpt.glob("last-e*.keras"))
+    return lasts[-1].name if lasts else None
+
+
+__all__ = ["train", "TrainResult", "precision_policy", "plot_curves", "read_history", "write_history",
+           "save_model_atomic", "calibrate_thresholds"]

@@ -1,0 +1,286 @@
+"""Training throughput: the model's consumption vs what the input pipeline delivers, measured side by side.
+
+Default (CPU, ~1-2 min on 2 cores): generates a small dataset in a temp dir, builds 64px and 150px
+stores, then measures for ``tiny`` @64px and ``vgg16`` @150px (few steps, it is slow on a CPU):
+
+- model: training img/s on tensors already in memory (``train_on_batch``; no input pipeline at all),
+- pipeline: img/s the threaded ``StoreDataset`` produces on its own (read + decode + augment),
+- fed: training img/s through ``model.fit`` on the store pipeline (what a real run gets),
+- naive: a single-threaded per-image loop, for reference.
+
+The last line is ``RESULT train pipeline_ratio=<x> ratio=<x> target=2``: pipeline img/s over the
+fastest model's consumption (the worst case).
+
+GPU mode (one config): ``--backbone vgg16 --batch-size 256 --mixed-precision bfloat16 --steps 30
+--random-tensors [--num-tags 4096]`` reports train and predict img/s fed from the store against the same
+model on random device tensors, and ends with ``RESULT train fed_ratio=<x> ratio=<x> target=0.9``.
+Set KERAS_BACKEND=jax for the reference setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+COLORS = [(220, 40, 40), (40, 180, 60), (40, 70, 220), (235, 210, 40), (150, 60, 190), (20, 20, 20)]
+NAMES = ["red", "green", "blue", "yellow", "purple", "black"]
+SHAPES = ["circle", "square", "triangle"]
+
+
+def make_data(data_dir: Path, n: int, size: int, seed: int = 0) -> None:
+    """``n`` JPEG posts of coloured shapes (contract layout) with vocab.json; the store is built later."""
+    import hashlib
+    import io
+
+    from PIL import Image, ImageDraw
+
+    from alt_i2v.vocab import build_vocab
+
+    rng = np.random.default_rng(seed)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(180, 256, 3)))
+        d = ImageDraw.Draw(img)
+        tags = set()
+        for _ in range(int(rng.integers(1, 4))):
+            c, s = int(rng.integers(len(COLORS))), SHAPES[int(rng.integers(3))]
+            r = int(rng.integers(size // 8, size // 4))
+            cx, cy = (int(v) for v in rng.integers(r, size - r, 2))
+            box = (cx - r, cy - r, cx + r, cy + r)
+            if s == "circle":
+                d.ellipse(box, fill=COLORS[c])
+            elif s == "square":
+                d.rectangle(box, fill=COLORS[c])
+            else:
+                d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[c])
+            tags |= {NAMES[c], s, f"{NAMES[c]}_{s}"}
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        md5 = hashlib.md5(buf.getvalue()).hexdigest()
+        rel = f"images/{md5[:2]}/{md5}.jpg"
+        (data_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data_dir / rel).write_bytes(buf.getvalue())
+        lines.append(json.dumps({"id": i + 1, "md5": md5, "file_ext": "jpg", "file": rel,
+                                 "tags": {"general": sorted(tags)}, "rating": "g"}))
+    (data_dir / "posts.jsonl").write_text("\n".join(lines) + "\n")
+    build_vocab(data_dir)
+
+
+def store_for(root: Path, size: int, n: int) -> Path:
+    from alt_i2v.store import build_store
+
+    data = root / f"data{size}"
+    make_data(data, n, max(size, 96))
+    build_store(data, image_size=size, quiet=True, val_fraction=0.05, test_fraction=0.05)
+    return data
+
+
+def model_rate(model, batch: int, steps: int, num_tags: int, image_size: int, train: bool = True) -> float:
+    """img/s of the model alone: the same random batch, already a backend tensor, ``steps`` times."""
+    import keras
+
+    rng = np.random.default_rng(0)
+    x = keras.ops.convert_to_tensor(rng.integers(0, 256, (batch, image_size, image_size, 3)).astype(np.uint8))
+    y = keras.ops.convert_to_tensor((rng.random((batch, num_tags)) < 0.05).astype(np.float32))
+    step = (lambda: model.train_on_batch(x, y)) if train else (lambda: model.predict_on_batch(x))
+    step()
+    step()  # compile and warm up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = step()
+    np.asarray(out if not isinstance(out, (list, tuple)) else out[0])  # results are host values: synced
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def fed_rate(model, ds, steps: int, train: bool = True) -> float:
+    """img/s through ``model.fit`` / ``model.predict`` on the store pipeline (threads included)."""
+    from alt_i2v.pipeline import StoreDataset
+
+    steps = min(steps, len(ds))
+    sub = StoreDataset(ds.store, ds.keys, ds.labels, num_tags=ds.num_tags, batch_size=ds.batch_size,
+                       shuffle=ds.shuffle, augment=ds.augment, workers=ds.workers, steps=steps)
+    warm = StoreDataset(ds.store, ds.keys, ds.labels, num_tags=ds.num_tags, batch_size=ds.batch_size,
+                        shuffle=ds.shuffle, augment=ds.augment, workers=ds.workers, steps=2)
+    if train:
+        model.fit(warm, epochs=1, verbose=0)
+        t0 = time.perf_counter()
+        model.fit(sub, epochs=1, verbose=0)
+    else:
+        model.predict(warm, verbose=0)
+        t0 = time.perf_counter()
+        model.predict(sub, verbose=0)
+    return steps * ds.batch_size / (time.perf_counter() - t0)
+
+
+def naive_rate(store, keys, batch: int) -> float:
+    """One thread, one record at a time, per-image flip/crop with Python loops: the obvious first version."""
+    from alt_i2v.store import unpack
+
+    t0 = time.perf_counter()
+    n = 0
+    rng = np.random.default_rng(0)
+    for i in range(0, min(len(keys), batch * 8), batch):
+        imgs = []
+        for k in keys[i:i + batch]:
+            rec = unpack(store.db.get(b"r/" + k))
+            img = rec["image"]
+            if rng.random() < 0.5:
+                img = img[:, ::-1]
+            s = img.shape[0]
+            c = int(s / rng.uniform(1.0, 1.15))
+            oy, ox = rng.integers(0, s - c + 1, 2)
+            crop = img[oy:oy + c, ox:ox + c]
+            idx = (np.arange(s) * c) // s
+            imgs.append(np.stack([crop[r][idx] for r in idx]))
+        np.stack(imgs)
+        n += len(imgs)
+    return n / (time.perf_counter() - t0)
+
+
+def bench_config(data: Path, backbone: str, batch: int, steps: int, workers: int, policy: str,
+                 num_tags: int | None, random_tensors: bool, predict: bool) -> dict:
+    import keras
+
+    from alt_i2v.config import resolve_workers
+    from alt_i2v.model import build_model, get_loss
+    from alt_i2v.pipeline import StoreDataset, measure_pipeline
+    from alt_i2v.store import Store
+
+    store = Store(data)
+    workers = resolve_workers(workers)
+    tags = int(num_tags or store.num_tags)
+    keys, labels = store.index("train")
+    ds = StoreDataset(store, keys, labels, num_tags=tags, batch_size=batch, shuffle=True, augment=True,
+                      workers=workers)
+    out = {"backbone": backbone, "image_size": store.image_size, "batch": batch, "workers": workers,
+           "tags": tags, "policy": policy}
+    measure_pipeline(ds, batches=2)
+    out["pipeline"] = measure_pipeline(ds, batches=max(4, min(len(ds), 4096 // batch)))
+    out["naive"] = naive_rate(store, keys, batch)
+    previous = keras.config.dtype_policy().name
+    keras.config.set_dtype_policy(policy)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = build_model(num_tags=tags, image_size=store.image_size, backbone=backbone, weights=None,
+                                frozen=12 if backbone == "vgg16" else 0)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=get_loss("bce"))
+        out["model"] = model_rate(model, batch, steps, tags, store.image_size)
+        out["fed"] = fed_rate(model, ds, steps)
+        if predict:
+            pred_ds = StoreDataset(store, keys, labels, num_tags=tags, batch_size=batch, workers=workers)
+            out["predict_fed"] = fed_rate(model, pred_ds, steps, train=False)
+            out["predict_model"] = model_rate(model, batch, steps, tags, store.image_size, train=False)
+    finally:
+        keras.config.set_dtype_policy(previous)
+        store.close()
+    out["random_tensors"] = random_tensors
+    return out
+
+
+def device_name() -> str:
+    import keras
+
+    try:
+        if keras.backend.backend() == "jax":
+            import jax
+
+            d = jax.devices()[0]
+            return f"{d.platform}:{getattr(d, 'device_kind', d)}"
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            gpus = tf.config.list_physical_devices("GPU")
+            if gpus:
+                return f"gpu:{tf.config.experimental.get_device_details(gpus[0]).get('device_name', 'GPU')}"
+    except Exception:  # noqa: BLE001 - a label only
+        pass
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backbone", help="one config only (GPU mode): e.g. vgg16")
+    ap.add_argument("--image-size", type=int, help="default: the backbone's (vgg16 150, tiny 64)")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="timed training steps")
+    ap.add_argument("--mixed-precision", default=None, help="bfloat16 / float16")
+    ap.add_argument("--num-tags", type=int, default=None, help="output units (default: the data's vocab)")
+    ap.add_argument("--random-tensors", action="store_true", help="also time the model on random tensors")
+    ap.add_argument("--images", type=int, default=None, help="images to generate")
+    ap.add_argument("--workers", type=int, default=0)
+    args = ap.parse_args()
+
+    import keras
+
+    from alt_i2v.model import get_backbone
+    from alt_i2v.train import precision_policy
+
+    t_start = time.perf_counter()
+    policy = precision_policy(args.mixed_precision)
+    print(f"backend {keras.backend.backend()}, device {device_name()}, keras {keras.__version__}")
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        root = Path(tmp)
+        if args.backbone:  # one configuration (the GPU run)
+            bb = get_backbone(args.backbone)
+            size = args.image_size or bb.image_size
+            batch = args.batch_size or 32
+            steps = args.steps or 20
+            n = args.images or max(batch * (steps + 4), 512)
+            t = time.perf_counter()
+            data = store_for(root, size, n)
+            print(f"generated and stored {n} images at {size}px in {time.perf_counter() - t:.1f}s")
+            r = bench_config(data, bb.name, batch, steps, args.workers, policy, args.num_tags,
+                             args.random_tensors, predict=True)
+            print(f"{bb.name} {size}px batch {batch} {policy}, {r['tags']} tags, {r['workers']} pipeline threads")
+            print(f"  pipeline alone      : {r['pipeline']:10.1f} img/s (naive loop {r['naive']:.1f})")
+            print(f"  train, model alone  : {r['model']:10.1f} img/s (random tensors)")
+            print(f"  train, fed by store : {r['fed']:10.1f} img/s ({r['fed'] / r['model']:.0%} of the model)")
+            print(f"  predict, model alone: {r['predict_model']:10.1f} img/s")
+            print(f"  predict, fed        : {r['predict_fed']:10.1f} img/s "
+                  f"({r['predict_fed'] / r['predict_model']:.0%})")
+            ratio = r["fed"] / r["model"]
+            print(f"total {time.perf_counter() - t_start:.1f}s")
+            print(f"RESULT train fed_ratio={ratio:.2f} ratio={ratio:.2f} target=0.9")
+            return 0
+
+        results = []
+        for backbone, size, batch, steps, n in [("tiny", 64, args.batch_size or 64, args.steps or 30,
+                                                 args.images or 2048),
+                                                ("vgg16", 150, 8, 3, 512)]:
+            t = time.perf_counter()
+            data = store_for(root, size, n)
+            build_s = time.perf_counter() - t
+            r = bench_config(data, backbone, batch, steps, args.workers, policy, args.num_tags, False,
+                             predict=False)
+            r["store_s"] = build_s
+            results.append(r)
+        print(f"\n{'config':<22} {'model train':>12} {'fed (fit)':>11} {'pipeline':>10} {'naive':>8} "
+              f"{'pipeline/model':>15}")
+        for r in results:
+            name = f"{r['backbone']} {r['image_size']}px b{r['batch']}"
+            print(f"{name:<22} {r['model']:>8.1f} i/s {r['fed']:>7.1f} i/s {r['pipeline']:>6.0f} i/s "
+                  f"{r['naive']:>4.0f} i/s {r['pipeline'] / r['model']:>14.1f}x")
+        print(f"(pipeline: {results[0]['workers']} threads, read + decode + flip/crop; "
+              f"pipeline vs naive loop {results[0]['pipeline'] / results[0]['naive']:.1f}x at 64px, "
+              f"{results[1]['pipeline'] / results[1]['naive']:.1f}x at 150px)")
+        worst = min(r["pipeline"] / r["model"] for r in results)
+        print(f"total {time.perf_counter() - t_start:.1f}s")
+        print(f"RESULT train pipeline_ratio={worst:.2f} ratio={worst:.2f} target=2")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
