@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--format", choices=["text", "json", "caption"], help="output format (default text)")
     g.add_argument("--write-captions", action="store_true", help="write <image>.txt beside each image")
     g.add_argument("--caption-mode", choices=["append", "skip", "overwrite"],
-                   help="existing caption files: append new tags, skip the image, or overwrite")
+                   help="existing caption files: skip the image (default), append new tags, or overwrite")
     g.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders")
     g.add_argument("--exclude", action="append", metavar="TAGS", help="tags never written (comma-separated)")
     g.add_argument("--max-tags", type=int, metavar="N", help="at most N tags per caption")

@@ -1,0 +1,155 @@
+"""Folder tagging speed: ``alt-i2v --pred FOLDER`` (threaded decoding of the next batch while the model
+runs the current one, one compiled call per batch) against the naive loop: load one image,
+``model.predict`` on it, next. Both use the same model, the same loader and the same thresholds, side
+by side in one run.
+
+The model is the ``tiny`` backbone (64px, 512 tags, random weights: speed does not depend on them), so
+the benchmark runs in well under a minute on 2 cores; the images are illustration-sized JPEGs and PNGs.
+The per-call overhead that batching removes matters less for a heavy network: ``--backbone vgg16
+--image-size 150 --tags 4096 --images 48`` measures the reference model (a few minutes on 2 cores).
+
+    python scripts/bench_predict.py [--images 160] [--batch-size 64] [--backbone tiny]
+
+Last line: ``RESULT predict speedup=<x> ratio=<x> target=5``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+
+def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """Illustration-like files: 600x800 JPEGs and 512x512 PNGs with shapes and gradients."""
+    rng = np.random.default_rng(seed)
+    files = []
+    for i in range(n):
+        w, h = (600, 800) if i % 2 == 0 else (512, 512)
+        grad = np.linspace(0, 255, w, dtype=np.float32)[None, :, None] * rng.random(3, dtype=np.float32)
+        base = np.broadcast_to(grad, (h, w, 3)).astype(np.uint8)
+        img = Image.fromarray(np.ascontiguousarray(base))
+        d = ImageDraw.Draw(img)
+        for _ in range(6):
+            x0, y0 = int(rng.integers(0, w - 60)), int(rng.integers(0, h - 60))
+            d.ellipse((x0, y0, x0 + int(rng.integers(30, 200)), y0 + int(rng.integers(30, 200))),
+                      fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        path = folder / (f"img{i:04d}.jpg" if i % 2 == 0 else f"img{i:04d}.png")
+        img.save(path, quality=90) if path.suffix == ".jpg" else img.save(path)
+        files.append(path)
+    return files
+
+
+def make_model_dir(model_dir: Path, num_tags: int, image_size: int, backbone: str = "tiny") -> None:
+    """A model directory in the documented format (CONTRACTS section 4) around an untrained model."""
+    from alt_i2v.model import build_model, embedding_dim
+    from alt_i2v.vocab import Vocab
+
+    model_dir.mkdir(parents=True)
+    vocab = Vocab(tags=[{"name": f"tag_{i:04d}", "category": "general", "count": num_tags - i}
+                        for i in range(num_tags)])
+    model = build_model(num_tags=num_tags, image_size=image_size, backbone=backbone, weights=None, frozen=0)
+    model.save(model_dir / "model.keras")
+    vocab.save(model_dir / "vocab.json")
+    cfg = {"version": 1, "model": {"backbone": backbone, "num_tags": num_tags, "image_size": image_size},
+           "image": {"image_size": image_size, "resize": "pad"}, "num_tags": num_tags,
+           "vocab_sha256": vocab.sha256, "embedding_dim": embedding_dim(model)}
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    (model_dir / "thresholds.json").write_text(json.dumps({"version": 1, "global": 0.5, "tags": {}}))
+
+
+def naive(files: list[Path], model, cfg, names: list[str], thr: np.ndarray) -> tuple[list[dict], np.ndarray]:
+    """The loop the issue compares with: one image at a time through model.predict."""
+    from alt_i2v.imaging import load_image_config
+
+    out, probs = [], []
+    for f in files:
+        x = load_image_config(f, cfg)
+        p = model.predict(x[None], verbose=0)[0]
+        idx = np.flatnonzero(p >= thr)
+        out.append({names[i]: float(p[i]) for i in idx[np.argsort(-p[idx])]})
+        probs.append(p)
+    return out, np.stack(probs)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=160)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--tags", type=int, default=512)
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--backbone", default="tiny", help="tiny (default) or vgg16 (random weights, slow on a CPU)")
+    args = ap.parse_args()
+
+    import keras
+
+    from alt_i2v.cli import main as cli_main
+    from alt_i2v.tagger import Tagger
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        folder = tmp / "pictures"
+        folder.mkdir()
+        t = time.perf_counter()
+        files = make_images(folder, args.images)
+        make_model_dir(tmp / "model", args.tags, args.image_size, args.backbone)
+        print(f"{len(files)} images (600x800 JPEG / 512x512 PNG), {args.backbone} model {args.image_size}px "
+              f"{args.tags} tags, "
+              f"backend {keras.backend.backend()}, {os.cpu_count()} cores; setup {time.perf_counter() - t:.1f} s")
+
+        tagger = Tagger(tmp / "model", batch_size=args.batch_size)
+        model = keras.saving.load_model(tmp / "model" / "model.keras", safe_mode=True, compile=False)
+        names, thr = tagger.vocab.names, tagger.thresholds
+
+        # warm both paths (graph tracing / compilation is not what is measured)
+        naive(files[:2], model, tagger.image_config, names, thr)
+        tagger.predict_tags([str(f) for f in files[:args.batch_size]])
+        tagger.predict_tags([str(f) for f in files[:3]])
+
+        t = time.perf_counter()
+        _, slow_probs = naive(files, model, tagger.image_config, names, thr)
+        t_naive = time.perf_counter() - t
+
+        t = time.perf_counter()
+        tagger.predict_tags([str(f) for f in files])
+        t_api = time.perf_counter() - t
+
+        cli_args = ["--pred", str(folder), "--model", str(tmp / "model"), "--format", "json", "--quiet",
+                    "--batch-size", str(args.batch_size)]
+        with contextlib.redirect_stdout(io.StringIO()):
+            cli_main(cli_args)  # warm the CLI's cached Tagger
+            t = time.perf_counter()
+            rc = cli_main(cli_args)
+            t_cli = time.perf_counter() - t
+        if rc != 0:
+            print(f"alt-i2v --pred failed with exit code {rc}")
+            return 1
+
+        diff = float(np.abs(tagger.probabilities([str(f) for f in files]) - slow_probs).max())
+        same = diff < 1e-4  # batched and one-by-one give the same probabilities (up to float rounding)
+        n = len(files)
+        print(f"naive loop (load, model.predict, next) : {n / t_naive:8.1f} img/s  ({t_naive:.2f} s)")
+        print(f"Tagger.predict_tags(list)              : {n / t_api:8.1f} img/s  ({t_api:.2f} s)  "
+              f"x{t_naive / t_api:.1f}")
+        print(f"alt-i2v --pred FOLDER --format json    : {n / t_cli:8.1f} img/s  ({t_cli:.2f} s)  "
+              f"x{t_naive / t_cli:.1f}")
+        print(f"same probabilities both ways           : {same} (max difference {diff:.1e})")
+        speedup = t_naive / t_cli
+        print(f"RESULT predict speedup={speedup:.1f} ratio={speedup:.1f} target=5")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""SimilarityIndex (exact, approximate, on-disk format) and --index / --similar on a tiny trained model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _inference_model import near_duplicate, shapes, trained_model
+from alt_i2v import search
+from alt_i2v.cli import main
+from alt_i2v.search import IndexFileError, SimilarityIndex, faiss_available
+
+needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss not installed (pip install alt-i2v[faiss])")
+
+
+def brute_force(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    return np.argsort(-(qn @ xn.T), axis=1, kind="stable")[:, :k]
+
+
+def clustered(n: int, dim: int = 32, clusters: int = 20, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((clusters, dim)).astype(np.float32)
+    return centers[rng.integers(0, clusters, n)] + 0.3 * rng.standard_normal((n, dim)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ exact
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_exact_search_matches_brute_force_across_chunks_and_blocks(dtype, monkeypatch):
+    monkeypatch.setattr(search, "_CHUNK_BYTES", 4096)  # many small chunks: exercises the running top-k
+    x = clustered(700, seed=1)
+    q = clustered(9, seed=2)
+    index = SimilarityIndex.build(x[:300], [f"a{i}" for i in range(300)], dtype=dtype)
+    index.add(x[300:], [f"a{i}" for i in range(300, 700)])  # a second block
+    scores, pos = index.search_positions(q, 10)
+    want = brute_force(x, q, 10)
+    if dtype == "float32":
+        assert (pos == want).all()
+    else:  # float16 storage may swap near-ties
+        assert np.mean([len(set(a) & set(b)) for a, b in zip(pos, want)]) >= 9.5
+    assert (np.diff(scores, axis=1) <= 1e-6).all() and scores.dtype == np.float32
+    assert index.vectors().dtype == np.dtype(dtype)
+
+
+def test_results_ids_scores_and_shapes():
+    x = clustered(50, seed=3)
+    index = SimilarityIndex.build(x, [f"img{i}" for i in range(50)])
+    one = index.search(x[7], k=3)
+    assert isinstance(one, list) and one[0][0] == "img7" and one[0][1] == pytest.approx(1.0, abs=1e-5)
+    assert all(isinstance(i, str) and isinstance(s, float) for i, s in one)
+    batch = index.search(x[:4], k=2)
+    assert [r[0][0] for r in batch] == ["img0", "img1", "img2", "img3"]
+    assert len(index.search(x[0], k=500)) == 50  # k larger than the index
+    with pytest.raises(IndexFileError, match="shape"):
+        index.search(np.ones(31, np.float32))
+    with pytest.raises(ValueError, match="duplicate"):
+        index.add(x[:1], ["img3"])
+    with pytest.raises(ValueError, match="zeros"):
+        index.add(np.zeros((1, 32)), ["zero"])
+    positional = SimilarityIndex.build(x)
+    assert positional.search(x[5], 1)[0][0] == 5
+
+
+def test_save_load_round_trip(tmp_path):
+    x = clustered(120, seed=4)
+    ids = [f"id{i}" for i in range(100)] + list(range(20))
+    index = SimilarityIndex.build(x, ids, paths=[f"/p/{i}.png" for i in range(120)], dtype="float16",
+                                  info={"model": {"path": "m"}})
+    path = index.save(tmp_path / "idx")
+    header = json.loads((path / "index.json").read_text())
+    assert header["format"] == "alt-i2v-similarity-index" and header["version"] == 1
+    assert header["count"] == 120 and header["dim"] == 32 and header["dtype"] == "float16"
+    assert set(header["files"]) == {"vectors.npy", "ids.json"}
+    assert np.load(path / "vectors.npy", allow_pickle=False).shape == (120, 32)  # plain .npy, no pickle
+    for mmap in (False, True):
+        back = SimilarityIndex.load(path, mmap=mmap)
+        assert back.ids == ids and back.paths == index.paths and back.info == index.info
+        assert np.array_equal(np.asarray(back.vectors()), index.vectors())
+        assert back.search(x[3], 5) == index.search(x[3], 5)
+    back.add(clustered(2, seed=9), ["new1", "new2"], paths=["/p/n1", "/p/n2"])  # a loaded (mapped) index grows
+    assert back.search(clustered(2, seed=9)[1], 1)[0][0] == "new2"
+    back.save(path)  # replacing an existing index is atomic (temp dir + rename)
+    assert SimilarityIndex.load(path).count == 122
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("x")
+    with pytest.raises(Exception, match="not an alt-i2v index"):
+        index.save(tmp_path / "other")
+
+
+def test_damaged_or_mismatched_index_is_a_clear_error(tmp_path):
+    x = clustered(64, seed=5)
+    path = SimilarityIndex.build(x, [str(i) for i in range(64)]).save(tmp_path / "idx")
+    vec = path / "vectors.npy"
+    good = vec.read_bytes()
+
+    flipped = bytearray(good)
+    flipped[-7] ^= 0xFF
+    vec.write_bytes(bytes(flipped))
+    with pytest.raises(IndexFileError, match="checksum mismatch"):
+        SimilarityIndex.load(path)
+    vec.write_bytes(good[:-100])
+    with pytest.raises(IndexFileError, match="damaged"):
+        SimilarityIndex.load(path)
+    vec.write_bytes(good)
+
+    header = json.loads((path / "index.json").read_text())
+    (path / "index.json").write_text(json.dumps({**header, "version": 99}))
+    with pytest.raises(IndexFileError, match="newer"):
+        SimilarityIndex.load(path)
+    (path / "index.json").write_text(json.dumps({**header, "dim": 16}))
+    with pytest.raises(IndexFileError, match="do not belong together"):
+        SimilarityIndex.load(path)
+    (path / "index.json").write_text("{not json")
+    with pytest.raises(IndexFileError, match="not valid JSON"):
+        SimilarityIndex.load(path)
+    (path / "index.json").write_text(json.dumps(header))
+    (path / "ids.json").write_text(json.dumps({"ids": ["1"], "paths": None}))
+    with pytest.raises(IndexFileError, match="ids.json"):
+        SimilarityIndex.load(path)
+    with pytest.raises(IndexFileError, match="no such index"):
+        SimilarityIndex.load(tmp_path / "missing")
+
+
+# ------------------------------------------------------------------------------------------------ approx
+
+
+@needs_faiss
+def test_approximate_backend_recall_and_round_trip(tmp_path, monkeypatch):
+    x = clustered(4000, dim=64, clusters=40, seed=6)
+    q = clustered(50, dim=64, clusters=40, seed=6)[::-1] + 0.05
+    index = SimilarityIndex.build(x, approx=True, nlist=16)
+    assert index.has_approx and index.approx_params["nlist"] == 16
+    assert index.approx_params["recall10"] >= 0.95  # nprobe calibrated against exact search at build
+    _, exact = index.search_positions(q, 10, approx=False)
+    _, approx = index.search_positions(q, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx, exact)])
+    assert recall >= 0.9
+    path = index.save(tmp_path / "approx")
+    assert "approx.faiss" in json.loads((path / "index.json").read_text())["files"]
+    back = SimilarityIndex.load(path)
+    assert back.has_approx and (back.search_positions(q, 10)[1] == approx).all()
+    back.add(x[:1] * 3, [4000])  # positional ids continue; the approximate index grows too
+    assert back.search(x[0] * 3, 2, approx=True)[0][1] == pytest.approx(1.0, abs=1e-4)
+
+    monkeypatch.setattr(search, "faiss_available", lambda: False)  # faiss gone: exact search, with a note
+    plain = SimilarityIndex.load(path)
+    assert not plain.has_approx and (plain.search_positions(q, 10)[1] == exact).all()
+
+
+def test_approx_without_faiss_says_how_to_install(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_faiss(name, *a, **k):
+        if name == "faiss":
+            raise ImportError("no faiss")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_faiss)
+    with pytest.raises(Exception, match=r"alt-i2v\[faiss\]"):
+        SimilarityIndex.build(clustered(100), approx=True)
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+@pytest.fixture(scope="module")
+def model_dir(built_data, tmp_path_factory) -> Path:
+    return trained_model(built_data, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory) -> tuple[Path, list[Path], list[Path]]:
+    """30 unrelated shape pictures and, for 6 of them, a resized + JPEG re-encoded near-duplicate."""
+    d = tmp_path_factory.mktemp("gallery")
+    originals, dups = [], []
+    for i, img in enumerate(shapes(30, seed=21)):
+        p = d / f"img{i:02d}.png"
+        img.save(p)
+        originals.append(p)
+        if i < 6:
+            dp = d / f"dup{i:02d}.jpg"
+            dp.write_bytes(near_duplicate(img, 90 if i % 2 else 48))
+            dups.append(dp)
+    return d, originals, dups
+
+
+def test_nearest_is_itself_then_its_near_duplicate(model_dir, gallery):
+    from alt_i2v.tagger import get_tagger
+
+    d, originals, dups = gallery
+    files = originals + dups
+    tagger = get_tagger(model_dir)
+    index = SimilarityIndex.build(tagger.embed([str(f) for f in files]), [f.name for f in files])
+    for i, dup in enumerate(dups):
+        hits = index.search(tagger.embed(str(originals[i])), k=5)
+        assert hits[0][0] == originals[i].name and hits[0][1] == pytest.approx(1.0, abs=1e-4)
+        assert hits[1][0] == dup.name, hits  # the re-encoded copy beats every unrelated picture
+        back = index.search(tagger.embed(str(dup)), k=2)
+        assert {h[0] for h in back} == {dup.name, originals[i].name}
+
+
+def test_cli_index_and_similar(model_dir, gallery, tmp_path, capsys):
+    d, originals, dups = gallery
+    out = tmp_path / "gallery.index"
+    assert main(["--index", "--model", str(model_dir), "--images", str(d), "--out", str(out), "-q"]) == 0
+    info = json.loads((out / "index.json").read_text())
+    assert info["count"] == 36 and info["info"]["model"]["path"] == str(model_dir.resolve())
+    capsys.readouterr()
+    assert main(["--similar", str(originals[1]), "--index", str(out), "--top-k", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "nearest to" in lines[0] and len(lines) == 4
+    rank, score, name = lines[1].split()
+    assert rank == "1" and float(score) == pytest.approx(1.0, abs=1e-3) and Path(name).name == "img01.png"
+    assert Path(lines[2].split()[2]).name == "dup01.jpg"
+
+
+def test_cli_index_from_a_dataset_store(model_dir, built_data, tmp_path, capsys):
+    from alt_i2v.dataset import post_image_path, read_posts
+
+    out = tmp_path / "data.index"
+    assert main(["--index", "--model", str(model_dir), "--data", str(built_data), "--out", str(out), "-q"]) == 0
+    index = SimilarityIndex.load(out)
+    posts = read_posts(built_data).posts
+    assert len(index) == len(posts) and set(index.ids) == {p["id"] for p in posts}
+    query = post_image_path(posts[3], built_data)
+    capsys.readouterr()
+    assert main(["--similar", str(query), "--index", str(out), "--top-k", "2"]) == 0
+    first = capsys.readouterr().out.splitlines()[1].split()
+    assert first[2] == str(posts[3]["id"]) and first[3] == str(query)
+
+
+def test_cli_similar_refuses_an_index_of_another_model(model_dir, gallery, tmp_path, capsys):
+    d, originals, _ = gallery
+    out = tmp_path / "g.index"
+    main(["--index", "--model", str(model_dir), "--images", str(d), "--out", str(out), "-q"])
+    header = json.loads((out / "index.json").read_text())
+    header["info"]["model"]["fingerprint"] = "0" * 64
+    (out / "index.json").write_text(json.dumps(header))
+    assert main(["--similar", str(originals[0]), "--index", str(out)]) == 1
+    assert "different model" in capsys.readouterr().err
+    assert main(["--similar", str(originals[0]), "--index", str(tmp_path / "none")]) == 1
+    assert main(["--index", "--model", str(model_dir), "--out", str(out)]) == 2  # neither --data nor --images
