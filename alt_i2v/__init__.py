@@ -16,11 +16,12 @@ _EXPORTS = {
     "predict_tags": "tagger", "extract_embeddings": "tagger", "Tagger": "tagger",
     "SimilarityIndex": "search",
     # model and training
-    "build_model": "model", "train": "train", "evaluate": "evaluate",
+    "build_model": "model", "train": "train", "evaluate": "evaluate", "load_model": "model",
+    "embedding_model": "model", "ModelConfig": "config", "TrainConfig": "config",
     # data stages
     "scrape": "scraper", "import_folder": "dataset", "read_posts": "dataset", "build_vocab": "vocab",
     "Vocab": "vocab", "build_store": "store", "Store": "store", "load_image": "imaging",
-    "run_demo": "demo",
+    "run_demo": "demo", "generate_demo_dataset": "demo",
     # settings and errors
     "ImageConfig": "config", "AltI2VError": "errors", "ImageLoadError": "errors",
 }
