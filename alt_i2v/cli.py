@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import sys
 from typing import Any, Callable, Sequence
@@ -321,6 +322,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         action, args = _parse(argv)
     except SystemExit as e:  # argparse: --help/--version exit 0, errors exit 2
         return int(e.code or 0) if isinstance(e.code, int) else 2
+    if not args.debug:
+        # TensorFlow warns about tf.function retracing each time a new model (tagger, embedder, evaluator)
+        # makes its first prediction in one process; harmless here, so keep it off the user's screen
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
     try:
         return int(HANDLERS[action](args) or 0)
     except UsageError as e:

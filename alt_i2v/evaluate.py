@@ -269,9 +269,8 @@ def predict_split(model, store, split: str | None, *, batch_size: int = 64, work
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    import keras
-
     from .config import resolve_workers
+    from .model import predict_batch
     from .pipeline import StoreDataset
     from .progress import bar
 
@@ -292,8 +291,8 @@ def predict_split(model, store, split: str | None, *, batch_size: int = 64, work
             if nxt < len(ds):
                 pending.append(ex.submit(ds.__getitem__, nxt))
                 nxt += 1
-            p = keras.ops.convert_to_numpy(model.predict_on_batch(x))
-            if isinstance(p, (list, tuple)):
+            p = predict_batch(model, x, batch_size)
+            if isinstance(p, list):
                 p = p[0]
             probs[out_pos:out_pos + len(x)] = p
             out_pos += len(x)

@@ -381,6 +381,22 @@ def embedding_model(model: keras.Model) -> keras.Model:
     return keras.Model(model.inputs, [model.get_layer("tags").output, emb], name=f"{model.name}_embed")
 
 
+def predict_batch(model: keras.Model, batch: Any, max_batch: int = 64) -> Any:
+    """``model.predict_on_batch`` with short batches zero-padded to a power of two (at most ``max_batch``):
+    compiled predict functions (tf.function, jax.jit) trace once per shape, so a run over any number of
+    images costs at most log2(max_batch) traces. Returns NumPy arrays (a list for several outputs)."""
+    import numpy as np
+
+    n = len(batch)
+    size = min(max(max_batch, n), 1 << max(0, (n - 1).bit_length()))
+    if size > n:
+        batch = np.concatenate([batch, np.zeros((size - n,) + tuple(batch.shape[1:]), batch.dtype)])
+    out = model.predict_on_batch(batch)
+    if isinstance(out, (list, tuple)):
+        return [ops.convert_to_numpy(o)[:n] for o in out]
+    return ops.convert_to_numpy(out)[:n]
+
+
 def embedding_dim(model: keras.Model) -> int:
     return int(model.get_layer("features").output.shape[-1])
 

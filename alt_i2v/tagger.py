@@ -160,9 +160,6 @@ class Tagger:
         self._embed_model = None
         self._lock = threading.Lock()
         self._fingerprint: str | None = None
-        # compiled predict functions (tf.function, jax.jit) trace once per batch shape: pad short batches
-        # up to a power of two so a folder of any size costs at most log2(batch_size) traces
-        self._pad_batches = True
 
     # ------------------------------------------------------------------------------------------ metadata
     def _load_thresholds(self) -> tuple[np.ndarray, float, bool]:
@@ -233,18 +230,12 @@ class Tagger:
 
     # ------------------------------------------------------------------------------------------ forward
     def _forward(self, model: Any, batch: np.ndarray) -> Any:
-        n = len(batch)
-        if self._pad_batches and n < self.batch_size:
-            size = min(self.batch_size, 1 << max(0, (n - 1).bit_length()))
-            if size > n:
-                batch = np.concatenate([batch, np.zeros((size - n,) + batch.shape[1:], batch.dtype)])
+        from .model import predict_batch
+
         with self._lock, warnings.catch_warnings():
             # Keras' TF backend converts outputs with np.array(tensor), which NumPy 2 flags; harmless
             warnings.simplefilter("ignore", DeprecationWarning)
-            out = model.predict_on_batch(batch)
-        if isinstance(out, (list, tuple)):
-            return [np.asarray(o)[:n] for o in out]
-        return np.asarray(out)[:n]
+            return predict_batch(model, batch, self.batch_size)
 
     def _embedder(self) -> Any:
         if self._embed_model is None:
