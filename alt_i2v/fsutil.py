@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
+import secrets
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import UnsafePathError
 
@@ -30,25 +31,35 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` so that ``path`` holds either the old content or all of the new, never a part."""
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, keep_suffix: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write; on success it is fsync'ed and renamed over
+    ``path`` (readers see the old file or all of the new, never a part), on failure it is removed.
+    ``keep_suffix`` keeps the extension last (writers such as Keras insist on ``.keras``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    tail = path.suffix if keep_suffix else ""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}{tail}")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    finally:
+        if tmp.exists():
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
     fsync_dir(path.parent)
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` so that ``path`` holds either the old content or all of the new, never a part."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -64,11 +75,14 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
-def remove_stale_temps(root: str | os.PathLike) -> int:
+def remove_stale_temps(root: str | os.PathLike, *, recursive: bool = True) -> int:
     """Delete temp files left by an interrupted atomic write under ``root``; returns how many."""
     n = 0
-    for p in Path(root).rglob(f"*{TMP_SUFFIX}"):
-        if p.is_file() and p.name.startswith("."):
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    for p in (root.rglob if recursive else root.glob)(f".*{TMP_SUFFIX}*"):
+        if p.is_file() and (p.name.endswith(TMP_SUFFIX) or f"{TMP_SUFFIX}." in p.name):
             try:
                 p.unlink()
                 n += 1

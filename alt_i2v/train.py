@@ -36,7 +36,7 @@ import numpy as np
 from .config import ImageConfig, ModelConfig, TrainConfig, resolve_workers
 from .errors import AltI2VError, UsageError
 from .evaluate import THRESHOLDS_FILE, calibrate_thresholds, predict_split, prf_at, thresholds_vector
-from .fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, remove_stale_temps
+from .fsutil import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, remove_stale_temps
 from .model import (MODEL_FILE, build_model, count_params, embedding_dim, get_backbone, get_loss,
                     resolve_config)
 from .pipeline import EpochSetter, StoreDataset
@@ -123,44 +123,21 @@ class TrainResult:
 
 
 def save_model_atomic(model: keras.Model, path: Path) -> Path:
-    """``model.save`` to a temporary name in the same directory, then ``os.replace``: never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
-    try:
+    """``model.save`` to a temporary name in the same directory, then rename: never a torn file."""
+    with atomic_path(path, keep_suffix=True) as tmp:
         model.save(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return Path(path)
 
 
 def copy_atomic(src: Path, dst: Path) -> Path:
-    tmp = dst.with_name(f".{dst.stem}.tmp-{os.getpid()}{dst.suffix}")
-    try:
+    with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return dst
+    return Path(dst)
 
 
 def _remove_temps(model_dir: Path) -> None:
-    """Temporary files of writes a kill interrupted (model saves here, JSON/CSV writes in fsutil)."""
+    """Temporary files of writes a kill interrupted (model saves, JSON/CSV writes)."""
     remove_stale_temps(model_dir)
-    for d in (model_dir, model_dir / CKPT_DIR):
-        if d.is_dir():
-            for p in d.glob(".*.tmp-*"):
-                try:
-                    p.unlink()
-                except OSError:
-                    pass
 
 
 def precision_policy(mixed_precision: str | None) -> str:

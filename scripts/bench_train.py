@@ -20,7 +20,6 @@ Set KERAS_BACKEND=jax for the reference setting.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -33,48 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-COLORS = [(220, 40, 40), (40, 180, 60), (40, 70, 220), (235, 210, 40), (150, 60, 190), (20, 20, 20)]
-NAMES = ["red", "green", "blue", "yellow", "purple", "black"]
-SHAPES = ["circle", "square", "triangle"]
-
-
 def make_data(data_dir: Path, n: int, size: int, seed: int = 0) -> None:
-    """``n`` JPEG posts of coloured shapes (contract layout) with vocab.json; the store is built later."""
-    import hashlib
-    import io
-
-    from PIL import Image, ImageDraw
-
+    """``n`` posts of the demo's generated illustrations (contract layout) with vocab.json."""
+    from alt_i2v.demo import generate_demo_dataset
     from alt_i2v.vocab import build_vocab
 
-    rng = np.random.default_rng(seed)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(n):
-        img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(180, 256, 3)))
-        d = ImageDraw.Draw(img)
-        tags = set()
-        for _ in range(int(rng.integers(1, 4))):
-            c, s = int(rng.integers(len(COLORS))), SHAPES[int(rng.integers(3))]
-            r = int(rng.integers(size // 8, size // 4))
-            cx, cy = (int(v) for v in rng.integers(r, size - r, 2))
-            box = (cx - r, cy - r, cx + r, cy + r)
-            if s == "circle":
-                d.ellipse(box, fill=COLORS[c])
-            elif s == "square":
-                d.rectangle(box, fill=COLORS[c])
-            else:
-                d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[c])
-            tags |= {NAMES[c], s, f"{NAMES[c]}_{s}"}
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=90)
-        md5 = hashlib.md5(buf.getvalue()).hexdigest()
-        rel = f"images/{md5[:2]}/{md5}.jpg"
-        (data_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-        (data_dir / rel).write_bytes(buf.getvalue())
-        lines.append(json.dumps({"id": i + 1, "md5": md5, "file_ext": "jpg", "file": rel,
-                                 "tags": {"general": sorted(tags)}, "rating": "g"}))
-    (data_dir / "posts.jsonl").write_text("\n".join(lines) + "\n")
+    generate_demo_dataset(data_dir, n_images=n, seed=seed, size=size)
     build_vocab(data_dir)
 
 

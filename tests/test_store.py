@@ -20,7 +20,7 @@ from alt_i2v.errors import AltI2VError, StoreMismatchError
 from alt_i2v.imaging import load_image
 from alt_i2v.store import SPLITS, Store, build_store, multi_hot, split_of, unpack
 from alt_i2v.vocab import Vocab, build_vocab
-from conftest import make_dataset, save_image
+from conftest import save_image
 from test_imaging import png_header_only
 
 
