@@ -22,6 +22,7 @@ import math
 import os
 import random
 import re
+import signal
 import socket
 import sys
 import tempfile
@@ -238,9 +239,9 @@ class DanbooruClient:
 
     def abort_active(self) -> None:
         """Cut the connections of responses being read now (after ``stop`` is set), so that an interrupt
-        does not wait for a slow or stalled download to time out."""
-        with self._stats_lock:
-            active = list(self._active)
+        does not wait for a slow or stalled download to time out. Takes no lock: it runs inside the SIGINT
+        handler, and ``list(set)`` is a single step under the GIL."""
+        active = list(self._active)
         for resp in active:
             sock = getattr(getattr(resp.raw, "_connection", None), "sock", None)
             if sock is None:
@@ -274,6 +275,9 @@ class DanbooruClient:
                 resp = self.session.get(url, params=params, auth=auth, timeout=self.timeout, stream=True)
                 with self._stats_lock:
                     self._active.add(resp)
+                if self.stop.is_set():  # interrupted while waiting for the headers: abort_active missed it
+                    resp.close()
+                    raise FetchError("interrupted")
                 with resp:
                     if resp.status_code == 200:
                         return handle(resp)
@@ -832,15 +836,20 @@ class _Scrape:
         while self.pending and (len(self.pending) >= self.max_inflight or
                                 (new and self.limit is not None and
                                  self.result.stored + self.new_inflight >= self.limit)):
-            done, _ = wait(list(self.pending), return_when=FIRST_COMPLETED)
-            for fut in done:
-                self._finish(fut)
+            self._wait_some()
 
     def drain(self) -> None:
         while self.pending:
-            done, _ = wait(list(self.pending), return_when=FIRST_COMPLETED)
-            for fut in done:
-                self._finish(fut)
+            self._wait_some()
+
+    def _wait_some(self) -> None:
+        """Wait a little for running tasks; an interrupt (``stop`` set by the SIGINT handler) ends the run
+        here, at a known point, instead of as an exception in the middle of the executor's locking."""
+        done, _ = wait(list(self.pending), timeout=0.25, return_when=FIRST_COMPLETED)
+        for fut in done:
+            self._finish(fut)
+        if self.client.stop.is_set():
+            raise KeyboardInterrupt
 
     def abort(self) -> None:
         """After an interrupt: drop tasks not started, keep what finished."""
@@ -1046,6 +1055,26 @@ class _Scrape:
 
 
 @contextmanager
+def _sigint_stops(stop: threading.Event, client: DanbooruClient) -> Iterator[None]:
+    """While scraping, Ctrl-C sets ``stop`` and cuts active downloads instead of raising wherever the main
+    thread happens to be (inside the executor's locks, a KeyboardInterrupt can leave a future locked and
+    the run hung); the loops notice ``stop`` and end cleanly. Outside the main thread: nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        stop.set()
+        client.abort_active()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
 def _exclusive(data_dir: Path) -> Iterator[None]:
     """One scrape per data directory at a time (an advisory lock that a SIGKILL releases)."""
     try:
@@ -1122,7 +1151,10 @@ def scrape(data_dir: str | os.PathLike, queries: list[str] | str, *, limit: int 
         run = _Scrape(data, client, result, source=source, file_size=file_size, max_bytes=max_bytes, limit=limit,
                       workers=workers, page_size=page_size, quiet=quiet)
         try:
-            run.run(queries)
+            with _sigint_stops(stop, client):
+                run.run(queries)
+                if stop.is_set():
+                    raise KeyboardInterrupt
         except BaseException as e:
             stop.set()
             client.abort_active()
