@@ -363,33 +363,31 @@ class DanbooruClient:
     def get_json(self, path_or_url: str, params: dict | None = None,
                  parse: Callable[[Any], Any] | None = None) -> Any:
         """A JSON document; one that does not parse (or that ``parse`` rejects) is fetched again."""
-        def handle(resp: requests.Response) -> Any:
-            buf = bytearray()
-            self._read(resp, MAX_PAGE_BYTES, buf.extend)
+        def decode(resp: requests.Response, body: bytes) -> Any:
             try:
-                obj = json.loads(bytes(buf))
+                return json.loads(body)
             except (ValueError, UnicodeDecodeError) as e:
                 raise _Retry("malformed_json", f"unparseable JSON ({str(e)[:80]})") from None
-            if parse is None:
-                return obj
-            try:
-                return parse(obj)
-            except PageFormatError as e:
-                raise _Retry("unexpected_page", str(e)[:200]) from None
 
-        return self.fetch(self._abs(path_or_url), params, handle)
+        return self._get_page(path_or_url, params, decode, parse)
 
     def get_html(self, path_or_url: str, params: dict | None = None,
                  parse: Callable[[str], Any] | None = None) -> Any:
         """An HTML page as text (or what ``parse`` makes of it; PageFormatError means fetch again)."""
+        return self._get_page(path_or_url, params,
+                              lambda resp, body: body.decode(resp.encoding or "utf-8", "replace"), parse)
+
+    def _get_page(self, path_or_url: str, params: dict | None, decode: Callable[[requests.Response, bytes], Any],
+                  parse: Callable[[Any], Any] | None) -> Any:
+        """Fetch a whole page (bounded size), decode it, and let ``parse`` judge it (PageFormatError: again)."""
         def handle(resp: requests.Response) -> Any:
             buf = bytearray()
             self._read(resp, MAX_PAGE_BYTES, buf.extend)
-            text = bytes(buf).decode(resp.encoding or "utf-8", "replace")
+            doc = decode(resp, bytes(buf))
             if parse is None:
-                return text
+                return doc
             try:
-                return parse(text)
+                return parse(doc)
             except PageFormatError as e:
                 raise _Retry("unexpected_page", str(e)[:200]) from None
 
