@@ -214,12 +214,11 @@ def cmd_scrape(args: argparse.Namespace) -> int:
 
 
 def cmd_import_src(args: argparse.Namespace) -> int:
+    from .config import resolve_workers
     from .dataset import import_folder
     from .progress import summary
 
     data = _need(args, "data", "import")
-    from .config import resolve_workers
-
     result = import_folder(args.import_src, data, mode=_opt(args, "mode", "auto"),
                            workers=resolve_workers(args.workers) * 2, quiet=args.quiet)
     summary("import", {**result.summary(), "report": os.path.join(data, "reports", "import_report.json")},

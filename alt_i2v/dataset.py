@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .errors import AltI2VError, ImageLoadError, UnsafePathError, UsageError
-from .fsutil import atomic_write_bytes, fsync_dir, image_relpath, is_md5, normalize_ext, safe_join
+from .fsutil import (IMAGE_SUFFIXES, atomic_write_bytes, fsync_dir, image_relpath, is_md5, normalize_ext,
+                     safe_join)
 
 POSTS_FILE = "posts.jsonl"
 CATEGORIES = ("general", "character", "copyright", "artist", "meta")
@@ -245,9 +246,6 @@ class ImportResult:
                 "skip reasons": reasons}
 
 
-_CANDIDATE_EXTS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".jfif"}
-
-
 def _caption_for(img: Path) -> Path | None:
     for cand in (img.with_suffix(".txt"), img.with_name(img.name + ".txt")):
         if cand.is_file():
@@ -286,7 +284,7 @@ def import_folder(src: str | os.PathLike, data_dir: str | os.PathLike, mode: str
     data_dir.mkdir(parents=True, exist_ok=True)
     if src.resolve() == data_dir.resolve() or data_dir.resolve() in src.resolve().parents:
         raise UsageError("the source folder must not be inside the data directory")
-    images = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in _CANDIDATE_EXTS)
+    images = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     result = ImportResult(mode=_detect_mode(images, src) if mode == "auto" and images else mode)
     if mode == "auto" and not images:
         result.mode = "folders"

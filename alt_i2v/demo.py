@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .errors import AltI2VError
+from .fsutil import atomic_write_bytes
 
 DEMO_VERSION = 1
 MARKER = "demo_dataset.json"
@@ -277,10 +278,7 @@ def _make_one(task: tuple) -> dict:
     rel = f"images/{md5[:2]}/{md5}.{ext}"
     path = Path(data_dir) / rel
     if not (path.exists() and path.stat().st_size == len(data)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.part")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data)
     tags = {k: v for k, v in info["tags"].items() if v}
     return {"id": index + 1, "md5": md5, "file_ext": ext, "file": rel, "tags": tags, "rating": info["rating"],
             "score": int(index * 7919 % 50), "width": size, "height": size, "source": "alt-i2v-demo"}

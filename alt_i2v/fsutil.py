@@ -14,6 +14,8 @@ from .errors import UnsafePathError
 
 MD5_RE = re.compile(r"^[0-9a-f]{32}$")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "gif", "webp", "bmp", "tif", "tiff")
+# file names worth trying to decode when a folder is listed (content decides in the end)
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
 TMP_SUFFIX = ".part"
 
 
@@ -73,6 +75,17 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int = 16 << 20) -> str:
+    """Hex digest of a file, read in chunks (checksums of images, models and index files)."""
+    import hashlib
+
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def remove_stale_temps(root: str | os.PathLike, *, recursive: bool = True) -> int:

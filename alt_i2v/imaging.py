@@ -195,14 +195,22 @@ def load_image(source: ImageSource, image_size: int = 150, resize: str = "pad", 
         raise
     except Image.DecompressionBombError as e:
         raise ImageLoadError("too_large", f"{name}: refused, {e}") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
-        msg = str(e)
-        reason = "truncated" if ("truncated" in msg or "broken data stream" in msg or isinstance(e, EOFError)) \
-            else "corrupt"
-        raise ImageLoadError(reason, f"{name}: {reason} image ({msg or type(e).__name__})") from None
+    except _DECODE_ERRORS as e:
+        raise _decode_error(name, e) from None
     if arr.shape != (image_size, image_size, 3):  # pragma: no cover - defensive
         raise ImageLoadError("corrupt", f"{name}: decoded to unexpected shape {arr.shape}")
     return np.ascontiguousarray(arr)
+
+
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
+
+
+def _decode_error(name: str, e: Exception) -> ImageLoadError:
+    """A decoder's exception as a per-file error: ``truncated`` (cut short) or ``corrupt``."""
+    msg = str(e)
+    reason = "truncated" if ("truncated" in msg or "broken data stream" in msg or isinstance(e, EOFError)) \
+        else "corrupt"
+    return ImageLoadError(reason, f"{name}: {reason} image ({msg or type(e).__name__})")
 
 
 def load_image_config(source: ImageSource, config: ImageConfig) -> np.ndarray:
@@ -240,7 +248,6 @@ def identify(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple
         raise ImageLoadError("unsupported", f"{name}: image format {img.format} is not supported")
     try:
         img.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        reason = "truncated" if "truncated" in str(e) else "corrupt"
-        raise ImageLoadError(reason, f"{name}: {reason} image ({e})") from None
+    except _DECODE_ERRORS as e:
+        raise _decode_error(name, e) from None
     return ext, img.size[0], img.size[1]

@@ -12,36 +12,11 @@ from .fsutil import atomic_write_json
 
 def bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it",
         quiet: bool = False, **kw: Any):
-    """A tqdm bar on stderr; disabled when ``quiet`` (or when tqdm is missing)."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return _NoBar(iterable)
+    """A tqdm bar on stderr; disabled when ``quiet``."""
+    from tqdm.auto import tqdm
+
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=quiet, dynamic_ncols=True,
                 file=sys.stderr, **kw)
-
-
-class _NoBar:
-    def __init__(self, iterable=None):
-        self._it = iterable
-
-    def __iter__(self):
-        return iter(self._it or ())
-
-    def update(self, n=1):
-        pass
-
-    def set_postfix(self, *a, **k):
-        pass
-
-    def close(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def summary(title: str, rows: Mapping[str, Any], *, quiet: bool = False, file=None) -> str:

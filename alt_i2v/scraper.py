@@ -41,7 +41,7 @@ from requests.adapters import HTTPAdapter
 from . import __version__
 from .dataset import CATEGORIES, RATINGS, PostsWriter, id_key, iter_posts, normalize_tag
 from .errors import AltI2VError, ImageLoadError, UnsafePathError, UsageError
-from .fsutil import fsync_dir, image_relpath, is_md5, normalize_ext, remove_stale_temps, safe_join
+from .fsutil import file_digest, fsync_dir, image_relpath, is_md5, normalize_ext, remove_stale_temps, safe_join
 
 DEFAULT_BASE_URL = "https://danbooru.donmai.us"
 PROJECT_URL = "https://github.com/alt-i2v/alt-i2v"
@@ -732,19 +732,11 @@ class _Job:
     repair: dict | None = None
 
 
-def _file_md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _valid_file(path: Path, md5: str | None) -> bool:
     try:
         if not path.is_file():
             return False
-        return md5 is None or _file_md5(path) == md5
+        return md5 is None or file_digest(path, "md5") == md5
     except OSError:
         return False
 

@@ -33,8 +33,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .config import resolve_workers
 from .errors import AltI2VError, UsageError
-from .fsutil import fsync_dir
+from .fsutil import file_digest, fsync_dir
 
 INDEX_FORMAT = "alt-i2v-similarity-index"
 INDEX_VERSION = 1
@@ -582,7 +583,7 @@ def _f16_topk(block: np.ndarray, qt: np.ndarray, k: int, base: int, nonneg: bool
     """
     n = len(block)
     span = _F16_ROWS * _F16_GROUP
-    threads = min(_cores(), max(1, n // span))
+    threads = min(resolve_workers(0), max(1, n // span))
     if threads <= 1:
         return _f16_scan(block, qt, k, base, nonneg)
     bounds = [round(n * i / threads) for i in range(threads + 1)]
@@ -634,13 +635,6 @@ def _as_f32(rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def _write_file(file: Path, data: bytes | memoryview) -> dict:
     with open(file, "wb") as f:
         f.write(data)
@@ -660,11 +654,7 @@ def _check_file(root: Path, name: str, entry: Any, *, verify: bool) -> None:
         raise IndexFileError(f"{file}: {size} bytes, the header says {entry['bytes']}: the index is damaged "
                              "(truncated or overwritten); rebuild it")
     if verify:
-        h = hashlib.sha256()
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(_IO_CHUNK), b""):
-                h.update(chunk)
-        if h.hexdigest() != entry["sha256"]:
+        if file_digest(file, chunk=_IO_CHUNK) != entry["sha256"]:
             raise IndexFileError(f"{file}: checksum mismatch, the index is damaged; rebuild it")
 
 

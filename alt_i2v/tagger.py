@@ -9,7 +9,6 @@ the previous batch is in the model; a bad image costs only its own result.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -25,6 +24,7 @@ from PIL import Image
 
 from .config import ImageConfig, resolve_workers
 from .errors import AltI2VError, ImageLoadError, UsageError
+from .fsutil import IMAGE_SUFFIXES, file_digest
 from .imaging import describe, load_image_config
 from .vocab import Vocab
 
@@ -33,7 +33,6 @@ THRESHOLDS_FILE = "thresholds.json"
 MODEL_FILE = "model.keras"
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_THRESHOLD = 0.5  # only when a model directory has no thresholds.json
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
 
 
 class BatchImageError(AltI2VError):
@@ -172,8 +171,9 @@ class Tagger:
         per_tag = doc.get("tags") or {}
         if not isinstance(per_tag, dict):
             raise AltI2VError(f"{self.model_dir / THRESHOLDS_FILE}: 'tags' must map tag names to numbers")
-        t = np.asarray([float(per_tag.get(n, g)) for n in self.vocab.names], dtype=np.float32)
-        return t, g, True
+        from .evaluate import thresholds_vector
+
+        return thresholds_vector({"global": g, "tags": per_tag}, self.vocab.names), g, True
 
     @property
     def embedding_dim(self) -> int:
@@ -188,11 +188,7 @@ class Tagger:
     def fingerprint(self) -> str:
         """sha256 of model.keras: tells whether embeddings came from these exact weights."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            with open(self.model_dir / MODEL_FILE, "rb") as f:
-                for chunk in iter(lambda: f.read(16 << 20), b""):
-                    h.update(chunk)
-            self._fingerprint = h.hexdigest()
+            self._fingerprint = file_digest(self.model_dir / MODEL_FILE)
         return self._fingerprint
 
     def identity(self) -> dict[str, Any]:
