@@ -19,9 +19,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .config import THRESHOLDS_FILE
 from .errors import AltI2VError
 
-THRESHOLDS_FILE = "thresholds.json"
 THRESHOLDS_VERSION = 1
 METRICS_VERSION = 1
 GRID = np.round(np.concatenate([[0.002, 0.005], np.arange(0.01, 0.995, 0.01), [0.995]]), 4)

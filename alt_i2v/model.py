@@ -23,10 +23,9 @@ from typing import Any
 import keras
 from keras import layers, ops
 
-from .config import ModelConfig
+from .config import MODEL_FILE, ModelConfig
 from .errors import AltI2VError, UsageError
 
-MODEL_FILE = "model.keras"
 PACKAGE = "alt_i2v"
 
 # ---------------------------------------------------------------------------------------------------------

@@ -22,15 +22,12 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from .config import ImageConfig, resolve_workers
+from .config import CONFIG_FILE, MODEL_FILE, THRESHOLDS_FILE, ImageConfig, resolve_workers
 from .errors import AltI2VError, ImageLoadError, UsageError
 from .fsutil import IMAGE_SUFFIXES, file_digest
 from .imaging import describe, load_image_config
 from .vocab import Vocab
 
-CONFIG_FILE = "config.json"
-THRESHOLDS_FILE = "thresholds.json"
-MODEL_FILE = "model.keras"
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_THRESHOLD = 0.5  # only when a model directory has no thresholds.json
 

@@ -33,7 +33,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from .config import ImageConfig, ModelConfig, TrainConfig, resolve_workers
+from .config import CONFIG_FILE, ImageConfig, ModelConfig, TrainConfig, resolve_workers
 from .errors import AltI2VError, UsageError
 from .evaluate import THRESHOLDS_FILE, calibrate_thresholds, predict_split, prf_at, thresholds_vector
 from .fsutil import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, remove_stale_temps
@@ -44,7 +44,6 @@ from .store import Store
 from .vocab import VOCAB_FILE, Vocab
 
 CONFIG_VERSION = 1
-CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.csv"
 CURVES_FILE = "curves.png"
 CKPT_DIR = "checkpoints"
