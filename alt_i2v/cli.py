@@ -48,7 +48,7 @@ ACTION_OPTIONS: dict[str, set[str]] = {
                "login", "api_key"},
     "import_src": {"data", "mode", "workers"},
     "vocab": {"data", "size", "min_count", "categories"},
-    "build": {"data", "image_size", "resize", "workers", "max_pixels", "rebuild", "val_fraction",
+    "build": {"data", "image_size", "resize", "workers", "max_pixels", "rebuild", "shards", "val_fraction",
               "test_fraction"},
     "train": {"data", "model", "epochs", "batch_size", "lr", "backbone", "weights", "frozen", "image_size",
               "mixed_precision", "resume", "patience", "loss", "workers"},
@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resize", choices=["pad", "stretch", "crop"], help="aspect handling (default pad)")
     g.add_argument("--max-pixels", type=int, metavar="N", help="refuse images with more pixels (bomb guard)")
     g.add_argument("--rebuild", action="store_true", help="delete DATA/store and build it again")
+    g.add_argument("--shards", type=int, metavar="N",
+                   help="write N LevelDB shards, one process each, read by processes (default 1)")
     g.add_argument("--val-fraction", type=float, metavar="F", help="validation share (default 0.1)")
     g.add_argument("--test-fraction", type=float, metavar="F", help="test share (default 0.1)")
 
@@ -246,7 +248,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     data = _need(args, "data", "build")
     kw = {k: getattr(args, k) for k in ("image_size", "resize", "workers", "max_pixels", "val_fraction",
-                                         "test_fraction") if getattr(args, k) is not None}
+                                         "test_fraction", "shards") if getattr(args, k) is not None}
     result = build_store(data, rebuild=args.rebuild, quiet=args.quiet, **kw)
     summary("build", {**result.summary(), "report": os.path.join(data, "reports", "build_report.json")},
             quiet=args.quiet)

@@ -261,10 +261,12 @@ def most_wrong(y_true: np.ndarray, y_prob: np.ndarray, thresholds: np.ndarray, n
 
 
 def predict_split(model, store, split: str | None, *, batch_size: int = 64, workers: int = 0,
-                  quiet: bool = True, desc: str = "predict") -> tuple[list[bytes], np.ndarray, np.ndarray]:
+                  quiet: bool = True, desc: str = "predict", readers: Any = None
+                  ) -> tuple[list[bytes], np.ndarray, np.ndarray]:
     """Probabilities of every image of a split: ``(keys, y_true (N, T), y_prob (N, T))``, store order.
 
-    Batches are read ahead by threads while the model runs.
+    Batches all have ``batch_size`` images (the last one padded), so predict compiles once; they are
+    read ahead by threads, or by the reader processes of ``readers`` (a sharded store).
     """
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
@@ -275,10 +277,10 @@ def predict_split(model, store, split: str | None, *, batch_size: int = 64, work
     from .progress import bar
 
     keys, labels = store.index(split)
-    ds = StoreDataset(store, keys, labels, batch_size=batch_size, workers=1)
+    ds = StoreDataset(store, keys, labels, batch_size=batch_size, workers=1, readers=readers)
     y_true = ds.labels_matrix()
     probs = np.zeros((len(keys), store.num_tags), dtype=np.float32)
-    nworkers = max(1, resolve_workers(workers))
+    nworkers = 1 if readers is not None else max(1, resolve_workers(workers))
     out_pos = 0
     with ThreadPoolExecutor(nworkers) as ex, bar(total=len(keys), desc=desc, unit="img", quiet=quiet) as pbar:
         pending: deque = deque()
@@ -287,16 +289,18 @@ def predict_split(model, store, split: str | None, *, batch_size: int = 64, work
             pending.append(ex.submit(ds.__getitem__, nxt))
             nxt += 1
         while pending:
-            x, _ = pending.popleft().result()
+            x, _, _ = pending.popleft().result()
             if nxt < len(ds):
                 pending.append(ex.submit(ds.__getitem__, nxt))
                 nxt += 1
-            p = predict_batch(model, x, batch_size)
+            p = predict_batch(model, x["image"], batch_size)
             if isinstance(p, list):
                 p = p[0]
-            probs[out_pos:out_pos + len(x)] = p
-            out_pos += len(x)
-            pbar.update(len(x))
+            n = min(batch_size, len(keys) - out_pos)
+            probs[out_pos:out_pos + n] = p[:n]
+            out_pos += n
+            pbar.update(n)
+    ds.close()
     return keys, y_true, probs
 
 
@@ -352,6 +356,7 @@ def evaluate(data_dir: str | os.PathLike, model_dir: str | os.PathLike, split: s
     PNGs). Uses the calibrated thresholds of thresholds.json, and also reports everything at 0.5."""
     from .fsutil import atomic_write_json, atomic_write_text
     from .model import load_model
+    from .readers import ReaderPool
     from .store import SPLITS, Store
 
     t0 = time.perf_counter()
@@ -367,8 +372,13 @@ def evaluate(data_dir: str | os.PathLike, model_dir: str | os.PathLike, split: s
     try:
         if store.count(split) == 0:
             raise AltI2VError(f"the {split} split of {store.path} has no images; evaluate another --split")
-        keys, y_true, y_prob = predict_split(model, store, split, batch_size=batch_size or 64, workers=workers,
-                                             quiet=quiet, desc=f"evaluate {split}")
+        readers = ReaderPool(store) if store.num_shards > 1 else None
+        try:
+            keys, y_true, y_prob = predict_split(model, store, split, batch_size=batch_size or 64, workers=workers,
+                                                 quiet=quiet, desc=f"evaluate {split}", readers=readers)
+        finally:
+            if readers is not None:
+                readers.close()
         wrong = most_wrong(y_true, y_prob, thr, names, top=top)
         for w in wrong:
             w["id"] = store.get(keys[w.pop("index")])["id"]

@@ -34,6 +34,7 @@ META_KEY = b"__meta__"
 REC = b"r/"
 IDX = b"s/"
 SPLITS = ("train", "val", "test")
+LAYOUT_FILE = "meta.json"  # a sharded store's layout (alt_i2v.shards); absent in a one-shard store
 
 
 def split_of(pid: Any, val_fraction: float = 0.1, test_fraction: float = 0.1) -> str:
@@ -93,18 +94,28 @@ class Store:
     """Read access to a built store (used by training, evaluation and indexing).
 
     ``vocab`` / ``image_size`` / ``resize`` given: a store built differently is a StoreMismatchError.
+    A sharded store (``--build --shards N``) opens as a :class:`~alt_i2v.shards.ShardedStore`, which
+    reads the same way. The LevelDB is opened on first use; :meth:`release` closes it so another process
+    (a reader of :mod:`alt_i2v.readers`) may open it, and the next read here opens it again.
     """
+
+    num_shards = 1
+
+    def __new__(cls, path: str | os.PathLike = "", **kw: Any):
+        if cls is Store and is_sharded(store_path(path)):
+            from .shards import ShardedStore
+
+            return super().__new__(ShardedStore)
+        return super().__new__(cls)
 
     def __init__(self, path: str | os.PathLike, *, vocab: Vocab | None = None, image_size: int | None = None,
                  resize: str | None = None):
-        path = Path(path)
-        if (path / STORE_DIR).is_dir():
-            path = path / STORE_DIR
+        path = store_path(path)
         self.path = path
-        self.db = _open_db(path, create=False)
-        raw = self.db.get(META_KEY)
+        self._db = _open_db(path, create=False)
+        raw = self._db.get(META_KEY)
         if raw is None:
-            self.db.close()
+            self._db.close()
             raise AltI2VError(f"{path}: store has no meta record (not an alt-i2v store, or never built)")
         self.meta: dict = unpack(raw)
         if self.meta.get("version", 0) > STORE_VERSION:
@@ -112,6 +123,25 @@ class Store:
             raise StoreMismatchError(f"{path}: store version {self.meta.get('version')} is newer than this "
                                      "alt-i2v understands")
         check_meta(self.meta, vocab=vocab, image_size=image_size, resize=resize, where=str(path))
+
+    @property
+    def db(self):
+        """The open LevelDB (opened again after :meth:`release`)."""
+        if self._db.closed:
+            self._db = _open_db(self.path, create=False)
+        return self._db
+
+    def release(self) -> None:
+        """Close the LevelDB files so another process can open them; reads here reopen them."""
+        self.close()
+
+    def shard_of(self, key: bytes) -> int:
+        """Which shard holds ``key`` (always 0 here)."""
+        return 0
+
+    def shard_paths(self) -> list[Path]:
+        """The LevelDB directory of every shard, in shard order."""
+        return [self.path]
 
     @property
     def image_size(self) -> int:
@@ -136,22 +166,28 @@ class Store:
         return {s: self.count(s) for s in SPLITS}
 
     def index(self, split: str | None = None) -> tuple[list[bytes], list[list[int]]]:
-        """Keys and label lists of a split (or all), read from the small index, not the images."""
+        """Keys and label lists of a split (or all) in key order, read from the small index, not the
+        images; kept after the first read, so readers may hold the LevelDB meanwhile."""
         keys, labels = [], []
+        cache = self.__dict__.setdefault("_index_cache", {})
         for s in ([split] if split else SPLITS):
-            prefix = IDX + s.encode() + b"/"
-            for k, v in self.db.iterator(prefix=prefix):
-                keys.append(k[len(prefix):])
-                labels.append(unpack(v))
+            if s not in cache:
+                cache[s] = self._read_index(s)
+            keys += cache[s][0]
+            labels += cache[s][1]
+        return keys, labels
+
+    def _read_index(self, split: str) -> tuple[list[bytes], list[list[int]]]:
+        keys, labels = [], []
+        prefix = IDX + split.encode() + b"/"
+        for k, v in self.db.iterator(prefix=prefix):
+            keys.append(k[len(prefix):])
+            labels.append(unpack(v))
         return keys, labels
 
     def ids(self, split: str | None = None) -> list[bytes]:
         """Record keys of a split (or all) in key order; feed them to :meth:`get_batch`."""
-        out = []
-        for s in ([split] if split else SPLITS):
-            prefix = IDX + s.encode() + b"/"
-            out.extend(k[len(prefix):] for k in self.db.iterator(prefix=prefix, include_value=False))
-        return out
+        return self.index(split)[0]
 
     def get(self, key: bytes | str) -> dict:
         """One record ``{"id", "image", "labels", "split"}`` by key (``i123``) or by post id."""
@@ -178,14 +214,36 @@ class Store:
             labels.append(rec["labels"])
         return out[:n], labels
 
+    def read_into(self, keys: Sequence[bytes], out: np.ndarray, at: Sequence[int] | None = None) -> np.ndarray:
+        """Decode the images of ``keys`` into ``out[at[i]]`` (``out[i]`` without ``at``): a batch buffer,
+        possibly shared memory. Returns the mask of records that decoded; one that does not is zeroed
+        and costs only itself."""
+        ok = np.ones(len(keys), bool)
+        get = self.db.get
+        shape = (self.image_size, self.image_size, 3)
+        for i, key in enumerate(keys):
+            j = i if at is None else at[i]
+            raw = get(REC + key)
+            if raw is None:
+                raise KeyError(key.decode(errors="replace"))
+            try:
+                img = unpack(raw)["image"]
+                if img.shape != shape or img.dtype != np.uint8:
+                    raise ValueError(f"image is {img.dtype} {img.shape}")
+                out[j] = img
+            except (AltI2VError, ValueError, KeyError, TypeError, AttributeError):
+                out[j] = 0
+                ok[i] = False
+        return ok
+
     def records(self, split: str | None = None) -> Iterator[dict]:
         """Iterate full records of a split (or all)."""
         for key in self.ids(split):
             yield self.get(key)
 
     def close(self) -> None:
-        if not self.db.closed:
-            self.db.close()
+        if not self._db.closed:
+            self._db.close()
 
     def __enter__(self) -> "Store":
         return self
@@ -202,6 +260,17 @@ class Store:
         if isinstance(key, str) and key[:1] in ("i", "s") and not key.isdigit():
             return key.encode()
         return id_key(key).encode()
+
+
+def store_path(path: str | os.PathLike) -> Path:
+    """``DATA/store`` when given ``DATA``, else the path itself."""
+    path = Path(path)
+    return path / STORE_DIR if (path / STORE_DIR).is_dir() else path
+
+
+def is_sharded(path: str | os.PathLike) -> bool:
+    """Whether ``path`` (a store directory) holds a sharded store: ``meta.json`` beside its shards."""
+    return (Path(path) / LAYOUT_FILE).is_file()
 
 
 def multi_hot(labels: Sequence[Sequence[int]], num_tags: int, dtype: Any = np.float32) -> np.ndarray:
@@ -282,15 +351,15 @@ def _load(path: str, cfg: tuple) -> np.ndarray:
 def build_store(data_dir: str | os.PathLike, image_size: int = 150, resize: str = "pad", *,
                 workers: int = 0, max_pixels: int = ImageConfig.max_pixels, batch_size: int = 64,
                 val_fraction: float = 0.1, test_fraction: float = 0.1, rebuild: bool = False,
-                quiet: bool = False) -> BuildResult:
+                quiet: bool = False, shards: int | None = None) -> BuildResult:
     """Decode, resize and store every post's image of ``DATA`` into ``DATA/store`` (resumable).
 
     Posts already stored are skipped; records whose post left posts.jsonl are removed; every skipped
-    post is listed with its reason in ``DATA/reports/build_report.json``.
+    post is listed with its reason in ``DATA/reports/build_report.json``. ``shards`` > 1 writes that
+    many LevelDB shards, each by its own process (:mod:`alt_i2v.shards`); None keeps an existing
+    store's count (1, today's single LevelDB, for a new one).
     """
     import shutil
-
-    import plyvel
 
     from .dataset import PostsRead, id_key, iter_posts, post_image_path
     from .progress import bar, write_report
@@ -308,8 +377,44 @@ def build_store(data_dir: str | os.PathLike, image_size: int = 150, resize: str 
     want = {"version": STORE_VERSION, "image_size": cfg.image_size, "resize": cfg.resize,
             "vocab_sha256": vocab.sha256, "num_tags": len(vocab),
             "split": {"val": cfg.val_fraction, "test": cfg.test_fraction}}
-    db = _open_db(path, create=True)
+    from .shards import build_sharded, check_shard_count
+
+    nshards = check_shard_count(path, shards)
     result = BuildResult(path=path)
+    read = PostsRead()
+    entries = []  # (key, id, file, labels, split) of every post
+    for post in iter_posts(data_dir, read):
+        labels = vocab.labels(post)
+        if not labels:
+            result.no_labels += 1
+        entries.append((id_key(post["id"]).encode(), post["id"], str(post_image_path(post, data_dir)), labels,
+                        split_of(post["id"], cfg.val_fraction, cfg.test_fraction)))
+    result.posts_errors, result.duplicates = read.errors, len(read.duplicates)
+    with bar(total=len(entries), desc="build", unit="img", quiet=quiet) as progress:
+        if nshards == 1:
+            stats = build_shard(path, want, entries, cfg, data_dir, processes=resolve_workers(cfg.workers),
+                                progress=progress.update)
+        else:
+            stats = build_sharded(path, want, entries, cfg, data_dir, nshards, progress=progress.update)
+    result.stored, result.already, result.removed = stats["stored"], stats["already"], stats["removed"]
+    result.skipped, result.counts = stats["skipped"], stats["counts"]
+    result.seconds = time.perf_counter() - t0
+    write_report(data_dir, "build_report", {
+        **result.summary(), "shards": nshards, "config": cfg.get_config(), "skipped_posts": result.skipped,
+        "posts_jsonl_errors": result.posts_errors})
+    return result
+
+
+def build_shard(path: Path, want: dict, entries: Sequence[tuple], cfg: BuildConfig, data_dir: Path, *,
+                processes: int = 1, threads: int = 1, progress: Any = None) -> dict[str, Any]:
+    """Write the records of ``entries`` (``(key, id, file, labels, split)``) into the one LevelDB at
+    ``path``: skip those stored, remove stored ones not in ``entries``, decode the rest on ``processes``
+    (a pool) or ``threads`` and commit them with the meta counts in WriteBatches. ``progress(n)`` is
+    called as posts are done. Returns the counts and the skipped posts."""
+    import plyvel
+
+    db = _open_db(path, create=True)
+    stats: dict[str, Any] = {"stored": 0, "already": 0, "removed": 0, "skipped": [], "counts": {}}
     try:
         raw = db.get(META_KEY)
         if raw is None:
@@ -317,53 +422,47 @@ def build_store(data_dir: str | os.PathLike, image_size: int = 150, resize: str 
             db.put(META_KEY, pack(meta), sync=True)
         else:
             meta = unpack(raw)
-            check_meta(meta, vocab=vocab, image_size=cfg.image_size, resize=cfg.resize, where=str(path))
+            check_meta(meta, image_size=cfg.image_size, resize=cfg.resize, where=str(path))
+            if meta.get("vocab_sha256") != want["vocab_sha256"]:
+                raise StoreMismatchError(f"{path}: built with another vocabulary; rebuild it (`--build --rebuild`)")
             if meta.get("split") != want["split"]:
                 raise StoreMismatchError(f"{path}: built with split fractions {meta.get('split')}, not "
                                          f"{want['split']}; rebuild it (`--build --rebuild`)")
-
-        read = PostsRead()
-        tasks, live = [], set()
-        for post in iter_posts(data_dir, read):
-            key = id_key(post["id"]).encode()
-            live.add(key)
-            labels = vocab.labels(post)
-            if not labels:
-                result.no_labels += 1
-            if db.get(REC + key) is not None:
-                result.already += 1
-                continue
-            file = str(post_image_path(post, data_dir))
-            split = split_of(post["id"], cfg.val_fraction, cfg.test_fraction)
-            tasks.append((key, post["id"], file, labels, split,
-                          (cfg.image_size, cfg.resize, cfg.max_pixels)))
-        result.posts_errors, result.duplicates = read.errors, len(read.duplicates)
-        info = {t[0]: (t[1], t[2], t[3], t[4]) for t in tasks}  # key -> (id, file, labels, split)
-
+        item = (cfg.image_size, cfg.resize, cfg.max_pixels)
+        tasks = [(*e, item) for e in entries if db.get(REC + e[0]) is None]
+        stats["already"] = len(entries) - len(tasks)
+        if progress and stats["already"]:
+            progress(stats["already"])
+        info = {t[0]: t[1:5] for t in tasks}  # key -> (id, file, labels, split)
         counts = dict(meta.get("counts", {}))
-        result.removed = _prune(db, live, counts, meta)
+        stats["removed"] = _prune(db, {e[0] for e in entries}, counts, meta)
 
-        nworkers = min(resolve_workers(cfg.workers), max(1, len(tasks)))
-        pool = None
+        pool = threads_pool = None
         try:
-            if nworkers > 1 and len(tasks) > 8:
-                pool = mp.get_context("spawn").Pool(nworkers)
+            if processes > 1 and len(tasks) > 8:
+                pool = mp.get_context("spawn").Pool(min(processes, len(tasks)))
                 results: Iterable = pool.imap_unordered(_work, tasks, chunksize=4)
+            elif threads > 1 and len(tasks) > 1:
+                from concurrent.futures import ThreadPoolExecutor
+
+                threads_pool = ThreadPoolExecutor(threads)
+                results = threads_pool.map(_work, tasks)
             else:
                 results = map(_work, tasks)
             pending = db.write_batch()
             in_batch = 0
-            progress = bar(results, total=len(tasks), desc="build", unit="img", quiet=quiet)
-            for key, value, reason, detail in progress:
+            for key, value, reason, detail in results:
                 pid, file, labels, split = info[key]
+                if progress:
+                    progress(1)
                 if value is None:
-                    result.skipped.append({"id": pid, "file": os.path.relpath(file, data_dir),
-                                           "reason": reason, "detail": detail})
+                    stats["skipped"].append({"id": pid, "file": os.path.relpath(file, data_dir),
+                                             "reason": reason, "detail": detail})
                     continue
                 pending.put(REC + key, value)
                 pending.put(IDX + split.encode() + b"/" + key, pack(labels))
                 counts[split] = counts.get(split, 0) + 1
-                result.stored += 1
+                stats["stored"] += 1
                 in_batch += 1
                 if in_batch >= cfg.batch_size:
                     _commit(pending, meta, counts)
@@ -374,17 +473,15 @@ def build_store(data_dir: str | os.PathLike, image_size: int = 150, resize: str 
             if pool is not None:
                 pool.terminate()
                 pool.join()
-        result.counts = {s: counts.get(s, 0) for s in SPLITS}
+            if threads_pool is not None:
+                threads_pool.shutdown(wait=False, cancel_futures=True)
+        stats["counts"] = {s: counts.get(s, 0) for s in SPLITS}
     except plyvel.Error as e:
         raise AltI2VError(f"{path}: writing the store failed ({e}); is the disk full? Everything written "
                           "before this is kept: free space and run --build again to resume") from None
     finally:
         db.close()
-    result.seconds = time.perf_counter() - t0
-    write_report(data_dir, "build_report", {
-        **result.summary(), "config": cfg.get_config(), "skipped_posts": result.skipped,
-        "posts_jsonl_errors": result.posts_errors})
-    return result
+    return stats
 
 
 def _commit(batch, meta: dict, counts: dict) -> None:
