@@ -25,7 +25,7 @@ import msgpack_numpy
 import numpy as np
 
 from .config import BuildConfig, ImageConfig, resolve_workers
-from .errors import AltI2VError, ImageLoadError, StoreMismatchError
+from .errors import AltI2VError, BadRecordError, ImageLoadError, StoreMismatchError
 from .vocab import VOCAB_FILE, Vocab
 
 STORE_DIR = "store"
@@ -53,17 +53,60 @@ def pack(obj: Any) -> bytes:
 
 
 def unpack(data: bytes) -> Any:
-    """msgpack (+ msgpack-numpy arrays); object arrays are refused, nothing is ever unpickled."""
-    return msgpack.unpackb(data, object_hook=_decode_array, raw=False, strict_map_key=False)
+    """msgpack (+ msgpack-numpy arrays of plain numeric dtypes only); nothing is ever unpickled.
+
+    Anything else (object or structured dtypes, a shape that disagrees with the bytes, broken msgpack)
+    is a :class:`BadRecordError`, never a crash or a half-decoded array.
+    """
+    try:
+        return msgpack.unpackb(data, object_hook=_decode_array, raw=False, strict_map_key=False)
+    except BadRecordError:
+        raise
+    except (ValueError, TypeError, KeyError, msgpack.UnpackException) as e:
+        raise BadRecordError(f"undecodable msgpack ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+# The dtypes a store ever holds (images are uint8; counts and scalars are plain numbers). A dtype outside
+# this list, such as a structured one with an object field, would let the record's bytes become pointers.
+ALLOWED_DTYPES = frozenset(np.dtype(t).str for t in (
+    "|b1", "|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<u8", "<i8", "<f2", "<f4", "<f8",
+    ">u2", ">i2", ">u4", ">i4", ">u8", ">i8", ">f2", ">f4", ">f8"))
 
 
 def _decode_array(obj: dict) -> Any:
-    if b"nd" in obj or "nd" in obj:
-        kind = obj.get(b"kind", obj.get("kind", b""))
-        typ = obj.get(b"type", obj.get("type"))
-        if kind or (isinstance(typ, (bytes, str)) and "O" in (typ.decode() if isinstance(typ, bytes) else typ)):
-            raise AltI2VError("store record holds an object array; refusing to decode it")
-    return msgpack_numpy.decode(obj)
+    if b"nd" not in obj:
+        return obj
+    typ, kind, shape, data = obj.get(b"type"), obj.get(b"kind", b""), obj.get(b"shape", ()), obj.get(b"data")
+    typ = typ.decode("ascii", "replace") if isinstance(typ, bytes) else typ
+    if kind or not isinstance(typ, str) or typ not in ALLOWED_DTYPES or not isinstance(data, bytes):
+        raise BadRecordError(f"array of dtype {str(typ)[:60]} (kind {kind!r}) is not a plain numeric array; "
+                             "refusing to decode it")
+    dtype = np.dtype(typ)
+    if obj[b"nd"] is not True:
+        if len(data) != dtype.itemsize:
+            raise BadRecordError("numpy scalar with the wrong number of bytes")
+        return np.frombuffer(data, dtype=dtype)[0]
+    if not (isinstance(shape, (list, tuple)) and len(shape) <= 8
+            and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2 ** 31 for d in shape)):
+        raise BadRecordError(f"array shape {str(shape)[:60]} is not a list of sizes")
+    if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != len(data):
+        raise BadRecordError(f"array of shape {tuple(shape)} {typ} does not match its {len(data)} bytes")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def check_record(rec: Any, image_size: int, num_tags: int) -> dict:
+    """``rec`` if it is the record the store's meta promises (uint8 SxSx3 image, labels below num_tags),
+    else BadRecordError: a damaged or foreign record never reaches training as a wrong array."""
+    if not isinstance(rec, dict):
+        raise BadRecordError("record is not a map")
+    img, labels = rec.get("image"), rec.get("labels")
+    if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.shape != (image_size, image_size, 3):
+        what = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
+        raise BadRecordError(f"image is {what}, the store holds uint8 ({image_size}, {image_size}, 3)")
+    if not (isinstance(labels, list) and all(isinstance(x, int) and not isinstance(x, bool)
+                                             and 0 <= x < num_tags for x in labels)):
+        raise BadRecordError(f"labels are not tag indices below {num_tags}")
+    return rec
 
 
 def encode_record(pid: Any, image: np.ndarray, labels: Sequence[int], split: str) -> bytes:
@@ -101,12 +144,17 @@ class Store:
         if (path / STORE_DIR).is_dir():
             path = path / STORE_DIR
         self.path = path
+        self.bad: dict[bytes, str] = {}  # records skipped as undecodable: key -> reason
         self.db = _open_db(path, create=False)
         raw = self.db.get(META_KEY)
         if raw is None:
             self.db.close()
             raise AltI2VError(f"{path}: store has no meta record (not an alt-i2v store, or never built)")
-        self.meta: dict = unpack(raw)
+        try:
+            self.meta: dict = unpack(raw)
+        except BadRecordError as e:
+            self.db.close()
+            raise AltI2VError(f"{path}: the store's meta record is damaged ({e}); run --build --rebuild") from None
         if self.meta.get("version", 0) > STORE_VERSION:
             self.close()
             raise StoreMismatchError(f"{path}: store version {self.meta.get('version')} is newer than this "
@@ -159,24 +207,43 @@ class Store:
         raw = self.db.get(REC + key)
         if raw is None:
             raise KeyError(key.decode(errors="replace"))
-        return unpack(raw)
+        try:
+            return check_record(unpack(raw), self.image_size, self.num_tags)
+        except BadRecordError as e:
+            raise BadRecordError(f"{self.path}: record {key.decode(errors='replace')}: {e}") from None
+
+    def _decode(self, key: bytes, raw: bytes) -> dict | None:
+        """The checked record, or None after noting it in :attr:`bad` (a bad record costs one image)."""
+        try:
+            return check_record(unpack(raw), self.image_size, self.num_tags)
+        except BadRecordError as e:
+            self.bad[key] = str(e)
+            return None
+
+    def bad_report(self) -> list[dict]:
+        """The records skipped so far as undecodable, for summaries and reports."""
+        return [{"key": k.decode(errors="replace"), "reason": r} for k, r in sorted(self.bad.items())]
 
     def get_batch(self, keys: Sequence[bytes], out: np.ndarray | None = None
                   ) -> tuple[np.ndarray, list[list[int]]]:
-        """Images ``(N, H, W, 3)`` uint8 and label lists for ``keys``; ``out`` may be a reused buffer."""
+        """Images ``(N, H, W, 3)`` uint8 and label lists for ``keys``; ``out`` may be a reused buffer.
+
+        A record that fails to decode is left out (N is then smaller) and noted in :attr:`bad`."""
         n, s = len(keys), self.image_size
         if out is None or out.shape[0] < n:
             out = np.empty((n, s, s, 3), dtype=np.uint8)
         labels = []
         get = self.db.get
-        for i, key in enumerate(keys):
+        for key in keys:
             raw = get(REC + key)
             if raw is None:
                 raise KeyError(key.decode(errors="replace"))
-            rec = unpack(raw)
-            out[i] = rec["image"]
+            rec = self._decode(key, raw)
+            if rec is None:
+                continue
+            out[len(labels)] = rec["image"]
             labels.append(rec["labels"])
-        return out[:n], labels
+        return out[:len(labels)], labels
 
     def records(self, split: str | None = None) -> Iterator[dict]:
         """Iterate full records of a split (or all)."""
@@ -418,4 +485,4 @@ def open_store(path: str | os.PathLike, **kw: Any) -> Store:
 
 
 __all__ = ["Store", "open_store", "build_store", "BuildResult", "split_of", "multi_hot", "encode_record",
-           "pack", "unpack", "check_meta", "SPLITS"]
+           "pack", "unpack", "check_meta", "check_record", "SPLITS"]
