@@ -48,7 +48,7 @@ ACTION_OPTIONS: dict[str, set[str]] = {
                "login", "api_key"},
     "import_src": {"data", "mode", "workers"},
     "vocab": {"data", "size", "min_count", "categories"},
-    "build": {"data", "image_size", "resize", "workers", "max_pixels", "rebuild", "val_fraction",
+    "build": {"data", "image_size", "resize", "workers", "max_pixels", "rebuild", "prune", "val_fraction",
               "test_fraction"},
     "train": {"data", "model", "epochs", "batch_size", "lr", "backbone", "weights", "frozen", "image_size",
               "mixed_precision", "resume", "patience", "loss", "workers"},
@@ -119,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=int, metavar="PX", help="square side in pixels (default 150)")
     g.add_argument("--resize", choices=["pad", "stretch", "crop"], help="aspect handling (default pad)")
     g.add_argument("--max-pixels", type=int, metavar="N", help="refuse images with more pixels (bomb guard)")
-    g.add_argument("--rebuild", action="store_true", help="delete DATA/store and build it again")
+    g.add_argument("--rebuild", action="store_true",
+                   help="build DATA/store anew beside the old one, then swap it in (refused while it is in use)")
+    g.add_argument("--prune", action="store_true",
+                   help="allow removing more than 20%% of the store's records (posts gone from posts.jsonl)")
     g.add_argument("--val-fraction", type=float, metavar="F", help="validation share (default 0.1)")
     g.add_argument("--test-fraction", type=float, metavar="F", help="test share (default 0.1)")
 
@@ -247,7 +250,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     data = _need(args, "data", "build")
     kw = {k: getattr(args, k) for k in ("image_size", "resize", "workers", "max_pixels", "val_fraction",
                                          "test_fraction") if getattr(args, k) is not None}
-    result = build_store(data, rebuild=args.rebuild, quiet=args.quiet, **kw)
+    result = build_store(data, rebuild=args.rebuild, prune=args.prune, quiet=args.quiet, **kw)
     summary("build", {**result.summary(), "report": os.path.join(data, "reports", "build_report.json")},
             quiet=args.quiet)
     return 0

@@ -21,6 +21,7 @@ from .fsutil import (IMAGE_SUFFIXES, atomic_write_bytes, fsync_dir, image_relpat
                      safe_join)
 
 POSTS_FILE = "posts.jsonl"
+POSTS_LOCK = ".scrape.lock"  # the name README documents; --import takes it too
 CATEGORIES = ("general", "character", "copyright", "artist", "meta")
 RATINGS = {"g": "g", "general": "g", "s": "s", "sensitive": "s", "q": "q", "questionable": "q",
            "e": "e", "explicit": "e"}
@@ -43,6 +44,14 @@ class PostsRead:
 
 def posts_path(data_dir: str | os.PathLike) -> Path:
     return Path(data_dir) / POSTS_FILE
+
+
+def posts_lock(data_dir: str | os.PathLike):
+    """The lock every command that appends to posts.jsonl holds (--scrape, --import): one at a time."""
+    from .fsutil import lock_file
+
+    return lock_file(Path(data_dir) / POSTS_LOCK, f"{data_dir}: another --scrape or --import is writing into "
+                                                  "this data directory; wait for it to finish or stop it first")
 
 
 def normalize_tag(tag: str) -> str:
@@ -273,9 +282,6 @@ def import_folder(src: str | os.PathLike, data_dir: str | os.PathLike, mode: str
     """Turn a folder into a dataset: class sub-folders become tags (``folders``), or images with
     same-named ``.txt`` captions of comma-separated tags (``captions``). Images are copied into
     ``DATA/images/<md5[:2]>/<md5>.<ext>``; posts already in the dataset (same md5) are not added again."""
-    from .imaging import identify
-    from .progress import bar, write_report
-
     src, data_dir = Path(src), Path(data_dir)
     if mode not in IMPORT_MODES:
         raise UsageError(f"--mode must be one of {', '.join(IMPORT_MODES)}")
@@ -284,6 +290,14 @@ def import_folder(src: str | os.PathLike, data_dir: str | os.PathLike, mode: str
     data_dir.mkdir(parents=True, exist_ok=True)
     if src.resolve() == data_dir.resolve() or data_dir.resolve() in src.resolve().parents:
         raise UsageError("the source folder must not be inside the data directory")
+    with posts_lock(data_dir):  # two imports (or an import and a scrape) would add the same posts twice
+        return _import_locked(src, data_dir, mode, workers, quiet)
+
+
+def _import_locked(src: Path, data_dir: Path, mode: str, workers: int, quiet: bool) -> ImportResult:
+    from .imaging import identify
+    from .progress import bar, write_report
+
     images = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     result = ImportResult(mode=_detect_mode(images, src) if mode == "auto" and images else mode)
     if mode == "auto" and not images:

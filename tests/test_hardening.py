@@ -82,3 +82,71 @@ def test_hostile_store_records_are_skipped_and_reported_not_decoded(tmp_path):
     assert got["images"] == got["train"]  # every real record read, none of the five hostile ones
     assert sorted(b["key"] for b in got["bad"]) == sorted(evil)
     assert "i100" in got["err"] and "plain numeric" in got["err"]
+
+
+# 2. --build --rebuild deleted the store before taking its lock ------------------------------------------------
+
+
+def test_rebuild_refuses_while_another_process_reads_the_store_then_swaps_atomically(tmp_path):
+    data = small_store(tmp_path)
+    with Store(data) as s:
+        before = {k: s.get(k)["labels"] for k in s.ids()}
+    reader = subprocess.Popen(  # a second real process holding the store open, as --train does
+        [sys.executable, "-c", f"import sys; from alt_i2v.store import Store; s = Store({str(data)!r}); "
+                               "print('open', flush=True); sys.stdin.read(); print(len(s.ids()))"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert reader.stdout.readline().strip() == "open"
+        busy = run_cli("--build", "--rebuild", "--data", str(data), "--image-size", "16", "--workers", "1",
+                       "--quiet")
+        assert busy.returncode == 1 and "in use by another process" in busy.stderr, busy.stderr
+        out, _ = reader.communicate("", timeout=60)  # the reader still reads every record: nothing was removed
+    finally:
+        reader.kill() if reader.poll() is None else None
+    assert reader.returncode == 0 and int(out.split()[-1]) == len(before)
+    done = run_cli("--build", "--rebuild", "--data", str(data), "--image-size", "16", "--workers", "1", "--quiet")
+    assert done.returncode == 0, done.stderr
+    with Store(data) as s:
+        assert {k: s.get(k)["labels"] for k in s.ids()} == before and s.count() == len(before)
+    assert sorted(p.name for p in data.iterdir() if "store" in p.name) == [".store.lock", "store"]
+
+
+def test_rebuild_killed_before_its_swap_is_completed_by_the_next_build(tmp_path):
+    from alt_i2v.store import _finish_swap
+
+    data = small_store(tmp_path)
+    store = data / STORE_DIR
+    store.rename(data / ".store.old")  # killed between the two renames: the new store is still beside it
+    build_store(data, image_size=16, workers=1, rebuild=True, quiet=True)  # builds .store.rebuild, swaps
+    assert (store / "CURRENT").exists() and not (data / ".store.old").exists()
+    (data / ".store.old").mkdir()
+    _finish_swap(store)
+    assert not (data / ".store.old").exists() and (store / "CURRENT").exists()
+
+
+# 6. --build with posts.jsonl missing wiped the store ---------------------------------------------------------
+
+
+def test_build_without_posts_is_an_error_and_a_large_prune_needs_the_flag(tmp_path):
+    data = small_store(tmp_path, n=20)
+    posts = data / "posts.jsonl"
+    lines = posts.read_text().splitlines(keepends=True)
+    posts.unlink()
+    gone = run_cli("--build", "--data", str(data), "--image-size", "16", "--workers", "1", "--quiet")
+    assert gone.returncode == 1 and "no posts" in gone.stderr, gone.stderr
+    posts.write_text("")
+    assert run_cli("--build", "--data", str(data), "--image-size", "16", "--quiet").returncode == 1
+    posts.write_text("not json\n")
+    assert run_cli("--build", "--data", str(data), "--image-size", "16", "--quiet").returncode == 1
+    posts.write_text("".join(lines[:10]))  # half the posts left: refused without --prune
+    half = run_cli("--build", "--data", str(data), "--image-size", "16", "--workers", "1", "--quiet")
+    assert half.returncode == 1 and "--prune" in half.stderr, half.stderr
+    with Store(data) as s:
+        assert s.count() == 20  # nothing was removed by any of the refused builds
+    posts.write_text("".join(lines[:18]))  # 10% gone: an ordinary build prunes it
+    assert build_store(data, image_size=16, workers=1, quiet=True).removed == 2
+    posts.write_text("".join(lines[:9]))
+    pruned = run_cli("--build", "--prune", "--data", str(data), "--image-size", "16", "--workers", "1", "--quiet")
+    assert pruned.returncode == 0, pruned.stderr
+    with Store(data) as s:
+        assert s.count() == 9
