@@ -12,6 +12,7 @@ import msgpack
 import numpy as np
 import pytest
 
+from alt_i2v.errors import AltI2VError
 from alt_i2v.store import STORE_DIR, Store, build_store, pack
 from alt_i2v.vocab import build_vocab
 from conftest import make_dataset
@@ -59,15 +60,13 @@ def test_hostile_store_records_are_skipped_and_reported_not_decoded(tmp_path):
     # a subprocess, so that a segfault shows up as a failed test rather than a dead pytest
     code = textwrap.dedent(f"""
         import json, sys
-        from alt_i2v.pipeline import StoreDataset
         from alt_i2v.store import Store
         from alt_i2v.errors import BadRecordError
-        with Store({str(data)!r}) as s:
-            ds = StoreDataset.from_split(s, "train", batch_size=8)
-            n = 0
-            for i in range(len(ds)):
-                x, y = ds[i]
-                assert x.shape[1:] == (16, 16, 3) and len(x) == len(y)
+        with Store({str(data)!r}) as s:  # what the training and evaluation pipeline reads, batch by batch
+            keys, n = s.ids("train"), 0
+            for i in range(0, len(keys), 8):
+                x, labels = s.get_batch(keys[i:i + 8])
+                assert x.shape[1:] == (16, 16, 3) and len(x) == len(labels)
                 n += len(x)
             try:
                 s.get("i100")
@@ -134,13 +133,13 @@ def test_build_without_posts_is_an_error_and_a_large_prune_needs_the_flag(tmp_pa
     posts.unlink()
     gone = run_cli("--build", "--data", str(data), "--image-size", "16", "--workers", "1", "--quiet")
     assert gone.returncode == 1 and "no posts" in gone.stderr, gone.stderr
-    posts.write_text("")
-    assert run_cli("--build", "--data", str(data), "--image-size", "16", "--quiet").returncode == 1
-    posts.write_text("not json\n")
-    assert run_cli("--build", "--data", str(data), "--image-size", "16", "--quiet").returncode == 1
+    for text in ("", "not json\n"):
+        posts.write_text(text)
+        with pytest.raises(AltI2VError, match="no posts|not one usable post"):
+            build_store(data, image_size=16, workers=1, quiet=True)
     posts.write_text("".join(lines[:10]))  # half the posts left: refused without --prune
-    half = run_cli("--build", "--data", str(data), "--image-size", "16", "--workers", "1", "--quiet")
-    assert half.returncode == 1 and "--prune" in half.stderr, half.stderr
+    with pytest.raises(AltI2VError, match="--prune"):
+        build_store(data, image_size=16, workers=1, quiet=True)
     with Store(data) as s:
         assert s.count() == 20  # nothing was removed by any of the refused builds
     posts.write_text("".join(lines[:18]))  # 10% gone: an ordinary build prunes it
@@ -150,3 +149,111 @@ def test_build_without_posts_is_an_error_and_a_large_prune_needs_the_flag(tmp_pa
     assert pruned.returncode == 0, pruned.stderr
     with Store(data) as s:
         assert s.count() == 9
+
+
+# 3-5. posts.jsonl lines that stopped every stage -------------------------------------------------------------
+
+
+def test_out_of_range_ids_are_skipped_and_reported_by_every_reader(tmp_path):
+    from alt_i2v.dataset import read_posts
+
+    data = tmp_path / "data"
+    make_dataset(data, n=12, seed=4, size=24)
+    good = json.loads((data / "posts.jsonl").read_text().splitlines()[0])
+    with open(data / "posts.jsonl", "a") as f:
+        for pid in (2 ** 64, -2 ** 63 - 1, 2 ** 63, "x" * 300):
+            f.write(json.dumps({**good, "id": pid}) + "\n")
+        f.write(json.dumps({**good, "id": "imported-1"}) + "\n")  # a string id is fine (imported data)
+    read = read_posts(data)
+    assert len(read.posts) == 13 and [e["line"] for e in read.errors] == [13, 14, 15, 16]
+    assert "64-bit" in read.errors[0]["detail"]
+    for args in (["--vocab"], ["--build", "--image-size", "16", "--workers", "1"]):
+        out = run_cli(*args, "--data", str(data), "--quiet")
+        assert out.returncode == 0, out.stderr
+    report = json.loads((data / "reports" / "build_report.json").read_text())
+    assert report["bad posts.jsonl lines"] == 4 and report["records per split"]
+
+
+def test_scraper_never_writes_an_id_outside_64_bits(tmp_path):
+    from fake_danbooru import FakeDanbooru, make_posts
+
+    from alt_i2v.dataset import PostsWriter, read_posts
+    from alt_i2v.scraper import scrape
+
+    posts = make_posts(4, extra_tags=["kc"])
+    posts[0].id = 2 ** 70
+    with FakeDanbooru(posts) as srv:
+        r = scrape(tmp_path / "d", "kc", base_url=srv.base_url, rate=200.0, backoff=0.01, quiet=True)
+    read = read_posts(tmp_path / "d")
+    assert r.stored == 3 and len(read.posts) == 3 and read.errors == []
+    assert any("64-bit" in n for n in r.notes)
+    with PostsWriter(tmp_path / "d") as w, pytest.raises(ValueError, match="64-bit"):
+        w.append({"id": 2 ** 64, "md5": "0" * 32, "file_ext": "png"})
+
+
+def test_a_deeply_nested_line_is_one_bad_line_for_every_stage(tmp_path):
+    data = tmp_path / "data"
+    make_dataset(data, n=10, seed=5, size=24)
+    with open(data / "posts.jsonl", "a") as f:
+        f.write("[" * 100_000 + "]" * 100_000 + "\n")
+    (tmp_path / "src" / "cat").mkdir(parents=True)
+    (tmp_path / "src" / "cat" / "a.png").write_bytes((data / json.loads(
+        (data / "posts.jsonl").read_text().splitlines()[0])["file"]).read_bytes())
+    for args in (["--vocab"], ["--build", "--image-size", "16", "--workers", "1"],
+                 ["--import", str(tmp_path / "src")]):
+        out = run_cli(*args, "--data", str(data), "--quiet")
+        assert out.returncode == 0, (args, out.stderr[-500:])
+    report = json.loads((data / "reports" / "build_report.json").read_text())
+    assert report["posts_jsonl_errors"][0]["reason"] == "malformed JSON"
+
+
+def test_torn_tail_repair_keeps_a_valid_last_line_and_reports_a_cut_one(tmp_path):
+    from alt_i2v.dataset import PostsWriter, read_posts
+
+    posts = tmp_path / "posts.jsonl"
+    one = {"id": 1, "md5": "0" * 32, "file_ext": "png"}
+    posts.write_text(json.dumps(one))  # a one-line file without its newline: a valid post
+    with PostsWriter(tmp_path) as w:
+        assert w.repaired == 0 and w.removed_tail == b""
+        w.append({**one, "id": 2})
+    assert [p["id"] for p in read_posts(tmp_path).posts] == [1, 2]
+    with open(posts, "a") as f:
+        f.write(json.dumps({**one, "id": 3}) + "\n" + json.dumps({**one, "id": 4}))  # valid, unterminated
+    with PostsWriter(tmp_path) as w:
+        assert w.repaired == 0
+    assert posts.read_bytes().endswith(b"\n")
+    assert [p["id"] for p in read_posts(tmp_path).posts] == [1, 2, 3, 4]
+    with open(posts, "a") as f:
+        f.write('{"id": 5, "md5": "00')  # cut short by a crash: removed, and said so
+    with pytest.warns(UserWarning, match="removed an unfinished last line"):
+        w = PostsWriter(tmp_path)
+    w.close()
+    assert w.removed_tail == b'{"id": 5, "md5": "00' and w.repaired == len(w.removed_tail)
+    assert [p["id"] for p in read_posts(tmp_path).posts] == [1, 2, 3, 4]
+
+
+# 7. The Basic-auth token leaked --------------------------------------------------------------------------------
+
+
+def test_every_form_of_the_credentials_is_scrubbed_from_messages_and_reports(tmp_path):
+    import base64
+    from urllib.parse import quote
+
+    from fake_danbooru import FakeDanbooru, make_posts
+
+    login, key = "alice", "K3y-s3cret"
+    token = base64.b64encode(f"{login}:{key}".encode()).decode()
+    forms = [login + ":" + key, key, token, quote(token, safe=""), quote("Basic " + token, safe="")]
+    posts = make_posts(3, extra_tags=["kc"])
+    with FakeDanbooru(posts, credentials=(login, key)) as srv:
+        srv.add_fault("echo_auth", "/posts.json", times=10)
+        env = {"DANBOORU_LOGIN": login, "DANBOORU_API_KEY": key, "PATH": "/usr/bin:/bin"}
+        out = run_cli("--scrape", "--data", str(tmp_path / "d"), "--query", "kc", "--base-url", srv.base_url,
+                      "--rate", "100", "--quiet", env={**__import__("os").environ, **env})
+    assert out.returncode == 1 and "http_400" in out.stderr and "Authorization" in out.stderr, out.stderr
+    texts = [out.stderr, out.stdout] + [f.read_text(errors="replace") for f in (tmp_path / "d").rglob("*")
+                                        if f.is_file()]
+    assert any("Authorization" in t for t in texts[2:])  # the report holds the (scrubbed) error
+    for t in texts:
+        for form in forms:
+            assert form not in t, (form, t[:300])
