@@ -63,6 +63,21 @@ ACTION_OPTIONS: dict[str, set[str]] = {
 COMMON = {"quiet", "debug"}
 
 
+def _count(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``least`` (anything else is a usage error, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     lines = [f"  --{a.replace('_src', '').replace('_', '-'):9s} {h}\n  {'':9s}   e.g. {ex}"
              for a, (h, ex) in ACTIONS.items()]
@@ -90,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("common")
     g.add_argument("--data", metavar="DIR", help="dataset directory (posts.jsonl, images/, vocab.json, store/)")
     g.add_argument("--model", metavar="DIR", help="model directory")
-    g.add_argument("--workers", type=int, metavar="N", help="parallel workers (default: scrape 4, others cores)")
-    g.add_argument("--batch-size", type=int, metavar="N", help="batch size (train default 32, predict 64)")
+    g.add_argument("--workers", type=_count(0), metavar="N",
+                   help="parallel workers (default: scrape 4, others cores)")
+    g.add_argument("--batch-size", type=_count(1), metavar="N", help="batch size (train default 32, predict 64)")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summaries")
     g.add_argument("--debug", action="store_true", help="show tracebacks of failures")
 
@@ -318,6 +334,11 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _again(action: str) -> str:
+    """How to pick up an interrupted command: training continues only with --resume."""
+    return "run the same command again with --resume" if action == "train" else "run the same command again"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m alt_i2v`` and ``alt-i2v``; returns the exit code."""
     try:
@@ -341,13 +362,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         if args.debug:
             raise
-        hint = (" (the disk is full: free space and run the same command again; finished work is kept)"
+        hint = (f" (the disk is full: free space and {_again(action)}; finished work is kept)"
                 if e.errno == errno.ENOSPC else "")
         print(f"alt-i2v: error: {e}{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("alt-i2v: interrupted; finished work is kept, run the same command again to resume",
-              file=sys.stderr)
+        print(f"alt-i2v: interrupted; finished work is kept, {_again(action)} to resume", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - last resort: a clear line, the traceback only on --debug
         if args.debug:

@@ -111,11 +111,27 @@ def thresholds_vector(thresholds: dict[str, Any] | float | None, names: Sequence
     return np.array([float(tags.get(n, g)) for n in names], dtype=np.float32)
 
 
+def check_thresholds(doc: Any, where: str) -> dict[str, Any]:
+    """``doc`` if it is a usable thresholds.json record: the global and every per-tag value a finite
+    number in [0, 1] (a NaN, -3 or Inf would silently tag everything or nothing), else AltI2VError."""
+    if not isinstance(doc, dict):
+        raise AltI2VError(f"{where}: not a thresholds record (a JSON object)")
+    tags = doc.get("tags") or {}
+    if not isinstance(tags, dict):
+        raise AltI2VError(f"{where}: 'tags' must map tag names to numbers")
+    values = [("global", doc.get("global", 0.5))] + [(f"tag {k!r}", v) for k, v in tags.items()]
+    for what, v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:  # NaN fails too
+            raise AltI2VError(f"{where}: the {what} threshold must be a number in [0, 1], got {v!r}; "
+                              "retrain or fix the file")
+    return doc
+
+
 def load_thresholds(model_dir: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(model_dir) / THRESHOLDS_FILE
     if not path.exists():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    return check_thresholds(json.loads(path.read_text(encoding="utf-8")), str(path))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -567,5 +583,5 @@ def _fmt(v: Any) -> str:
 
 
 __all__ = ["evaluate", "EvalResult", "calibrate_thresholds", "thresholds_vector", "load_thresholds",
-           "compute_metrics", "prf_at", "average_precision", "roc_auc", "predict_split", "most_wrong",
+           "check_thresholds", "compute_metrics", "prf_at", "average_precision", "roc_auc", "predict_split", "most_wrong",
            "is_single_label", "confusion", "THRESHOLDS_FILE"]

@@ -257,3 +257,111 @@ def test_every_form_of_the_credentials_is_scrubbed_from_messages_and_reports(tmp
     for t in texts:
         for form in forms:
             assert form not in t, (form, t[:300])
+
+
+# 8. The smaller ones -----------------------------------------------------------------------------------------
+
+
+def test_import_of_a_missing_folder_fails_and_writes_nothing(tmp_path):
+    out = run_cli("--import", str(tmp_path / "nonexistent"), "--data", str(tmp_path / "d"), "--quiet")
+    assert out.returncode == 1 and "not a folder" in out.stderr
+    assert not (tmp_path / "d" / "posts.jsonl").exists()
+
+
+@pytest.mark.parametrize("args", [["--pred", "x.png", "--model", "m", "--batch-size", "0"],
+                                  ["--build", "--data", "d", "--workers", "-1"],
+                                  ["--train", "--data", "d", "--model", "m", "--batch-size", "-4"]])
+def test_counts_below_their_least_value_are_usage_errors(args, capsys):
+    from alt_i2v.cli import main
+
+    assert main(args) == 2
+    assert "must be at least" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -3, float("inf"), "0.5", None])
+def test_per_tag_thresholds_are_validated_like_the_global_one(bad, built_data, tmp_path_factory):
+    import shutil
+
+    from _inference_model import trained_model
+
+    from alt_i2v.evaluate import load_thresholds
+    from alt_i2v.tagger import Tagger
+
+    model = tmp_path_factory.mktemp("thr") / "model"
+    shutil.copytree(trained_model(built_data, tmp_path_factory), model)
+    doc = json.loads((model / "thresholds.json").read_text())
+    doc["tags"][next(iter(doc["tags"]))] = bad
+    (model / "thresholds.json").write_text(json.dumps(doc))  # json writes NaN / Infinity literally
+    with pytest.raises(AltI2VError, match="threshold must be a number in"):
+        load_thresholds(model)
+    with pytest.raises(AltI2VError, match="threshold must be a number in"):
+        Tagger(model)
+
+
+def test_max_pixels_is_capped_per_call_and_pillow_limit_never_changes(tmp_path):
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from alt_i2v.errors import ImageLoadError
+    from alt_i2v.imaging import identify, load_image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    small = tmp_path / "small.png"
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(small)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")  # 400 Mpx declared, a few bytes sent
+    try:
+        assert load_image(small, 16, max_pixels=10 ** 30).shape == (16, 16, 3)  # config.json max_pixels: 1e30
+        assert Image.MAX_IMAGE_PIXELS == limit  # the process-wide guard is untouched
+        for call in (lambda: load_image(bomb, 16, max_pixels=10 ** 30), lambda: identify(bomb, 10 ** 30)):
+            with pytest.raises(ImageLoadError) as err:
+                call()
+            assert err.value.reason == "too_large"
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def test_import_takes_the_posts_lock_like_scrape(tmp_path):
+    import fcntl
+
+    from PIL import Image
+
+    src = tmp_path / "src" / "cat"
+    src.mkdir(parents=True)
+    Image.new("RGB", (12, 12), (200, 10, 10)).save(src / "a.png")
+    data = tmp_path / "d"
+    data.mkdir()
+    with open(data / ".scrape.lock", "a+") as lock:  # held here, as a running --scrape or --import holds it
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        busy = run_cli("--import", str(tmp_path / "src"), "--data", str(data), "--quiet")
+    assert busy.returncode == 1 and "another --scrape or --import" in busy.stderr, busy.stderr
+    assert not (data / "posts.jsonl").exists()
+    done = run_cli("--import", str(tmp_path / "src"), "--data", str(data), "--quiet")
+    assert done.returncode == 0 and len((data / "posts.jsonl").read_text().splitlines()) == 1
+
+
+def test_disk_full_and_interrupt_hints_name_resume_for_train(monkeypatch, capsys):
+    import errno
+
+    import alt_i2v.train
+    from alt_i2v.cli import main
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(alt_i2v.train, "train", full)
+    assert main(["--train", "--data", "d", "--model", "m"]) == 1
+    assert "run the same command again with --resume" in capsys.readouterr().err
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(alt_i2v.train, "train", interrupted)
+    assert main(["--train", "--data", "d", "--model", "m"]) == 1
+    assert "with --resume to resume" in capsys.readouterr().err
