@@ -9,7 +9,8 @@ and crop/zoom run on the accelerator (:mod:`alt_i2v.augment`): the host only rea
 
 Records are read by threads of this process (a one-shard store) or, with a :class:`ReaderPool`, by
 reader processes that own the shards of a sharded store and write into shared memory (LevelDB allows
-one process per database; threads stop scaling at the GIL). The order and the augmentation are
+one process per database; threads stop scaling at the GIL). A record that does not decode is noted in
+``store.bad`` and weighted 0. The order and the augmentation are
 functions of (seed, epoch, batch index), so a resumed run sees the same batches, whichever reads them.
 """
 
@@ -136,7 +137,9 @@ class StoreDataset(PyDataset):
             self._free.append(slot)
             self._fill()
         ok = np.ones(self.batch_size, bool)
-        ok[bad] = False
+        for pos, why in bad:  # noted here as if this process had read them
+            ok[pos] = False
+            self.store.bad[keys[pos]] = why
         return x, ok
 
     def _schedule(self, index: int, keys: list[bytes] | None = None) -> None:

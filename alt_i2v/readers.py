@@ -86,8 +86,9 @@ class ReaderPool:
             self._done[job] = []
         return job
 
-    def wait(self, job: int) -> list[int]:
-        """Block until every part of ``job`` is written; returns the positions that did not decode."""
+    def wait(self, job: int) -> list[tuple[int, str]]:
+        """Block until every part of ``job`` is written; returns ``(position, why)`` of the records that
+        did not decode."""
         with self._lock:
             while self._expect.get(job, 0) > 0:
                 kind, who, payload = self._get(READY_TIMEOUT)
@@ -158,7 +159,7 @@ class SharedBatches:
 def _reader_main(index: int, shard_paths: dict[int, str], tasks: Any, results: Any, parent: int) -> None:
     """A reader process: open its shards, then serve read requests until told to stop or orphaned."""
     try:
-        stores = {int(s): Store(p) for s, p in shard_paths.items()}
+        stores = {int(s): Store(p, lock=False) for s, p in shard_paths.items()}  # the parent holds the lock
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
         results.put(("error", index, f"{type(e).__name__}: {e}"))
         return
@@ -186,12 +187,12 @@ def _reader_main(index: int, shard_paths: dict[int, str], tasks: Any, results: A
                 shm = shared_memory.SharedMemory(name=name)  # spawn shares the parent's resource tracker
                 views[name] = (shm, np.ndarray(shape, np.uint8, buffer=shm.buf))
             out = views[name][1][slot]
-            bad: list[int] = []
+            bad: list[tuple[int, str]] = []
             try:
                 if count == 1:
                     store = next(iter(stores.values()))
                     ok = store.read_into(keys, out, at=positions)
-                    bad = [p for p, good in zip(positions, ok) if not good]
+                    bad = [(p, store.bad.pop(k, "")) for p, k, good in zip(positions, keys, ok) if not good]
                 else:
                     from .shards import shard_of
 
@@ -201,7 +202,8 @@ def _reader_main(index: int, shard_paths: dict[int, str], tasks: Any, results: A
                         groups.setdefault(shard_of(key, total), []).append(j)
                     for shard, js in groups.items():
                         ok = stores[shard].read_into([keys[j] for j in js], out, at=[positions[j] for j in js])
-                        bad += [positions[j] for j, good in zip(js, ok) if not good]
+                        bad += [(positions[j], stores[shard].bad.pop(keys[j], "")) for j, good in zip(js, ok)
+                                if not good]
             except KeyError as e:
                 results.put(("error", index, f"record {e} is not in the store (was it rebuilt while reading?)"))
                 return

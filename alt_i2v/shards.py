@@ -33,7 +33,7 @@ import numpy as np
 from .config import BuildConfig, resolve_workers
 from .errors import AltI2VError, StoreMismatchError, UsageError
 from .fsutil import atomic_write_json
-from .store import LAYOUT_FILE, SPLITS, Store, build_shard, check_meta, is_sharded
+from .store import LAYOUT_FILE, REC, SPLITS, Store, build_shard, check_meta, is_sharded, store_lock, store_path
 from .vocab import Vocab
 
 MAX_SHARDS = 4096
@@ -71,15 +71,20 @@ def read_layout(path: Path) -> dict[str, Any]:
     return layout
 
 
+def stored_shard_count(path: Path) -> int | None:
+    """How many shards the store at ``path`` has (None: no store there)."""
+    if is_sharded(path):
+        return int(read_layout(path)["shards"])
+    return 1 if (path / "CURRENT").exists() else None
+
+
 def check_shard_count(path: Path, shards: int | None) -> int:
     """The shard count a build of ``path`` uses: ``shards``, else the existing store's, else 1."""
-    if shards is not None and not (isinstance(shards, int) and 1 <= shards <= MAX_SHARDS):
+    if shards is not None and not (isinstance(shards, int) and not isinstance(shards, bool)
+                                   and 1 <= shards <= MAX_SHARDS):
         raise UsageError(f"--shards must be an integer in 1..{MAX_SHARDS}, got {shards!r}")
-    if is_sharded(path):
-        existing = int(read_layout(path)["shards"])
-    elif (path / "CURRENT").exists():
-        existing = 1
-    else:
+    existing = stored_shard_count(path)
+    if existing is None:
         return int(shards or 1)
     if shards is not None and shards != existing:
         raise UsageError(f"{path} holds {existing} shard(s), not {shards}; reshard by building it again: "
@@ -100,18 +105,23 @@ class ShardedStore(Store):
     """
 
     def __init__(self, path: str | os.PathLike, *, vocab: Vocab | None = None, image_size: int | None = None,
-                 resize: str | None = None):
-        from .store import store_path
+                 resize: str | None = None, lock: bool = True):
+        from contextlib import ExitStack
 
         self.path = store_path(path)
-        layout = read_layout(self.path)
-        self.num_shards = int(layout["shards"])
+        self.bad: dict[bytes, str] = {}  # shared with the shards: key -> why it did not decode
         self.stores: list[Store] = []
+        self._lock = ExitStack()
         try:
+            if lock:
+                self._lock.enter_context(store_lock(self.path, shared=True))
+            layout = read_layout(self.path)
+            self.num_shards = int(layout["shards"])
             for p in self.shard_paths():
                 if not p.is_dir():
                     raise AltI2VError(f"{p}: shard missing; the store is incomplete: run --build again")
-                self.stores.append(Store(p, vocab=vocab, image_size=image_size, resize=resize))
+                self.stores.append(Store(p, vocab=vocab, image_size=image_size, resize=resize, lock=False))
+                self.stores[-1].bad = self.bad
         except BaseException:
             self.close()
             raise
@@ -150,13 +160,17 @@ class ShardedStore(Store):
         n, s = len(keys), self.image_size
         if out is None or out.shape[0] < n:
             out = np.empty((n, s, s, 3), dtype=np.uint8)
-        labels: list = [None] * n
-        for store, pos in self._by_shard(keys):
-            x, lab = store.get_batch([keys[i] for i in pos])
-            out[pos] = x
-            for j, i in enumerate(pos):
-                labels[i] = lab[j]
-        return out[:n], labels
+        labels = []
+        for key in keys:
+            store = self.stores[self.shard_of(key)]
+            raw = store.db.get(REC + key)
+            if raw is None:
+                raise KeyError(key.decode(errors="replace"))
+            rec = store._decode(key, raw)
+            if rec is not None:
+                out[len(labels)] = rec["image"]
+                labels.append(rec["labels"])
+        return out[:len(labels)], labels
 
     def read_into(self, keys: Sequence[bytes], out: np.ndarray, at: Sequence[int] | None = None) -> np.ndarray:
         ok = np.ones(len(keys), bool)
@@ -165,9 +179,14 @@ class ShardedStore(Store):
                                                                       for pos_i in pos])
         return ok
 
+    def release(self) -> None:
+        for st in self.stores:
+            st.release()
+
     def close(self) -> None:
-        for st in getattr(self, "stores", []):
+        for st in self.stores:
             st.close()
+        self._lock.close()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -175,7 +194,8 @@ class ShardedStore(Store):
 
 
 def build_sharded(path: Path, want: dict, entries: Sequence[tuple], cfg: BuildConfig, data_dir: Path,
-                  shards: int, *, progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
+                  shards: int, *, prune: bool = False, progress: Callable[[int], Any] | None = None
+                  ) -> dict[str, Any]:
     """Write ``entries`` into ``shards`` LevelDB shards under ``path``, each by its own process (with
     ``ceil(workers / shards)`` decoding threads). Returns the summed counts and skipped posts."""
     layout = {**{k: v for k, v in want.items()}, "shards": shards}
@@ -200,7 +220,7 @@ def build_sharded(path: Path, want: dict, entries: Sequence[tuple], cfg: BuildCo
             shard_meta = {**want, "shard": i, "shards": shards}
             proc = ctx.Process(target=_shard_worker, name=f"alt-i2v-build-{shard_name(i, shards)}", daemon=True,
                                args=(i, str(path / shard_name(i, shards)), shard_meta, parts[i], cfg,
-                                     str(data_dir), threads, messages, os.getpid()))
+                                     str(data_dir), threads, prune, messages, os.getpid()))
             proc.start()
             procs.append(proc)
         done: set[int] = set()
@@ -237,7 +257,7 @@ def build_sharded(path: Path, want: dict, entries: Sequence[tuple], cfg: BuildCo
 
 
 def _shard_worker(index: int, path: str, want: dict, entries: list, cfg: BuildConfig, data_dir: str,
-                  threads: int, messages: Any, parent: int) -> None:
+                  threads: int, prune: bool, messages: Any, parent: int) -> None:
     """One shard's writer process: report progress in chunks; stop at once if the parent is gone (a
     killed build), which is safe between WriteBatches."""
     pending = [0]
@@ -251,7 +271,8 @@ def _shard_worker(index: int, path: str, want: dict, entries: list, cfg: BuildCo
             pending[0] = 0
 
     try:
-        stats = build_shard(Path(path), want, entries, cfg, Path(data_dir), threads=threads, progress=progress)
+        stats = build_shard(Path(path), want, entries, cfg, Path(data_dir), threads=threads, prune=prune,
+                            progress=progress)
         if pending[0]:
             messages.put(("progress", index, pending[0]))
         messages.put(("done", index, stats))
@@ -262,4 +283,4 @@ def _shard_worker(index: int, path: str, want: dict, entries: list, cfg: BuildCo
 
 
 __all__ = ["ShardedStore", "build_sharded", "shard_of", "shard_name", "shards_for_process", "read_layout",
-           "check_shard_count"]
+           "check_shard_count", "stored_shard_count"]

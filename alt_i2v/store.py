@@ -8,6 +8,8 @@ Keys (``id_key`` is ``i<int id>`` or ``s<str id>``)::
 
 Every WriteBatch carries records, their index entries and the updated meta counts together, so a build
 killed at any moment leaves a consistent store, and the next run only does what is missing.
+``--build --shards N`` writes N such LevelDBs under ``DATA/store`` instead (:mod:`alt_i2v.shards`);
+``Store(DATA)`` reads either layout.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import multiprocessing as mp
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -25,7 +28,7 @@ import msgpack_numpy
 import numpy as np
 
 from .config import BuildConfig, ImageConfig, resolve_workers
-from .errors import AltI2VError, ImageLoadError, StoreMismatchError
+from .errors import AltI2VError, BadRecordError, ImageLoadError, StoreMismatchError
 from .vocab import VOCAB_FILE, Vocab
 
 STORE_DIR = "store"
@@ -54,17 +57,60 @@ def pack(obj: Any) -> bytes:
 
 
 def unpack(data: bytes) -> Any:
-    """msgpack (+ msgpack-numpy arrays); object arrays are refused, nothing is ever unpickled."""
-    return msgpack.unpackb(data, object_hook=_decode_array, raw=False, strict_map_key=False)
+    """msgpack (+ msgpack-numpy arrays of plain numeric dtypes only); nothing is ever unpickled.
+
+    Anything else (object or structured dtypes, a shape that disagrees with the bytes, broken msgpack)
+    is a :class:`BadRecordError`, never a crash or a half-decoded array.
+    """
+    try:
+        return msgpack.unpackb(data, object_hook=_decode_array, raw=False, strict_map_key=False)
+    except BadRecordError:
+        raise
+    except (ValueError, TypeError, KeyError, msgpack.UnpackException) as e:
+        raise BadRecordError(f"undecodable msgpack ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+# The dtypes a store ever holds (images are uint8; counts and scalars are plain numbers). A dtype outside
+# this list, such as a structured one with an object field, would let the record's bytes become pointers.
+ALLOWED_DTYPES = frozenset(np.dtype(t).str for t in (
+    "|b1", "|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<u8", "<i8", "<f2", "<f4", "<f8",
+    ">u2", ">i2", ">u4", ">i4", ">u8", ">i8", ">f2", ">f4", ">f8"))
 
 
 def _decode_array(obj: dict) -> Any:
-    if b"nd" in obj or "nd" in obj:
-        kind = obj.get(b"kind", obj.get("kind", b""))
-        typ = obj.get(b"type", obj.get("type"))
-        if kind or (isinstance(typ, (bytes, str)) and "O" in (typ.decode() if isinstance(typ, bytes) else typ)):
-            raise AltI2VError("store record holds an object array; refusing to decode it")
-    return msgpack_numpy.decode(obj)
+    if b"nd" not in obj:
+        return obj
+    typ, kind, shape, data = obj.get(b"type"), obj.get(b"kind", b""), obj.get(b"shape", ()), obj.get(b"data")
+    typ = typ.decode("ascii", "replace") if isinstance(typ, bytes) else typ
+    if kind or not isinstance(typ, str) or typ not in ALLOWED_DTYPES or not isinstance(data, bytes):
+        raise BadRecordError(f"array of dtype {str(typ)[:60]} (kind {kind!r}) is not a plain numeric array; "
+                             "refusing to decode it")
+    dtype = np.dtype(typ)
+    if obj[b"nd"] is not True:
+        if len(data) != dtype.itemsize:
+            raise BadRecordError("numpy scalar with the wrong number of bytes")
+        return np.frombuffer(data, dtype=dtype)[0]
+    if not (isinstance(shape, (list, tuple)) and len(shape) <= 8
+            and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2 ** 31 for d in shape)):
+        raise BadRecordError(f"array shape {str(shape)[:60]} is not a list of sizes")
+    if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != len(data):
+        raise BadRecordError(f"array of shape {tuple(shape)} {typ} does not match its {len(data)} bytes")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def check_record(rec: Any, image_size: int, num_tags: int) -> dict:
+    """``rec`` if it is the record the store's meta promises (uint8 SxSx3 image, labels below num_tags),
+    else BadRecordError: a damaged or foreign record never reaches training as a wrong array."""
+    if not isinstance(rec, dict):
+        raise BadRecordError("record is not a map")
+    img, labels = rec.get("image"), rec.get("labels")
+    if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.shape != (image_size, image_size, 3):
+        what = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
+        raise BadRecordError(f"image is {what}, the store holds uint8 ({image_size}, {image_size}, 3)")
+    if not (isinstance(labels, list) and all(isinstance(x, int) and not isinstance(x, bool)
+                                             and 0 <= x < num_tags for x in labels)):
+        raise BadRecordError(f"labels are not tag indices below {num_tags}")
+    return rec
 
 
 def encode_record(pid: Any, image: np.ndarray, labels: Sequence[int], split: str) -> bytes:
@@ -95,8 +141,9 @@ class Store:
 
     ``vocab`` / ``image_size`` / ``resize`` given: a store built differently is a StoreMismatchError.
     A sharded store (``--build --shards N``) opens as a :class:`~alt_i2v.shards.ShardedStore`, which
-    reads the same way. The LevelDB is opened on first use; :meth:`release` closes it so another process
-    (a reader of :mod:`alt_i2v.readers`) may open it, and the next read here opens it again.
+    reads the same way. :meth:`release` closes the LevelDB so another process (a reader of
+    :mod:`alt_i2v.readers`) may open it; the next read here opens it again. ``lock=False`` is for the
+    shards of a sharded store, whose lock the ShardedStore holds.
     """
 
     num_shards = 1
@@ -109,31 +156,45 @@ class Store:
         return super().__new__(cls)
 
     def __init__(self, path: str | os.PathLike, *, vocab: Vocab | None = None, image_size: int | None = None,
-                 resize: str | None = None):
+                 resize: str | None = None, lock: bool = True):
         path = store_path(path)
         self.path = path
-        self._db = _open_db(path, create=False)
-        raw = self._db.get(META_KEY)
-        if raw is None:
-            self._db.close()
-            raise AltI2VError(f"{path}: store has no meta record (not an alt-i2v store, or never built)")
-        self.meta: dict = unpack(raw)
-        if self.meta.get("version", 0) > STORE_VERSION:
+        self.bad: dict[bytes, str] = {}  # records skipped as undecodable: key -> reason
+        if not (path / "CURRENT").is_file():
+            raise AltI2VError(f"{path}: no store here; run `python -m alt_i2v --build --data DIR` first")
+        self._lock = ExitStack()
+        if lock:
+            self._lock.enter_context(store_lock(path, shared=True))  # a build never swaps it away under us
+        self._db = None
+        try:
+            self._db = _open_db(path, create=False)
+            raw = self._db.get(META_KEY)
+            if raw is None:
+                raise AltI2VError(f"{path}: store has no meta record (not an alt-i2v store, or never built)")
+            try:
+                self.meta: dict = unpack(raw)
+            except BadRecordError as e:
+                raise AltI2VError(f"{path}: the store's meta record is damaged ({e}); run --build --rebuild") \
+                    from None
+            if self.meta.get("version", 0) > STORE_VERSION:
+                raise StoreMismatchError(f"{path}: store version {self.meta.get('version')} is newer than this "
+                                         "alt-i2v understands")
+            check_meta(self.meta, vocab=vocab, image_size=image_size, resize=resize, where=str(path))
+        except BaseException:
             self.close()
-            raise StoreMismatchError(f"{path}: store version {self.meta.get('version')} is newer than this "
-                                     "alt-i2v understands")
-        check_meta(self.meta, vocab=vocab, image_size=image_size, resize=resize, where=str(path))
+            raise
 
     @property
     def db(self):
         """The open LevelDB (opened again after :meth:`release`)."""
-        if self._db.closed:
+        if self._db is None or self._db.closed:
             self._db = _open_db(self.path, create=False)
         return self._db
 
     def release(self) -> None:
-        """Close the LevelDB files so another process can open them; reads here reopen them."""
-        self.close()
+        """Close the LevelDB files (not the lock) so another process can open them; reads reopen them."""
+        if self._db is not None and not self._db.closed:
+            self._db.close()
 
     def shard_of(self, key: bytes) -> int:
         """Which shard holds ``key`` (always 0 here)."""
@@ -195,45 +256,61 @@ class Store:
         raw = self.db.get(REC + key)
         if raw is None:
             raise KeyError(key.decode(errors="replace"))
-        return unpack(raw)
+        try:
+            return check_record(unpack(raw), self.image_size, self.num_tags)
+        except BadRecordError as e:
+            raise BadRecordError(f"{self.path}: record {key.decode(errors='replace')}: {e}") from None
+
+    def _decode(self, key: bytes, raw: bytes) -> dict | None:
+        """The checked record, or None after noting it in :attr:`bad` (a bad record costs one image)."""
+        try:
+            return check_record(unpack(raw), self.image_size, self.num_tags)
+        except BadRecordError as e:
+            self.bad[key] = str(e)
+            return None
+
+    def bad_report(self) -> list[dict]:
+        """The records skipped so far as undecodable, for summaries and reports."""
+        return [{"key": k.decode(errors="replace"), "reason": r} for k, r in sorted(self.bad.items())]
 
     def get_batch(self, keys: Sequence[bytes], out: np.ndarray | None = None
                   ) -> tuple[np.ndarray, list[list[int]]]:
-        """Images ``(N, H, W, 3)`` uint8 and label lists for ``keys``; ``out`` may be a reused buffer."""
+        """Images ``(N, H, W, 3)`` uint8 and label lists for ``keys``; ``out`` may be a reused buffer.
+
+        A record that fails to decode is left out (N is then smaller) and noted in :attr:`bad`."""
         n, s = len(keys), self.image_size
         if out is None or out.shape[0] < n:
             out = np.empty((n, s, s, 3), dtype=np.uint8)
         labels = []
         get = self.db.get
-        for i, key in enumerate(keys):
+        for key in keys:
             raw = get(REC + key)
             if raw is None:
                 raise KeyError(key.decode(errors="replace"))
-            rec = unpack(raw)
-            out[i] = rec["image"]
+            rec = self._decode(key, raw)
+            if rec is None:
+                continue
+            out[len(labels)] = rec["image"]
             labels.append(rec["labels"])
-        return out[:n], labels
+        return out[:len(labels)], labels
 
     def read_into(self, keys: Sequence[bytes], out: np.ndarray, at: Sequence[int] | None = None) -> np.ndarray:
         """Decode the images of ``keys`` into ``out[at[i]]`` (``out[i]`` without ``at``): a batch buffer,
-        possibly shared memory. Returns the mask of records that decoded; one that does not is zeroed
-        and costs only itself."""
+        possibly shared memory. Returns the mask of records that decoded; one that does not is zeroed,
+        noted in :attr:`bad` and costs only itself."""
         ok = np.ones(len(keys), bool)
         get = self.db.get
-        shape = (self.image_size, self.image_size, 3)
         for i, key in enumerate(keys):
             j = i if at is None else at[i]
             raw = get(REC + key)
             if raw is None:
                 raise KeyError(key.decode(errors="replace"))
-            try:
-                img = unpack(raw)["image"]
-                if img.shape != shape or img.dtype != np.uint8:
-                    raise ValueError(f"image is {img.dtype} {img.shape}")
-                out[j] = img
-            except (AltI2VError, ValueError, KeyError, TypeError, AttributeError):
+            rec = self._decode(key, raw)
+            if rec is None:
                 out[j] = 0
                 ok[i] = False
+            else:
+                out[j] = rec["image"]
         return ok
 
     def records(self, split: str | None = None) -> Iterator[dict]:
@@ -242,8 +319,8 @@ class Store:
             yield self.get(key)
 
     def close(self) -> None:
-        if not self._db.closed:
-            self._db.close()
+        self.release()
+        self._lock.close()
 
     def __enter__(self) -> "Store":
         return self
@@ -348,21 +425,37 @@ def _load(path: str, cfg: tuple) -> np.ndarray:
     return load_image(path, size, resize, max_pixels=max_pixels)
 
 
+PRUNE_SHARE = 0.2  # a build that would remove more than this share of the store stops unless prune=True
+
+
+def store_lock(path: Path, *, shared: bool):
+    """The store's advisory lock, ``DATA/.store.lock``: readers (train, evaluate, index) share it, a build
+    holds it alone. It is taken before the store is touched, so a build never removes or swaps a store
+    that another process has open, and a reader never opens one that is being swapped."""
+    from .fsutil import lock_file
+
+    busy = (f"{path}: a --build is writing this store now; wait for it to finish" if shared else
+            f"{path}: the store is in use by another process (--build, --train, --evaluate or --index); wait "
+            "for it to finish or stop it")
+    return lock_file(path.parent / f".{path.name}.lock", busy, shared=shared)
+
+
 def build_store(data_dir: str | os.PathLike, image_size: int = 150, resize: str = "pad", *,
                 workers: int = 0, max_pixels: int = ImageConfig.max_pixels, batch_size: int = 64,
                 val_fraction: float = 0.1, test_fraction: float = 0.1, rebuild: bool = False,
-                quiet: bool = False, shards: int | None = None) -> BuildResult:
+                prune: bool = False, quiet: bool = False, shards: int | None = None) -> BuildResult:
     """Decode, resize and store every post's image of ``DATA`` into ``DATA/store`` (resumable).
 
-    Posts already stored are skipped; records whose post left posts.jsonl are removed; every skipped
-    post is listed with its reason in ``DATA/reports/build_report.json``. ``shards`` > 1 writes that
-    many LevelDB shards, each by its own process (:mod:`alt_i2v.shards`); None keeps an existing
-    store's count (1, today's single LevelDB, for a new one).
+    Posts already stored are skipped; records whose post left posts.jsonl are removed (more than
+    ``PRUNE_SHARE`` of the store only with ``prune=True``); every skipped post is listed with its reason in
+    ``DATA/reports/build_report.json``. ``rebuild`` builds a new store beside the old one and swaps it in
+    with a rename once it is complete; the old one serves until then. ``shards`` > 1 writes that many
+    LevelDB shards, each by its own process (:mod:`alt_i2v.shards`); None keeps an existing store's count
+    (1, the single LevelDB, for a new one); a different count needs ``rebuild``.
     """
-    import shutil
+    from .shards import check_shard_count, stored_shard_count
 
-    from .dataset import PostsRead, id_key, iter_posts, post_image_path
-    from .progress import bar, write_report
+    from .progress import write_report
 
     cfg = BuildConfig(image_size=image_size, resize=resize, max_pixels=max_pixels, workers=workers,
                       batch_size=batch_size, val_fraction=val_fraction, test_fraction=test_fraction)
@@ -371,15 +464,73 @@ def build_store(data_dir: str | os.PathLike, image_size: int = 150, resize: str 
     if len(vocab) == 0:
         raise AltI2VError(f"{data_dir / VOCAB_FILE} is empty: no tag reached --min-count")
     path = data_dir / STORE_DIR
-    if rebuild and path.exists():
+    with store_lock(path, shared=False):
+        _finish_swap(path)
+        if rebuild:
+            fresh = path.with_name(f".{path.name}.rebuild")
+            nshards = int(shards or stored_shard_count(path) or 1)
+            if stored_shard_count(fresh) not in (None, nshards):
+                _rmtree(fresh)
+            try:  # a rebuild that was interrupted resumes where it stopped
+                result = _build(data_dir, fresh, cfg, vocab, prune=True, quiet=quiet, shards=nshards)
+            except StoreMismatchError:  # ... unless it was started with other settings
+                _rmtree(fresh)
+                result = _build(data_dir, fresh, cfg, vocab, prune=True, quiet=quiet, shards=nshards)
+            _swap_in(fresh, path)
+            result.path = path
+        else:
+            nshards = check_shard_count(path, shards)
+            result = _build(data_dir, path, cfg, vocab, prune=prune, quiet=quiet, shards=nshards)
+    write_report(data_dir, "build_report", {
+        **result.summary(), "shards": nshards, "config": cfg.get_config(), "skipped_posts": result.skipped,
+        "posts_jsonl_errors": result.posts_errors})
+    return result
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    if path.exists():
         shutil.rmtree(path)
+
+
+def _swap_in(fresh: Path, path: Path) -> None:
+    """Replace ``path`` by the complete store ``fresh``: two renames, and the old one removed last (a kill
+    at any point leaves either store whole; :func:`_finish_swap` completes the step on the next build)."""
+    from .fsutil import fsync_dir
+
+    old = path.with_name(f".{path.name}.old")
+    _rmtree(old)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(fresh, path)
+    fsync_dir(path.parent)
+    _rmtree(old)
+
+
+def _finish_swap(path: Path) -> None:
+    """Complete a swap that a kill interrupted: the renamed-away old store goes once the new one is in."""
+    old, fresh = path.with_name(f".{path.name}.old"), path.with_name(f".{path.name}.rebuild")
+    if old.exists():
+        if not path.exists():
+            os.replace(fresh if fresh.exists() else old, path)
+        _rmtree(old)
+
+
+def _build(data_dir: Path, path: Path, cfg: BuildConfig, vocab: Vocab, *, prune: bool, quiet: bool,
+           shards: int = 1) -> BuildResult:
+    """The build itself, into ``path`` (one LevelDB, or ``shards`` of them), under the caller's store lock."""
+    from .dataset import PostsRead, id_key, iter_posts, post_image_path, posts_path
+    from .progress import bar
+    from .shards import build_sharded
+
+    posts_file = posts_path(data_dir)
+    if not posts_file.is_file() or posts_file.stat().st_size == 0:
+        raise AltI2VError(f"{posts_file}: no posts; run --scrape or --import first (the store is left as it is)")
     t0 = time.perf_counter()
     want = {"version": STORE_VERSION, "image_size": cfg.image_size, "resize": cfg.resize,
             "vocab_sha256": vocab.sha256, "num_tags": len(vocab),
             "split": {"val": cfg.val_fraction, "test": cfg.test_fraction}}
-    from .shards import build_sharded, check_shard_count
-
-    nshards = check_shard_count(path, shards)
     result = BuildResult(path=path)
     read = PostsRead()
     entries = []  # (key, id, file, labels, split) of every post
@@ -390,27 +541,27 @@ def build_store(data_dir: str | os.PathLike, image_size: int = 150, resize: str 
         entries.append((id_key(post["id"]).encode(), post["id"], str(post_image_path(post, data_dir)), labels,
                         split_of(post["id"], cfg.val_fraction, cfg.test_fraction)))
     result.posts_errors, result.duplicates = read.errors, len(read.duplicates)
+    if not entries:
+        raise AltI2VError(f"{posts_file}: not one usable post in {read.lines} lines (see the bad lines in "
+                          "the build report); the store is left as it is")
     with bar(total=len(entries), desc="build", unit="img", quiet=quiet) as progress:
-        if nshards == 1:
+        if shards == 1:
             stats = build_shard(path, want, entries, cfg, data_dir, processes=resolve_workers(cfg.workers),
-                                progress=progress.update)
+                                prune=prune, progress=progress.update)
         else:
-            stats = build_sharded(path, want, entries, cfg, data_dir, nshards, progress=progress.update)
+            stats = build_sharded(path, want, entries, cfg, data_dir, shards, prune=prune, progress=progress.update)
     result.stored, result.already, result.removed = stats["stored"], stats["already"], stats["removed"]
     result.skipped, result.counts = stats["skipped"], stats["counts"]
     result.seconds = time.perf_counter() - t0
-    write_report(data_dir, "build_report", {
-        **result.summary(), "shards": nshards, "config": cfg.get_config(), "skipped_posts": result.skipped,
-        "posts_jsonl_errors": result.posts_errors})
     return result
 
 
 def build_shard(path: Path, want: dict, entries: Sequence[tuple], cfg: BuildConfig, data_dir: Path, *,
-                processes: int = 1, threads: int = 1, progress: Any = None) -> dict[str, Any]:
+                processes: int = 1, threads: int = 1, prune: bool = False, progress: Any = None) -> dict[str, Any]:
     """Write the records of ``entries`` (``(key, id, file, labels, split)``) into the one LevelDB at
-    ``path``: skip those stored, remove stored ones not in ``entries``, decode the rest on ``processes``
-    (a pool) or ``threads`` and commit them with the meta counts in WriteBatches. ``progress(n)`` is
-    called as posts are done. Returns the counts and the skipped posts."""
+    ``path``: skip those stored, remove stored ones not in ``entries`` (see :func:`_prune`), decode the
+    rest on ``processes`` (a pool) or ``threads`` and commit them with the meta counts in WriteBatches.
+    ``progress(n)`` is called as posts are done. Returns the counts and the skipped posts."""
     import plyvel
 
     db = _open_db(path, create=True)
@@ -424,7 +575,8 @@ def build_shard(path: Path, want: dict, entries: Sequence[tuple], cfg: BuildConf
             meta = unpack(raw)
             check_meta(meta, image_size=cfg.image_size, resize=cfg.resize, where=str(path))
             if meta.get("vocab_sha256") != want["vocab_sha256"]:
-                raise StoreMismatchError(f"{path}: built with another vocabulary; rebuild it (`--build --rebuild`)")
+                raise StoreMismatchError(f"{path}: it was built with a different vocabulary ({meta.get('num_tags')} "
+                                         f"tags, not {want['num_tags']}); rebuild it (`--build --rebuild`)")
             if meta.get("split") != want["split"]:
                 raise StoreMismatchError(f"{path}: built with split fractions {meta.get('split')}, not "
                                          f"{want['split']}; rebuild it (`--build --rebuild`)")
@@ -435,7 +587,7 @@ def build_shard(path: Path, want: dict, entries: Sequence[tuple], cfg: BuildConf
             progress(stats["already"])
         info = {t[0]: t[1:5] for t in tasks}  # key -> (id, file, labels, split)
         counts = dict(meta.get("counts", {}))
-        stats["removed"] = _prune(db, {e[0] for e in entries}, counts, meta)
+        stats["removed"] = _prune(db, {e[0] for e in entries}, counts, meta, allow_all=prune)
 
         pool = threads_pool = None
         try:
@@ -491,15 +643,21 @@ def _commit(batch, meta: dict, counts: dict) -> None:
     batch.write()
 
 
-def _prune(db, live: set, counts: dict, meta: dict) -> int:
-    """Remove records whose post is gone from posts.jsonl (the store mirrors the dataset)."""
-    stale = []
+def _prune(db, live: set, counts: dict, meta: dict, *, allow_all: bool) -> int:
+    """Remove records whose post is gone from posts.jsonl (the store mirrors the dataset); more than
+    ``PRUNE_SHARE`` of the store only when ``allow_all`` (a truncated posts.jsonl must not wipe it)."""
+    stale, total = [], 0
     for split in SPLITS:
         prefix = IDX + split.encode() + b"/"
         for k in db.iterator(prefix=prefix, include_value=False):
+            total += 1
             key = k[len(prefix):]
             if key not in live:
                 stale.append((split, key))
+    if stale and not allow_all and len(stale) > PRUNE_SHARE * total:
+        raise AltI2VError(f"{len(stale)} of the store's {total} records have no post in posts.jsonl any more "
+                          f"(more than {PRUNE_SHARE:.0%}); if posts were removed on purpose, run --build again "
+                          "with --prune to remove their records; otherwise restore posts.jsonl")
     if stale:
         wb = db.write_batch()
         for split, key in stale:
@@ -515,4 +673,4 @@ def open_store(path: str | os.PathLike, **kw: Any) -> Store:
 
 
 __all__ = ["Store", "open_store", "build_store", "BuildResult", "split_of", "multi_hot", "encode_record",
-           "pack", "unpack", "check_meta", "SPLITS"]
+           "pack", "unpack", "check_meta", "check_record", "SPLITS"]

@@ -33,13 +33,13 @@ from typing import Any
 import keras
 import numpy as np
 
+from .augment import tagger_of, training_model
 from .config import CONFIG_FILE, ImageConfig, ModelConfig, TrainConfig, resolve_workers
 from .errors import AltI2VError, UsageError
 from .evaluate import THRESHOLDS_FILE, calibrate_thresholds, predict_split, prf_at, thresholds_vector
 from .fsutil import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, remove_stale_temps
 from .model import (MODEL_FILE, build_model, count_params, embedding_dim, get_backbone, get_loss,
                     resolve_config)
-from .augment import tagger_of, training_model
 from .pipeline import EpochSetter, StoreDataset
 from .readers import ReaderPool
 from .store import Store
@@ -79,6 +79,7 @@ class TrainResult:
     thresholds: dict[str, Any] = field(default_factory=dict)
     precision_policy: str = "float32"
     seconds: float = 0.0
+    bad_records: list[dict] = field(default_factory=list)  # store records left out: they did not decode
 
     @property
     def epochs_completed(self) -> int:
@@ -116,6 +117,9 @@ class TrainResult:
         if steady:
             rows["train speed"] = (f"{np.median(steady):.1f} img/s steady (first epoch {ran[0]['img_per_s']:.1f} "
                                    "img/s with compiling)")
+        if self.bad_records:
+            rows["bad store records"] = (f"{len(self.bad_records)} left out (first: {self.bad_records[0]['key']}: "
+                                         f"{self.bad_records[0]['reason'][:80]}); run --build --rebuild")
         rows["seconds"] = round(self.seconds, 1)
         rows["files"] = "model.keras, config.json, vocab.json, thresholds.json, history.csv, curves.png"
         return rows
@@ -475,8 +479,10 @@ def train(data_dir: str | os.PathLike, model_dir: str | os.PathLike, *, resume: 
         elif int(mc.image_size) != store.image_size:
             raise AltI2VError(f"{model_dir} was trained on {mc.image_size}px images but the store now holds "
                               f"{store.image_size}px ones; rebuild the store at {mc.image_size}px to resume")
-        return _train(store, data_dir, model_dir, mc, tc, vocab, state if resumed else None, resumed, quiet,
-                      t_start)
+        result = _train(store, data_dir, model_dir, mc, tc, vocab, state if resumed else None, resumed, quiet,
+                        t_start)
+        result.bad_records = store.bad_report()
+        return result
     finally:
         store.close()
 

@@ -198,7 +198,7 @@ def test_build_killed_with_sigkill_resumes_to_a_complete_store(tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     store = data / "store"
-    while time.time() < deadline and not any(p.suffix == ".log" and p.stat().st_size > 300_000
+    while time.time() < deadline and not any(p.suffix == ".log" and p.stat().st_size > 1_000_000
                                              for p in store.glob("*")):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)

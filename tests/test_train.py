@@ -239,7 +239,7 @@ def traced(self, inputs):  # runs once per trace (jax.jit compiles one program p
     return call(self, inputs)
 Preprocess.call = traced
 from alt_i2v.train import train
-r = train(sys.argv[1], sys.argv[2], backbone="tiny", batch_size=48, epochs=3, workers=1, quiet=True)
+r = train(sys.argv[1], sys.argv[2], backbone="tiny", batch_size=48, epochs=2, workers=1, quiet=True)
 print(json.dumps({"shapes": shapes, "speed": r.summary()["train speed"], "history": r.history}))
 """
 
@@ -247,7 +247,7 @@ print(json.dumps({"shapes": shapes, "speed": r.summary()["train speed"], "histor
 @pytest.mark.slow
 def test_one_compiled_step_each_for_train_eval_and_predict_under_jax(built_data, tmp_path):
     """Every batch has one shape (the partial ones are padded and masked), so JAX compiles the train,
-    eval and predict steps once each over a 3-epoch run, and the summary reports the steady speed."""
+    eval and predict steps once each over a 2-epoch run, and the summary reports the steady speed."""
     env = {**os.environ, "KERAS_BACKEND": "jax"}
     done = subprocess.run([sys.executable, "-c", _TRACE_SCRIPT, str(built_data), str(tmp_path / "m")], env=env,
                           capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
