@@ -19,7 +19,6 @@ the header are a clear :class:`IndexFileError` naming the file and what to do.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -697,104 +696,88 @@ def _read_vectors(file: Path, entry: dict, shape: tuple, dtype: np.dtype, *, ver
 
 
 # -------------------------------------------------------------------------------------------------------------
-# Command line
+# Building an index from a model and images
 
 
-def _index_images_from_data(tagger: Any, data: Path, args: argparse.Namespace, bs: int
-                            ) -> tuple[np.ndarray, list, list[str], list[dict]]:
-    """Embeddings of a dataset: from its store when it matches the model's image settings (no decoding),
-    else from the image files through the same loader."""
+def embed_store(tagger: Any, data_dir: str | os.PathLike, *, quiet: bool = True, batch_size: int | None = None
+                ) -> tuple[np.ndarray, list, list[str]] | None:
+    """Embeddings of every stored image of a dataset, read from DATA/store without decoding:
+    ``(embeddings, post ids, image paths)``, or None when the store is missing or was built with other
+    image settings than the model's (its pixels would not be what the model expects)."""
     from .dataset import id_key, iter_posts, post_image_path
     from .progress import bar
     from .store import STORE_DIR, Store
 
+    data = Path(data_dir)
     cfg = tagger.image_config
-    store_ok = (data / STORE_DIR).is_dir()
-    if store_ok:
-        store = Store(data)
-        try:
-            if store.image_size == cfg.image_size and store.resize == cfg.resize:
-                by_key = {}
-                for post in iter_posts(data):
-                    by_key[id_key(post["id"]).encode()] = post
-                keys = [k for k in store.ids() if k in by_key]
-                embs, ids, paths = [], [], []
-                progress = bar(total=len(keys), desc="index", unit="img", quiet=args.quiet)
-                for s in range(0, len(keys), bs):
-                    part = keys[s:s + bs]
-                    images, _ = store.get_batch(part)
-                    embs.append(tagger.embed_arrays(images))
-                    for k in part:
-                        post = by_key[k]
-                        ids.append(post["id"])
-                        paths.append(str(post_image_path(post, data)))
-                    progress.update(len(part))
-                progress.close()
-                return (np.concatenate(embs) if embs else np.empty((0, tagger.embedding_dim), np.float32),
-                        ids, paths, [])
-        finally:
-            store.close()
-    posts = list(iter_posts(data))
-    files = [post_image_path(p, data) for p in posts]
-    emb, ok, failures = tagger.embed_files(files, quiet=args.quiet, desc="index")
-    ids = [posts[i]["id"] for i in ok]
-    return emb, ids, [str(files[i]) for i in ok], failures
+    if not (data / STORE_DIR).is_dir():
+        return None
+    bs = int(batch_size or tagger.batch_size)
+    with Store(data) as store:
+        if store.image_size != cfg.image_size or store.resize != cfg.resize:
+            return None
+        by_key = {id_key(post["id"]).encode(): post for post in iter_posts(data)}
+        keys = [k for k in store.ids() if k in by_key]
+        embs, ids, paths = [], [], []
+        with bar(total=len(keys), desc="index", unit="img", quiet=quiet) as progress:
+            for s in range(0, len(keys), bs):
+                part = keys[s:s + bs]
+                images, _ = store.get_batch(part)
+                embs.append(tagger.embed_arrays(images))
+                for k in part:
+                    ids.append(by_key[k]["id"])
+                    paths.append(str(post_image_path(by_key[k], data)))
+                progress.update(len(part))
+    return (np.concatenate(embs) if embs else np.empty((0, tagger.embedding_dim), np.float32)), ids, paths
 
 
-def run_index(args: argparse.Namespace) -> int:
-    """``--index --model DIR (--data DIR | --images DIR) --out INDEX [--approx]``."""
-    from .progress import summary
-    from .tagger import get_tagger, list_images
+def build_index(tagger: Any, *, data: str | os.PathLike | None = None, images: str | os.PathLike | None = None,
+                recursive: bool = False, approx: bool = False, quiet: bool = True
+                ) -> tuple["SimilarityIndex", list[dict]]:
+    """An index of a dataset (``data``: its store when it matches the model, else its image files) or of an
+    image folder (``images``), embedded by ``tagger``. Returns ``(index, failures)``, failures as
+    ``[{"file", "reason", "error"}]``; the index records the model and the source in ``info``."""
+    from .dataset import iter_posts, post_image_path
+    from .tagger import list_images
 
-    model = args.model
-    if not model:
-        raise UsageError("--index needs --model DIR (the model whose embeddings are indexed)")
-    if bool(args.data) == bool(args.images):
-        raise UsageError("--index needs exactly one of --data DIR (a dataset) or --images DIR (a folder)")
-    if not args.out:
-        raise UsageError("--index needs --out INDEX (a directory to create)")
-    if args.approx and not faiss_available():
-        raise UsageError("--approx needs faiss: pip install 'alt-i2v[faiss]'")
-    t0 = time.perf_counter()
-    tagger = get_tagger(model, batch_size=args.batch_size, workers=args.workers)
-    bs = tagger.batch_size
-    if args.data:
-        data = Path(args.data)
+    if (data is None) == (images is None):
+        raise UsageError("build an index from exactly one of a dataset directory or an image folder")
+    failures: list[dict] = []
+    if data is not None:
+        data = Path(data)
         if not data.is_dir():
             raise AltI2VError(f"{data}: no such dataset directory")
-        emb, ids, paths, failures = _index_images_from_data(tagger, data, args, bs)
+        found = embed_store(tagger, data, quiet=quiet)
+        if found is not None:
+            emb, ids, paths = found
+        else:
+            posts = list(iter_posts(data))
+            files = [post_image_path(p, data) for p in posts]
+            emb, ok, failures = tagger.embed_files(files, quiet=quiet, desc="index")
+            ids, paths = [posts[i]["id"] for i in ok], [str(files[i]) for i in ok]
         source = {"data": str(data.resolve())}
     else:
-        files = list_images([args.images], recursive=bool(args.recursive))
+        files = list_images([images], recursive=recursive)
         if not files:
-            raise AltI2VError(f"{args.images}: no images found" + ("" if args.recursive else
-                                                                  " (use --recursive for sub-folders)"))
-        emb, ok, failures = tagger.embed_files(files, quiet=args.quiet, desc="index")
+            raise AltI2VError(f"{images}: no images found" + ("" if recursive else " (use --recursive for sub-folders)"))
+        emb, ok, failures = tagger.embed_files(files, quiet=quiet, desc="index")
         paths = [str(Path(files[i]).resolve()) for i in ok]
         ids = list(paths)
-        source = {"images": str(Path(args.images).resolve())}
-    for f in failures:
-        print(f"alt-i2v: skipped {f['error']}", file=sys.stderr)
+        source = {"images": str(Path(images).resolve())}
     if len(emb) == 0:
         raise AltI2VError("no image could be embedded; nothing to index")
     info = {"model": tagger.identity(), "source": source}
-    index = SimilarityIndex.build(emb, ids, paths=paths, info=info, approx=bool(args.approx))
-    out = index.save(args.out)
-    summary("index", {"index": str(out), "images": len(index), "failed": len(failures), "dim": index.dim,
-                      "approximate": index.approx_params or "no (exact search)",
-                      "seconds": round(time.perf_counter() - t0, 1)}, quiet=args.quiet)
-    return 1 if failures else 0
+    return SimilarityIndex.build(emb, ids, paths=paths, info=info, approx=approx), failures
 
 
-def run_similar(args: argparse.Namespace) -> int:
-    """``--similar FILE --index INDEX [--top-k 10] [--model DIR]``: nearest images with cosine scores."""
+def open_index(index_path: str | os.PathLike, model: str | os.PathLike | None = None) -> tuple["SimilarityIndex", Any]:
+    """An index and the Tagger that embeds its queries: ``model`` or the model the index records, checked
+    to be the very model (weights fingerprint, embedding size) the index was built with."""
     from .tagger import get_tagger
 
-    if not args.index:
-        raise UsageError("--similar needs --index INDEX (made by --index)")
-    index = SimilarityIndex.load(args.index)
+    index = SimilarityIndex.load(index_path)
     model_info = index.info.get("model") or {}
-    model = args.model or model_info.get("path")
+    model = model or model_info.get("path")
     if not model:
         raise UsageError("the index does not name its model; give --model DIR")
     if not Path(model).exists():
@@ -803,25 +786,12 @@ def run_similar(args: argparse.Namespace) -> int:
     ident = tagger.identity()
     if model_info and (ident.get("fingerprint") != model_info.get("fingerprint")
                        or ident.get("embedding_dim") != index.dim):
-        raise IndexFileError(f"{args.index} was built with a different model ({model_info.get('path')}); its "
+        raise IndexFileError(f"{index_path} was built with a different model ({model_info.get('path')}); its "
                              "neighbours would be meaningless: give the right --model or rebuild the index")
     if tagger.embedding_dim != index.dim:
         raise IndexFileError(f"the model gives {tagger.embedding_dim}-d embeddings, the index holds {index.dim}-d")
-    query = tagger.embed(args.similar)
-    k = args.top_k or 10
-    scores, pos = index.search_positions(query[None, :], k)
-    print(f"nearest to {args.similar} ({len(index)} indexed, "
-          f"{'approximate' if index.has_approx else 'exact'} search, cosine):")
-    for rank, (s, p) in enumerate(zip(scores[0], pos[0]), 1):
-        if p < 0:
-            continue
-        ident_ = index.id_at(int(p))
-        path = index.path_at(int(p))
-        label = path if path is not None and str(ident_) == path else \
-            (f"{ident_}  {path}" if path is not None else str(ident_))
-        print(f"{rank:3d}  {s:.4f}  {label}")
-    return 0
+    return index, tagger
 
 
-__all__ = ["SimilarityIndex", "IndexFileError", "normalize_rows", "faiss_available", "run_index", "run_similar",
+__all__ = ["SimilarityIndex", "IndexFileError", "normalize_rows", "faiss_available", "build_index", "embed_store", "open_index",
            "INDEX_FORMAT", "INDEX_VERSION"]

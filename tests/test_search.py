@@ -217,10 +217,11 @@ def test_cli_index_and_similar(model_dir, gallery, tmp_path, capsys):
     capsys.readouterr()
     assert main(["--similar", str(originals[1]), "--index", str(out), "--top-k", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert "nearest to" in lines[0] and len(lines) == 4
-    rank, score, name = lines[1].split()
+    assert "nearest to" in lines[0] and len(lines) == 5
+    assert lines[1].split() == ["rank", "cosine", "file"]  # every column is labelled
+    rank, score, name = lines[2].split()
     assert rank == "1" and float(score) == pytest.approx(1.0, abs=1e-3) and Path(name).name == "img01.png"
-    assert Path(lines[2].split()[2]).name == "dup01.jpg"
+    assert Path(lines[3].split()[2]).name == "dup01.jpg"
 
 
 def test_cli_index_from_a_dataset_store(model_dir, built_data, tmp_path, capsys):
@@ -234,7 +235,9 @@ def test_cli_index_from_a_dataset_store(model_dir, built_data, tmp_path, capsys)
     query = post_image_path(posts[3], built_data)
     capsys.readouterr()
     assert main(["--similar", str(query), "--index", str(out), "--top-k", "2"]) == 0
-    first = capsys.readouterr().out.splitlines()[1].split()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["rank", "cosine", "id", "file"]  # post ids are labelled as such
+    first = lines[2].split()
     assert first[2] == str(posts[3]["id"]) and first[3] == str(query)
 
 

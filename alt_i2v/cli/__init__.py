@@ -1,5 +1,8 @@
 """Command line: one action flag per call, options after it; a thin layer over the library.
 
+All argument handling lives in this package (the library takes plain parameters): the parser and the
+data-stage handlers here, the handlers of a trained model in :mod:`.infer`.
+
 Nothing heavy is imported here: each handler imports its stage when it runs, so ``--help`` is instant.
 Exit codes: 0 ok, 1 failed, 2 usage error.
 """
@@ -13,8 +16,9 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-from . import __version__
-from .errors import AltI2VError, UsageError
+from .. import __version__
+from ..errors import AltI2VError, UsageError
+from .infer import cmd_embed, cmd_index, cmd_pred, cmd_similar
 
 ACTIONS: dict[str, tuple[str, str]] = {
     # dest: (help, example)
@@ -203,8 +207,8 @@ def cmd_scrape(args: argparse.Namespace) -> int:
     data = _need(args, "data", "scrape")
     if not args.query:
         raise UsageError("--scrape needs at least one --query")
-    from .progress import summary
-    from .scraper import scrape
+    from ..progress import summary
+    from ..scraper import scrape
 
     kw = {k: getattr(args, k) for k in ("limit", "base_url", "source", "rate", "workers", "file_size",
                                          "max_bytes", "login", "api_key") if getattr(args, k) is not None}
@@ -214,9 +218,9 @@ def cmd_scrape(args: argparse.Namespace) -> int:
 
 
 def cmd_import_src(args: argparse.Namespace) -> int:
-    from .config import resolve_workers
-    from .dataset import import_folder
-    from .progress import summary
+    from ..config import resolve_workers
+    from ..dataset import import_folder
+    from ..progress import summary
 
     data = _need(args, "data", "import")
     result = import_folder(args.import_src, data, mode=_opt(args, "mode", "auto"),
@@ -227,9 +231,9 @@ def cmd_import_src(args: argparse.Namespace) -> int:
 
 
 def cmd_vocab(args: argparse.Namespace) -> int:
-    from .config import DEFAULT_CATEGORIES
-    from .progress import summary
-    from .vocab import build_vocab
+    from ..config import DEFAULT_CATEGORIES
+    from ..progress import summary
+    from ..vocab import build_vocab
 
     data = _need(args, "data", "vocab")
     cats = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else DEFAULT_CATEGORIES
@@ -241,8 +245,8 @@ def cmd_vocab(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .progress import summary
-    from .store import build_store
+    from ..progress import summary
+    from ..store import build_store
 
     data = _need(args, "data", "build")
     kw = {k: getattr(args, k) for k in ("image_size", "resize", "workers", "max_pixels", "val_fraction",
@@ -254,8 +258,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .progress import summary
-    from .train import train
+    from ..progress import summary
+    from ..train import train
 
     data = _need(args, "data", "train")
     model = _need(args, "model", "train")
@@ -268,8 +272,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
-    from .progress import summary
+    from ..evaluate import evaluate
+    from ..progress import summary
 
     result = evaluate(_need(args, "data", "evaluate"), _need(args, "model", "evaluate"),
                       split=_opt(args, "split", "test"), batch_size=args.batch_size, quiet=args.quiet)
@@ -277,32 +281,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pred(args: argparse.Namespace) -> int:
-    from .tagger import run_pred
-
-    return run_pred(args)
-
-
-def cmd_embed(args: argparse.Namespace) -> int:
-    from .tagger import run_embed
-
-    return run_embed(args)
-
-
-def cmd_index(args: argparse.Namespace) -> int:
-    from .search import run_index
-
-    return run_index(args)
-
-
-def cmd_similar(args: argparse.Namespace) -> int:
-    from .search import run_similar
-
-    return run_similar(args)
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     run_demo(args.demo, quick=args.quick, quiet=args.quiet)
     return 0
