@@ -9,7 +9,6 @@ the previous batch is in the model; a bad image costs only its own result.
 from __future__ import annotations
 
 import json
-import math
 import os
 import threading
 import warnings
@@ -24,10 +23,10 @@ from .config import CONFIG_FILE, MODEL_FILE, THRESHOLDS_FILE, ImageConfig, resol
 from .errors import AltI2VError, ImageLoadError, UsageError
 from .fsutil import IMAGE_SUFFIXES, file_digest
 from .imaging import describe, load_image_config
+from .thresholds import DEFAULT_THRESHOLD, check_probability, parse_threshold, thresholds_vector
 from .vocab import Vocab
 
 DEFAULT_BATCH_SIZE = 64
-DEFAULT_THRESHOLD = 0.5  # only when a model directory has no thresholds.json
 
 
 class BatchImageError(AltI2VError):
@@ -79,42 +78,6 @@ def list_images(paths: Sequence[str | os.PathLike], recursive: bool = False) -> 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Thresholds
-
-
-def parse_threshold(text: Any) -> float | dict | None:
-    """``--threshold`` text: ``0.4`` or per category ``general=0.4,character=0.8`` (tag names work too)."""
-    if text is None or isinstance(text, (int, float, dict)):
-        return text
-    text = str(text).strip()
-    if "=" not in text:
-        try:
-            return float(text)
-        except ValueError:
-            raise UsageError(f"--threshold must be a number or 'category=value,...', got {text!r}") from None
-    out = {}
-    for part in text.split(","):
-        if not part.strip():
-            continue
-        key, sep, value = part.partition("=")
-        try:
-            out[key.strip()] = float(value)
-        except ValueError:
-            raise UsageError(f"--threshold: {part.strip()!r} is not 'name=number'") from None
-    return out
-
-
-def _check_prob(value: Any, what: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{what} must be a number in [0, 1], got {value!r}") from None
-    if not 0.0 <= v <= 1.0 or math.isnan(v):
-        raise UsageError(f"{what} must be in [0, 1], got {v}")
-    return v
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Tagger
 
 
@@ -162,12 +125,10 @@ class Tagger:
             warnings.warn(f"{self.model_dir}: no {THRESHOLDS_FILE} (training did not finish calibrating?); "
                           f"using {DEFAULT_THRESHOLD} for every tag", UserWarning, stacklevel=3)
             return np.full(len(self.vocab), DEFAULT_THRESHOLD, np.float32), DEFAULT_THRESHOLD, False
-        g = _check_prob(doc.get("global", DEFAULT_THRESHOLD), f"{THRESHOLDS_FILE} global")
+        g = check_probability(doc.get("global", DEFAULT_THRESHOLD), f"{THRESHOLDS_FILE} global")
         per_tag = doc.get("tags") or {}
         if not isinstance(per_tag, dict):
             raise AltI2VError(f"{self.model_dir / THRESHOLDS_FILE}: 'tags' must map tag names to numbers")
-        from .evaluate import thresholds_vector
-
         return thresholds_vector({"global": g, "tags": per_tag}, self.vocab.names), g, True
 
     @property
@@ -200,7 +161,7 @@ class Tagger:
         if threshold is None:
             return self.thresholds.copy()
         if not isinstance(threshold, dict):
-            return np.full(len(self.vocab), _check_prob(threshold, "threshold"), np.float32)
+            return np.full(len(self.vocab), check_probability(threshold, "threshold"), np.float32)
         out = self.thresholds.copy()
         cats = set(self.vocab.tag_categories) | set(self.vocab.categories)
         index = self.vocab.index
@@ -210,13 +171,13 @@ class Tagger:
                              f"({', '.join(sorted(cats))}), a tag of its vocabulary, nor 'default'")
         for key in ("default", "*"):
             if key in threshold:
-                out[:] = _check_prob(threshold[key], f"threshold {key}")
+                out[:] = check_probability(threshold[key], f"threshold {key}")
         for key, value in threshold.items():
             if key in cats:
-                out[self._categories == key] = _check_prob(value, f"threshold {key}")
+                out[self._categories == key] = check_probability(value, f"threshold {key}")
         for key, value in threshold.items():
             if key in index and key not in cats:
-                out[index[key]] = _check_prob(value, f"threshold {key}")
+                out[index[key]] = check_probability(value, f"threshold {key}")
         return out
 
     # ------------------------------------------------------------------------------------------ forward

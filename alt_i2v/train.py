@@ -33,14 +33,16 @@ from typing import Any
 import keras
 import numpy as np
 
-from .config import CONFIG_FILE, ImageConfig, ModelConfig, TrainConfig, resolve_workers
+from .config import CONFIG_FILE, THRESHOLDS_FILE, ImageConfig, ModelConfig, TrainConfig, resolve_workers
 from .errors import AltI2VError, UsageError
-from .evaluate import THRESHOLDS_FILE, calibrate_thresholds, predict_split, prf_at, thresholds_vector
+from .evaluate import predict_split
 from .fsutil import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, remove_stale_temps
+from .metrics import prf_at
 from .model import (MODEL_FILE, build_model, count_params, embedding_dim, get_backbone, get_loss,
                     resolve_config)
 from .pipeline import EpochSetter, StoreDataset
 from .store import Store
+from .thresholds import calibrate_thresholds, thresholds_vector
 from .vocab import VOCAB_FILE, Vocab
 
 CONFIG_VERSION = 1

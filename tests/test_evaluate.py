@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alt_i2v.evaluate import (average_precision, calibrate_thresholds, compute_metrics, confusion,
-                              is_single_label, most_wrong, prf_at, roc_auc, thresholds_vector)
+from alt_i2v.metrics import (average_precision, compute_metrics, confusion, is_single_label, most_wrong, prf_at,
+                             roc_auc)
+from alt_i2v.thresholds import calibrate_thresholds, thresholds_vector
 
 
 def test_auc_and_average_precision_match_hand_computed_values():
