@@ -18,10 +18,6 @@ from .errors import UsageError
 T = TypeVar("T", bound="JsonConfig")
 
 RESIZE_MODES = ("pad", "stretch", "crop")
-# The model directory's files (CONTRACTS section 4), named once for every stage that writes or reads them
-MODEL_FILE = "model.keras"
-CONFIG_FILE = "config.json"
-THRESHOLDS_FILE = "thresholds.json"
 DEFAULT_CATEGORIES = ("general", "character", "copyright")
 ALL_CATEGORIES = ("general", "character", "copyright", "artist", "meta", "rating")
 

@@ -19,8 +19,8 @@ from typing import Any, Iterable, Iterator
 from .errors import AltI2VError, ImageLoadError, UnsafePathError, UsageError
 from .fsutil import (IMAGE_SUFFIXES, atomic_write_bytes, fsync_dir, image_relpath, is_md5, normalize_ext,
                      safe_join)
+from .layout import IMAGES_DIR, DataDir
 
-POSTS_FILE = "posts.jsonl"
 CATEGORIES = ("general", "character", "copyright", "artist", "meta")
 RATINGS = {"g": "g", "general": "g", "s": "s", "sensitive": "s", "q": "q", "questionable": "q",
            "e": "e", "explicit": "e"}
@@ -42,7 +42,7 @@ class PostsRead:
 
 
 def posts_path(data_dir: str | os.PathLike) -> Path:
-    return Path(data_dir) / POSTS_FILE
+    return DataDir(data_dir).posts
 
 
 def normalize_tag(tag: str) -> str:
@@ -87,7 +87,7 @@ def validate_post(obj: Any, data_dir: str | os.PathLike) -> dict:
         if md5 is None or post.get("file_ext") is None:
             raise ValueError("no image: needs 'file' or 'md5' + 'file_ext'")
         rel = image_relpath(md5, post["file_ext"])
-    safe_join(data_dir, rel, inside="images")  # raises UnsafePathError
+    safe_join(data_dir, rel, inside=IMAGES_DIR)  # raises UnsafePathError
     post["file"] = rel
     tags = post.get("tags", {})
     if isinstance(tags, dict):
@@ -158,7 +158,7 @@ def id_key(pid: Any) -> str:
 
 def post_image_path(post: dict, data_dir: str | os.PathLike) -> Path:
     """Absolute path of a validated post's image (inside DATA/images, checked again)."""
-    return safe_join(data_dir, post["file"], inside="images")
+    return DataDir(data_dir).image_path(post["file"])
 
 
 class PostsWriter:

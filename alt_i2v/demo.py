@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import AltI2VError
 from .fsutil import atomic_write_bytes
+from .layout import DataDir, ModelDir
 
 DEMO_VERSION = 1
 MARKER = "demo_dataset.json"
@@ -293,7 +294,7 @@ def generate_demo_dataset(data_dir: str | os.PathLike, n_images: int = 3000, see
     leaves no half dataset. Returns the marker record (settings, counts of each tag, seconds).
     """
     from .config import resolve_workers
-    from .dataset import POSTS_FILE
+    from .layout import POSTS_FILE
     from .fsutil import atomic_write_json, atomic_write_text
     from .progress import bar
 
@@ -420,22 +421,11 @@ def _say(quiet: bool, text: str = "") -> None:
         print(text, flush=True)
 
 
-def _finished_model(model_dir: Path) -> bool:
-    """A completed training run: model.keras, thresholds.json and a config.json that says finished."""
-    cfg = model_dir / "config.json"
-    if not ((model_dir / "model.keras").exists() and (model_dir / "thresholds.json").exists() and cfg.exists()):
-        return False
-    try:
-        return bool(json.loads(cfg.read_text(encoding="utf-8")).get("finished"))
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-def _fresh_metrics(model_dir: Path) -> dict | None:
+def _fresh_metrics(model_dir: ModelDir) -> dict | None:
     """Test metrics of the current model.keras, if an earlier run already evaluated it."""
-    path = model_dir / "reports" / "metrics.json"
+    path = model_dir.reports / "metrics.json"
     try:
-        if path.stat().st_mtime < (model_dir / "model.keras").stat().st_mtime:
+        if path.stat().st_mtime < model_dir.model_file.stat().st_mtime:
             return None
         metrics = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
@@ -460,12 +450,13 @@ def run_demo(out_dir: str | os.PathLike = "alt-i2v-demo", *, quick: bool = False
     from .fsutil import atomic_write_json
     from .progress import summary
     from .store import build_store
-    from .vocab import VOCAB_FILE, Vocab, build_vocab
+    from .vocab import Vocab, build_vocab
 
     cfg = QUICK if quick else FULL
     t_start = time.perf_counter()
     out = Path(out_dir) / "quick" if quick else Path(out_dir)
     data, model_dir = out / "data", out / "model"
+    dd, md = DataDir(data), ModelDir(model_dir)
     result = DemoResult(out_dir=out, data_dir=data, model_dir=model_dir, quick=quick, min_micro_f1=cfg.min_micro_f1)
     _say(quiet, f"alt-i2v demo ({cfg.name}): {cfg.n_images} generated illustrations -> vocab -> store -> "
                 f"train (tiny CNN, {cfg.image_size}px) -> evaluate -> tags -> similar images, in {out}")
@@ -489,13 +480,13 @@ def run_demo(out_dir: str | os.PathLike = "alt-i2v-demo", *, quick: bool = False
 
     # 2. vocabulary
     t0 = time.perf_counter()
-    vocab_reused = (data / VOCAB_FILE).exists()
+    vocab_reused = dd.vocab.exists()
     vocab = Vocab.load(data) if vocab_reused else build_vocab(data)
     stage("vocab", t0, vocab_reused)
     cats: dict[str, int] = {}
     for c in vocab.tag_categories:
         cats[c] = cats.get(c, 0) + 1
-    summary("2/7 vocab", {"tags": len(vocab), "by category": cats, "written": str(data / VOCAB_FILE)}, quiet=quiet)
+    summary("2/7 vocab", {"tags": len(vocab), "by category": cats, "written": str(dd.vocab)}, quiet=quiet)
 
     # 3. store
     t0 = time.perf_counter()
@@ -509,18 +500,18 @@ def run_demo(out_dir: str | os.PathLike = "alt-i2v-demo", *, quick: bool = False
     from .train import train
 
     t0 = time.perf_counter()
-    if _finished_model(model_dir):
+    if md.is_finished():
         stage("train", t0, True)
         summary("4/7 train", {"model": f"{model_dir} (already trained; delete it to train again)"}, quiet=quiet)
     else:
-        resume = (model_dir / "config.json").exists()
+        resume = md.config_file.exists()
         trained = train(data, model_dir, resume=resume, quiet=quiet, **cfg.train)
         stage("train", t0)
         summary("4/7 train", trained.summary(), quiet=quiet)
 
     # 5. evaluation on the test split
     t0 = time.perf_counter()
-    metrics = _fresh_metrics(model_dir)
+    metrics = _fresh_metrics(md)
     if metrics is None:
         from .evaluate import evaluate
 
@@ -531,7 +522,7 @@ def run_demo(out_dir: str | os.PathLike = "alt-i2v-demo", *, quick: bool = False
     else:
         stage("evaluate", t0, True)
         summary("5/7 evaluate", {"test micro F1": metrics["micro_f1"], "macro F1": metrics.get("macro_f1"),
-                                 "mAP": metrics.get("map"), "report": str(model_dir / "reports" / "report.md"),
+                                 "mAP": metrics.get("map"), "report": str(md.reports / "report.md"),
                                  "note": "already evaluated"}, quiet=quiet)
     result.metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
 
@@ -565,10 +556,10 @@ def run_demo(out_dir: str | os.PathLike = "alt-i2v-demo", *, quick: bool = False
 
     result.seconds = time.perf_counter() - t_start
     result.paths = {
-        "posts": str(data / "posts.jsonl"), "vocab": str(data / VOCAB_FILE), "store": str(data / "store"),
-        "model": str(model_dir / "model.keras"), "thresholds": str(model_dir / "thresholds.json"),
-        "history": str(model_dir / "history.csv"), "curves": str(model_dir / "curves.png"),
-        "metrics": str(model_dir / "reports" / "metrics.json"), "report": str(model_dir / "reports" / "report.md"),
+        "posts": str(dd.posts), "vocab": str(dd.vocab), "store": str(dd.store),
+        "model": str(md.model_file), "thresholds": str(md.thresholds_file),
+        "history": str(md.history_file), "curves": str(md.curves_file),
+        "metrics": str(md.reports / "metrics.json"), "report": str(md.reports / "report.md"),
         "index": str(out / "similar.index"), "summary": str(out / "demo.json")}
     atomic_write_json(out / "demo.json", {**result.to_json(), "settings": {**asdict(cfg), "train": {
         k: list(v) if isinstance(v, tuple) else v for k, v in cfg.train.items()}}})

@@ -10,7 +10,6 @@ writes the report.
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import time
@@ -20,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from .config import THRESHOLDS_FILE
 from .errors import AltI2VError
+from .layout import ModelDir
 from .metrics import compute_metrics, confusion, is_single_label, most_wrong
-from .thresholds import read_thresholds, thresholds_vector
+from .thresholds import thresholds_vector
 
 METRICS_VERSION = 1
 
@@ -102,19 +101,9 @@ class EvalResult:
         if self.per_tag:
             best = sorted(self.per_tag, key=lambda r: -r["f1"])[:3]
             rows["best tags (F1)"] = ", ".join(f"{r['tag']} {r['f1']:.2f}" for r in best)
-        rows["report"] = str(self.model_dir / "reports" / "report.md")
+        rows["report"] = str(ModelDir(self.model_dir).reports / "report.md")
         rows["seconds"] = round(self.seconds, 1)
         return rows
-
-
-def _read_model_dir(model_dir: Path) -> tuple[dict, Any, dict | None]:
-    from .vocab import Vocab
-
-    cfg_path = model_dir / "config.json"
-    if not cfg_path.exists():
-        raise AltI2VError(f"{model_dir}: no config.json; is this a model directory written by --train?")
-    config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    return config, Vocab.load(model_dir / "vocab.json"), read_thresholds(model_dir / THRESHOLDS_FILE)
 
 
 def evaluate(data_dir: str | os.PathLike, model_dir: str | os.PathLike, split: str = "test", *,
@@ -129,12 +118,14 @@ def evaluate(data_dir: str | os.PathLike, model_dir: str | os.PathLike, split: s
     data_dir, model_dir = Path(data_dir), Path(model_dir)
     if split not in SPLITS:
         raise AltI2VError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    config, vocab, thresholds = _read_model_dir(model_dir)
-    image_size = int(config.get("image", {}).get("image_size") or config["model"]["image_size"])
+    saved = ModelDir(model_dir).read()
+    config, vocab, thresholds = saved.config, saved.vocab, saved.thresholds
+    image_size = saved.image.image_size
     model = load_model(model_dir)
     names = vocab.names
     thr = thresholds_vector(thresholds, names)
-    store = Store(data_dir, vocab=vocab, image_size=image_size)
+    # the store must hold the pixels the model was trained on: same vocabulary, size and resize mode
+    store = Store(data_dir, vocab=vocab, image_size=image_size, resize=saved.image.resize)
     try:
         if store.count(split) == 0:
             raise AltI2VError(f"the {split} split of {store.path} has no images; evaluate another --split")
@@ -169,7 +160,7 @@ def evaluate(data_dir: str | os.PathLike, model_dir: str | os.PathLike, split: s
     for w in wrong:
         w["file"] = files.get(str(w["id"]))
 
-    reports = model_dir / "reports"
+    reports = saved.dir.reports
     written = []
     record = {**metrics, "per_tag_best": by_f1[:top], "per_tag_worst": by_f1[::-1][:top],
               "most_wrong": wrong, "confusion_matrix": cm.tolist() if cm is not None and len(cm) <= 100 else None,

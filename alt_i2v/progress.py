@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .fsutil import atomic_write_json
+from .layout import DataDir
 
 
 def bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it",
@@ -39,6 +40,6 @@ def _fmt(v: Any) -> str:
 
 def write_report(data_dir: str | Path, name: str, report: Mapping[str, Any]) -> Path:
     """Atomically write ``DATA/reports/<name>.json`` and return its path."""
-    path = Path(data_dir) / "reports" / f"{name}.json"
+    path = DataDir(data_dir).report(name)
     payload = {"written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **report}
     return atomic_write_json(path, payload)

@@ -705,16 +705,16 @@ def embed_store(tagger: Any, data_dir: str | os.PathLike, *, quiet: bool = True,
     ``(embeddings, post ids, image paths)``, or None when the store is missing or was built with other
     image settings than the model's (its pixels would not be what the model expects)."""
     from .dataset import id_key, iter_posts, post_image_path
+    from .layout import DataDir, store_matches
     from .progress import bar
-    from .store import STORE_DIR, Store
+    from .store import Store
 
     data = Path(data_dir)
-    cfg = tagger.image_config
-    if not (data / STORE_DIR).is_dir():
+    if not DataDir(data).store.is_dir():
         return None
     bs = int(batch_size or tagger.batch_size)
     with Store(data) as store:
-        if store.image_size != cfg.image_size or store.resize != cfg.resize:
+        if not store_matches(tagger.image_config, store):
             return None
         by_key = {id_key(post["id"]).encode(): post for post in iter_posts(data)}
         keys = [k for k in store.ids() if k in by_key]
@@ -773,6 +773,7 @@ def build_index(tagger: Any, *, data: str | os.PathLike | None = None, images: s
 def open_index(index_path: str | os.PathLike, model: str | os.PathLike | None = None) -> tuple["SimilarityIndex", Any]:
     """An index and the Tagger that embeds its queries: ``model`` or the model the index records, checked
     to be the very model (weights fingerprint, embedding size) the index was built with."""
+    from .layout import ModelDir
     from .tagger import get_tagger
 
     index = SimilarityIndex.load(index_path)
@@ -780,7 +781,7 @@ def open_index(index_path: str | os.PathLike, model: str | os.PathLike | None = 
     model = model or model_info.get("path")
     if not model:
         raise UsageError("the index does not name its model; give --model DIR")
-    if not Path(model).exists():
+    if not ModelDir(model).root.is_dir():
         raise AltI2VError(f"{model}: the model this index was built with is not there; give --model DIR")
     tagger = get_tagger(model)
     ident = tagger.identity()

@@ -26,9 +26,9 @@ import numpy as np
 
 from .config import BuildConfig, ImageConfig, resolve_workers
 from .errors import AltI2VError, ImageLoadError, StoreMismatchError
+from .layout import STORE_DIR
 from .vocab import VOCAB_FILE, Vocab
 
-STORE_DIR = "store"
 STORE_VERSION = 1
 META_KEY = b"__meta__"
 REC = b"r/"

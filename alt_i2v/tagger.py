@@ -8,23 +8,22 @@ the previous batch is in the model; a bad image costs only its own result.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
-from .config import CONFIG_FILE, MODEL_FILE, THRESHOLDS_FILE, ImageConfig, resolve_workers
+from .config import resolve_workers
 from .errors import AltI2VError, ImageLoadError, UsageError
 from .fsutil import IMAGE_SUFFIXES, file_digest
 from .imaging import describe, load_image_config
+from .layout import ModelDir
 from .thresholds import DEFAULT_THRESHOLD, check_probability, parse_threshold, thresholds_vector
-from .vocab import Vocab
 
 DEFAULT_BATCH_SIZE = 64
 
@@ -84,24 +83,19 @@ def list_images(paths: Sequence[str | os.PathLike], recursive: bool = False) -> 
 class Tagger:
     """A model directory loaded once: ``.predict_tags(images)``, ``.embed(images)``, ``.vocab``.
 
-    Loads ``model.keras`` with safe_mode (no pickle, no lambdas), ``vocab.json``, ``config.json`` (image
-    settings) and ``thresholds.json`` (per-tag thresholds calibrated on the validation split).
+    Loads ``model.keras`` with safe_mode (no pickle, no lambdas), and through :class:`ModelDir` the
+    ``vocab.json``, ``config.json`` (image settings) and ``thresholds.json`` (per-tag thresholds calibrated
+    on the validation split).
     """
 
     def __init__(self, model_dir: str | os.PathLike, *, batch_size: int | None = None, workers: int | None = None):
         from .model import load_model
 
         self.model_dir = Path(model_dir)
-        if not self.model_dir.is_dir():
-            raise AltI2VError(f"{self.model_dir}: no such model directory; train one with "
-                              "`alt-i2v --train --data DIR --model DIR`")
-        self.config = _read_json(self.model_dir / CONFIG_FILE, "model configuration", required=True)
-        self.vocab = Vocab.load(self.model_dir)
-        want = self.config.get("vocab_sha256")
-        if want and want != self.vocab.sha256:
-            raise AltI2VError(f"{self.model_dir}: vocab.json does not match the one the model was trained with "
-                              "(sha256 differs); restore the model directory's own vocab.json")
-        self.image_config = _image_config(self.config)
+        self.files = ModelDir(model_dir).read()
+        self.config = self.files.config
+        self.vocab = self.files.vocab
+        self.image_config = self.files.image
         self.batch_size = int(batch_size or DEFAULT_BATCH_SIZE)
         if self.batch_size < 1:
             raise UsageError("--batch-size must be >= 1")
@@ -113,24 +107,15 @@ class Tagger:
                               "tags; the directory mixes files of different runs")
         self._names = np.asarray(self.vocab.names, dtype=object)
         self._categories = np.asarray(self.vocab.tag_categories, dtype=object)
-        self.thresholds, self.global_threshold, self.calibrated = self._load_thresholds()
+        thresholds = self.files.thresholds
+        self.calibrated = thresholds is not None
+        self.global_threshold = thresholds["global"] if thresholds else DEFAULT_THRESHOLD
+        self.thresholds = thresholds_vector(thresholds, self.vocab.names)
         self._embed_model = None
         self._lock = threading.Lock()
         self._fingerprint: str | None = None
 
     # ------------------------------------------------------------------------------------------ metadata
-    def _load_thresholds(self) -> tuple[np.ndarray, float, bool]:
-        doc = _read_json(self.model_dir / THRESHOLDS_FILE, "thresholds", required=False)
-        if doc is None:
-            warnings.warn(f"{self.model_dir}: no {THRESHOLDS_FILE} (training did not finish calibrating?); "
-                          f"using {DEFAULT_THRESHOLD} for every tag", UserWarning, stacklevel=3)
-            return np.full(len(self.vocab), DEFAULT_THRESHOLD, np.float32), DEFAULT_THRESHOLD, False
-        g = check_probability(doc.get("global", DEFAULT_THRESHOLD), f"{THRESHOLDS_FILE} global")
-        per_tag = doc.get("tags") or {}
-        if not isinstance(per_tag, dict):
-            raise AltI2VError(f"{self.model_dir / THRESHOLDS_FILE}: 'tags' must map tag names to numbers")
-        return thresholds_vector({"global": g, "tags": per_tag}, self.vocab.names), g, True
-
     @property
     def embedding_dim(self) -> int:
         from .model import embedding_dim
@@ -144,7 +129,7 @@ class Tagger:
     def fingerprint(self) -> str:
         """sha256 of model.keras: tells whether embeddings came from these exact weights."""
         if self._fingerprint is None:
-            self._fingerprint = file_digest(self.model_dir / MODEL_FILE)
+            self._fingerprint = file_digest(self.files.dir.model_file)
         return self._fingerprint
 
     def identity(self) -> dict[str, Any]:
@@ -353,29 +338,6 @@ def check_top_k(top_k: Any) -> int | None:
     return int(top_k)
 
 
-def _read_json(path: Path, what: str, *, required: bool) -> Any:
-    if not path.is_file():
-        if required:
-            raise AltI2VError(f"{path}: missing {what}; this is not a complete model directory (train one with "
-                              "--train, or finish an interrupted run with --train --resume)")
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AltI2VError(f"{path}: damaged {what} ({e})") from None
-
-
-def _image_config(config: Mapping[str, Any]) -> ImageConfig:
-    image = config.get("image")
-    if isinstance(image, dict) and image.get("image_size"):
-        return ImageConfig.from_config(image)
-    model = config.get("model") or {}
-    size = model.get("image_size") or config.get("image_size")
-    if not size:
-        raise AltI2VError("config.json records no image size; the model directory is incomplete")
-    return ImageConfig(image_size=int(size), resize=str(config.get("resize", "pad")))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Module-level one-liners, sharing the last loaded Tagger
 
@@ -396,7 +358,7 @@ def get_tagger(model: Any = None, *, batch_size: int | None = None, workers: int
             return cached
         path = Path(model)
         try:
-            stamp = (path / MODEL_FILE).stat().st_mtime_ns
+            stamp = ModelDir(path).model_file.stat().st_mtime_ns
         except OSError:
             stamp = None
         key = (str(path.resolve()), stamp)

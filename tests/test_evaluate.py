@@ -135,6 +135,15 @@ def test_evaluate_writes_metrics_report_and_plots(built_data, tmp_path):
     with pytest.raises(Exception, match="split"):
         evaluate(built_data, out, split="holdout", quiet=True)
 
+    # a model trained on padded pictures is not scored on a store of cropped ones (its pixels differ)
+    from alt_i2v.errors import StoreMismatchError
+
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["image"]["resize"] = "crop"
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(StoreMismatchError, match="resize mode"):
+        evaluate(built_data, out, split="test", quiet=True)
+
 
 def test_single_label_dataset_gets_top1_and_a_confusion_matrix(tmp_path):
     """Imported class folders: one tag per image."""

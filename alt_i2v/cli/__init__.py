@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import os
 import sys
 from typing import Any, Callable, Sequence
 
 from .. import __version__
 from ..errors import AltI2VError, UsageError
+from ..layout import DataDir
 from .infer import cmd_embed, cmd_index, cmd_pred, cmd_similar
 
 ACTIONS: dict[str, tuple[str, str]] = {
@@ -225,7 +225,7 @@ def cmd_import_src(args: argparse.Namespace) -> int:
     data = _need(args, "data", "import")
     result = import_folder(args.import_src, data, mode=_opt(args, "mode", "auto"),
                            workers=resolve_workers(args.workers) * 2, quiet=args.quiet)
-    summary("import", {**result.summary(), "report": os.path.join(data, "reports", "import_report.json")},
+    summary("import", {**result.summary(), "report": str(DataDir(data).report("import_report"))},
             quiet=args.quiet)
     return 0
 
@@ -240,7 +240,7 @@ def cmd_vocab(args: argparse.Namespace) -> int:
     vocab = build_vocab(data, size=_opt(args, "size", 4096), min_count=_opt(args, "min_count", 1), categories=cats)
     top = ", ".join(f"{t['name']} ({t['count']})" for t in vocab.tags[:8])
     summary("vocab", {"tags": len(vocab), "from posts": vocab.built_from, "categories": ",".join(vocab.categories),
-                      "most common": top or "-", "written": os.path.join(data, "vocab.json")}, quiet=args.quiet)
+                      "most common": top or "-", "written": str(DataDir(data).vocab)}, quiet=args.quiet)
     return 0
 
 
@@ -252,7 +252,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     kw = {k: getattr(args, k) for k in ("image_size", "resize", "workers", "max_pixels", "val_fraction",
                                          "test_fraction") if getattr(args, k) is not None}
     result = build_store(data, rebuild=args.rebuild, quiet=args.quiet, **kw)
-    summary("build", {**result.summary(), "report": os.path.join(data, "reports", "build_report.json")},
+    summary("build", {**result.summary(), "report": str(DataDir(data).report("build_report"))},
             quiet=args.quiet)
     return 0
 
