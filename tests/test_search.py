@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from _inference_model import near_duplicate, shapes, trained_model
-from alt_i2v import search
+from alt_i2v.search import files as search_files
+from alt_i2v.search import index as search_index
 from alt_i2v.cli import main
 from alt_i2v.search import IndexFileError, SimilarityIndex, faiss_available
 
@@ -33,7 +34,7 @@ def clustered(n: int, dim: int = 32, clusters: int = 20, seed: int = 0) -> np.nd
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_exact_search_matches_brute_force_across_chunks_and_blocks(dtype, monkeypatch):
-    monkeypatch.setattr(search, "_CHUNK_BYTES", 4096)  # many small chunks: exercises the running top-k
+    monkeypatch.setattr(search_index, "_CHUNK_BYTES", 4096)  # many small chunks: exercises the running top-k
     x = clustered(700, seed=1)
     q = clustered(9, seed=2)
     index = SimilarityIndex.build(x[:300], [f"a{i}" for i in range(300)], dtype=dtype)
@@ -149,7 +150,7 @@ def test_approximate_backend_recall_and_round_trip(tmp_path, monkeypatch):
     back.add(x[:1] * 3, [4000])  # positional ids continue; the approximate index grows too
     assert back.search(x[0] * 3, 2, approx=True)[0][1] == pytest.approx(1.0, abs=1e-4)
 
-    monkeypatch.setattr(search, "faiss_available", lambda: False)  # faiss gone: exact search, with a note
+    monkeypatch.setattr(search_files, "faiss_available", lambda: False)  # faiss gone: exact search, with a note
     plain = SimilarityIndex.load(path)
     assert not plain.has_approx and (plain.search_positions(q, 10)[1] == exact).all()
 
