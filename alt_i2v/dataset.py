@@ -7,7 +7,6 @@ repairs a line torn by a crash, writes whole lines and fsyncs, so a SIGKILL neve
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .errors import AltI2VError, ImageLoadError, UnsafePathError, UsageError
-from .fsutil import (IMAGE_SUFFIXES, atomic_write_bytes, fsync_dir, image_relpath, is_md5, normalize_ext,
+from .fsutil import (IMAGE_SUFFIXES, fsync_dir, image_relpath, is_md5, normalize_ext,
                      safe_join)
 from .layout import IMAGES_DIR, DataDir
 
@@ -238,9 +237,9 @@ class ImportResult:
     mode: str = ""
 
     def summary(self) -> dict[str, Any]:
-        reasons: dict[str, int] = {}
-        for s in self.skipped:
-            reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
+        from .progress import count_reasons
+
+        reasons = count_reasons(self.skipped)
         return {"mode": self.mode, "added": self.added, "already present": self.already_present,
                 "merged duplicates": self.merged_duplicates, "skipped": len(self.skipped),
                 "skip reasons": reasons}
@@ -313,13 +312,9 @@ def import_folder(src: str | os.PathLike, data_dir: str | os.PathLike, mode: str
             return path, None, {"path": rel, "reason": e.reason, "detail": str(e)}
         except OSError as e:
             return path, None, {"path": rel, "reason": "unreadable", "detail": str(e)}
-        md5 = hashlib.md5(data).hexdigest()
-        post = {"id": md5, "md5": md5, "file_ext": ext, "file": image_relpath(md5, ext),
+        md5, rel_file = DataDir(data_dir).save_image(data, ext)  # an identical file already there is kept
+        post = {"id": md5, "md5": md5, "file_ext": ext, "file": rel_file,
                 "tags": {"general": tags}, "width": w, "height": h, "source": "import", "original_path": rel}
-        if md5 not in existing:
-            target = data_dir / post["file"]
-            if not (target.exists() and target.stat().st_size == len(data)):
-                atomic_write_bytes(target, data)
         return path, post, None
 
     new_posts: dict[str, dict] = {}

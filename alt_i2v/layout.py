@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import ImageConfig
 from .errors import AltI2VError
-from .fsutil import atomic_write_bytes, image_relpath, safe_join
+from .fsutil import atomic_write_bytes, image_relpath, read_json_object, safe_join
 
 if TYPE_CHECKING:  # pragma: no cover
     from .vocab import Vocab
@@ -152,13 +151,7 @@ class ModelDir:
                 raise AltI2VError(f"{path}: missing model configuration; this is not a complete model directory "
                                   "(train one with --train, or finish an interrupted run with --train --resume)")
             return None
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise AltI2VError(f"{path}: damaged model configuration ({e})") from None
-        if not isinstance(config, dict):
-            raise AltI2VError(f"{path}: the model configuration must be a JSON object")
-        return config
+        return read_json_object(path, "model configuration")
 
     def image_config(self, config: dict[str, Any] | None = None) -> ImageConfig:
         """The image settings the model was trained with: ``config["image"]``; runs that predate it record

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -36,6 +37,11 @@ def _fmt(v: Any) -> str:
     if isinstance(v, Mapping):
         return ", ".join(f"{k}={_fmt(x)}" for k, x in v.items()) or "-"
     return str(v)
+
+
+def count_reasons(skipped: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """How many skipped items (dicts with a ``reason``) there are of each reason, by reason name."""
+    return dict(sorted(Counter(s["reason"] for s in skipped).items()))
 
 
 def write_report(data_dir: str | Path, name: str, report: Mapping[str, Any]) -> Path:

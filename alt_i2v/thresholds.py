@@ -7,7 +7,6 @@ what a threshold is.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import AltI2VError, UsageError
+from .fsutil import read_json_object
 from .metrics import f1_from_counts
 
 THRESHOLDS_VERSION = 1
@@ -114,12 +114,7 @@ def read_thresholds(path: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(path)
     if not path.is_file():
         return None
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AltI2VError(f"{path}: damaged thresholds ({e})") from None
-    if not isinstance(doc, dict):
-        raise AltI2VError(f"{path}: must be a JSON object with 'global' and 'tags'")
+    doc = read_json_object(path, "thresholds")
     tags = doc.get("tags") or {}
     if not isinstance(tags, dict):
         raise AltI2VError(f"{path}: 'tags' must map tag names to numbers")

@@ -5,7 +5,6 @@ similar, offline, printing what each stage did and reusing whatever an earlier r
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -271,10 +270,9 @@ def _similar(tagger: Any, data: Path, index_path: Path, posts: dict, test_ids: l
              quiet: bool, k: int = 5) -> tuple[dict[str, Any], bool]:
     """Index every stored image (or reuse the index of this model), query one test image, and measure
     how many tags the nearest neighbours of each test image share with it versus random pairs."""
-    from ..dataset import id_key, post_image_path
-    from ..progress import bar, summary
-    from ..search import SimilarityIndex
-    from ..store import Store
+    from ..dataset import post_image_path
+    from ..progress import summary
+    from ..search import SimilarityIndex, build_index
 
     index = None
     if index_path.exists():
@@ -286,19 +284,7 @@ def _similar(tagger: Any, data: Path, index_path: Path, posts: dict, test_ids: l
             index = None
     reused = index is not None
     if index is None:
-        with Store(data) as store:
-            keys = store.ids()
-            by_key = {id_key(pid).encode(): pid for pid in posts}
-            keys = [key for key in keys if key in by_key]
-            embs = []
-            for s in bar(range(0, len(keys), 256), total=math.ceil(len(keys) / 256), desc="index", unit="batch",
-                         quiet=quiet):
-                images, _ = store.get_batch(keys[s:s + 256])
-                embs.append(tagger.embed_arrays(images))
-        ids = [by_key[key] for key in keys]
-        index = SimilarityIndex.build(np.concatenate(embs), ids,
-                                      paths=[str(post_image_path(posts[i], data)) for i in ids],
-                                      info={"model": tagger.identity(), "source": {"data": str(data.resolve())}})
+        index, _ = build_index(tagger, data=data, quiet=quiet)  # from the store: no image is decoded again
         index.save(index_path)
 
     def tags(pid: Any) -> set:

@@ -6,7 +6,6 @@ copyright. Every tag is a function of what is drawn, so a model can learn all of
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AltI2VError
-from ..fsutil import atomic_write_bytes
+from ..layout import DataDir
 
 DEMO_VERSION = 1
 MARKER = "demo_dataset.json"
@@ -267,13 +266,8 @@ def _make_one(task: tuple) -> dict:
         img.save(buf, "JPEG", quality=92)
     else:
         img.save(buf, "PNG", compress_level=1)
-    data = buf.getvalue()
-    md5 = hashlib.md5(data).hexdigest()
     ext = "jpg" if as_jpeg else "png"
-    rel = f"images/{md5[:2]}/{md5}.{ext}"
-    path = Path(data_dir) / rel
-    if not (path.exists() and path.stat().st_size == len(data)):
-        atomic_write_bytes(path, data)
+    md5, rel = DataDir(data_dir).save_image(buf.getvalue(), ext)
     tags = {k: v for k, v in info["tags"].items() if v}
     return {"id": index + 1, "md5": md5, "file_ext": ext, "file": rel, "tags": tags, "rating": info["rating"],
             "score": int(index * 7919 % 50), "width": size, "height": size, "source": "alt-i2v-demo"}

@@ -13,11 +13,9 @@ import email.utils
 import hashlib
 import json
 import math
-import os
 import random
 import re
 import socket
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from requests.adapters import HTTPAdapter
 
 from .. import __version__
 from ..errors import AltI2VError, UsageError
+from ..fsutil import temp_path
 
 DEFAULT_BASE_URL = "https://danbooru.donmai.us"
 PROJECT_URL = "https://github.com/alt-i2v/alt-i2v"
@@ -373,16 +372,16 @@ class DanbooruClient:
 
         return self.fetch(self._abs(path_or_url), params, handle)
 
-    def download(self, url: str, directory: Path, *, prefix: str, expected_md5: str | None = None,
+    def download(self, url: str, target: Path, *, expected_md5: str | None = None,
                  max_bytes: int | None = None) -> Download:
-        """Stream ``url`` into a hidden ``<prefix><random>.part`` temp file in ``directory``, fsync'ed; with
-        ``expected_md5`` a mismatching file is fetched once more, then refused. The caller renames it."""
+        """Stream ``url`` into a hidden temp file beside ``target`` (fsutil.temp_path); with ``expected_md5``
+        a mismatching file is fetched once more, then refused. The caller commits it (fsutil.commit)."""
         def handle(resp: requests.Response) -> Download:
-            fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".part", dir=directory)
+            tmp = temp_path(target)
             digest = hashlib.md5()
             ok = False
             try:
-                with os.fdopen(fd, "wb") as f:
+                with open(tmp, "xb") as f:
                     def sink(chunk: bytes) -> None:
                         digest.update(chunk)
                         f.write(chunk)
@@ -390,8 +389,6 @@ class DanbooruClient:
                     md5 = digest.hexdigest()
                     if expected_md5 is not None and md5 != expected_md5:
                         raise _Retry("md5_mismatch", f"file md5 {md5} != {expected_md5}", limit=2)
-                    f.flush()
-                    os.fsync(f.fileno())
                 ok = True
                 return Download(Path(tmp), md5, size)
             finally:

@@ -23,8 +23,9 @@ from urllib.parse import urljoin, urlsplit
 
 from ..dataset import PostsWriter, id_key, iter_posts
 from ..errors import AltI2VError, ImageLoadError, UnsafePathError, UsageError
-from ..fsutil import file_digest, fsync_dir, image_relpath, is_md5, normalize_ext, remove_stale_temps
+from ..fsutil import commit, file_digest, fsync_dir, image_relpath, is_md5, normalize_ext, remove_stale_temps
 from ..layout import DataDir
+from ..progress import count_reasons
 from .danbooru import PAGE_SIZE, ListItem, PostInfo, _pages, parse_post_page, post_record
 from .http import DEFAULT_BASE_URL, DanbooruClient, FetchError, _unlink, check_url, normalize_base_url
 
@@ -66,10 +67,7 @@ class ScrapeResult:
     report_path: str = ""
 
     def skip_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for s in self.skipped:
-            counts[s["reason"]] = counts.get(s["reason"], 0) + 1
-        return dict(sorted(counts.items()))
+        return count_reasons(self.skipped)
 
     def summary(self) -> dict[str, Any]:
         rate = self.requests / self.elapsed if self.elapsed > 0 else 0.0
@@ -381,12 +379,11 @@ class _Scrape:
             if job.md5 is not None:
                 target = self.data_dir / image_relpath(job.md5, job.ext)
                 self._ensure_dir(target.parent)
-                got = self.client.download(job.url, target.parent, prefix=f".{target.name}.",
-                                           expected_md5=job.md5, max_bytes=self.max_bytes)
+                got = self.client.download(job.url, target, expected_md5=job.md5, max_bytes=self.max_bytes)
                 md5, ext = job.md5, job.ext
             else:
                 self._ensure_dir(self.images)
-                got = self.client.download(job.url, self.images, prefix=".sample.", max_bytes=self.max_bytes)
+                got = self.client.download(job.url, self.images / "sample", max_bytes=self.max_bytes)
                 try:
                     from ..imaging import identify
 
@@ -402,11 +399,10 @@ class _Scrape:
                 target = self.data_dir / image_relpath(md5, ext)
                 self._ensure_dir(target.parent)
             try:
-                os.replace(got.tmp, target)
+                commit(got.tmp, target)
             except OSError:
                 _unlink(got.tmp)
                 raise
-            fsync_dir(target.parent)
         except FetchError as e:
             if e.reason == "interrupted":
                 return _Outcome("interrupted", info.id)

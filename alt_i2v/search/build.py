@@ -74,7 +74,8 @@ def build_index(tagger: Any, *, data: str | os.PathLike | None = None, images: s
     else:
         files = list_images([images], recursive=recursive)
         if not files:
-            raise AltI2VError(f"{images}: no images found" + ("" if recursive else " (use --recursive for sub-folders)"))
+            raise AltI2VError(f"{images}: no images found" +
+                              ("" if recursive else " (use --recursive for sub-folders)"))
         emb, ok, failures = tagger.embed_files(files, quiet=quiet, desc="index")
         paths = [str(Path(files[i]).resolve()) for i in ok]
         ids = list(paths)

@@ -17,17 +17,15 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import AltI2VError, UsageError
-from ..fsutil import file_digest, fsync_dir
+from ..fsutil import atomic_dir, file_digest
 
 INDEX_FORMAT = "alt-i2v-similarity-index"
 INDEX_VERSION = 1
@@ -62,17 +60,14 @@ def _import_faiss():
 
 
 def save_index(index: Any, path: str | os.PathLike) -> Path:
-    """Write ``index`` as a directory atomically (a temp directory renamed into place)."""
+    """Write ``index`` as a directory atomically (fsutil.atomic_dir: a temp directory renamed into place)."""
     path = Path(path)
     if path.exists() and not (path / HEADER_FILE).is_file():
         if path.is_dir() and not any(path.iterdir()):
             path.rmdir()
         else:
             raise UsageError(f"{path} exists and is not an alt-i2v index; choose another --out path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(path) as tmp:
         files = {VECTORS_FILE: _write_vectors(index, tmp / VECTORS_FILE)}
         ids_doc = {"ids": index._ids, "paths": index._paths}
         files[IDS_FILE] = _write_file(tmp / IDS_FILE, json.dumps(ids_doc, ensure_ascii=False).encode())
@@ -85,18 +80,6 @@ def save_index(index: Any, path: str | os.PathLike) -> Path:
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files,
                   "approx": index.approx_params, "info": index.info}
         _write_file(tmp / HEADER_FILE, (json.dumps(header, indent=2, ensure_ascii=False) + "\n").encode())
-        fsync_dir(tmp)
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -117,14 +100,12 @@ def _write_vectors(index: Any, file: Path) -> dict:
                 f.write(mv)
                 h.update(mv)
                 size += mv.nbytes
-        f.flush()
-        os.fsync(f.fileno())
     return {"sha256": h.hexdigest(), "bytes": size}
 
 
 def load_index(cls: type, path: str | os.PathLike, *, verify: bool = True, mmap: bool = False) -> Any:
-    """Read an index directory into a ``cls`` (SimilarityIndex). ``verify`` checks every file's sha256 (one pass over the data);
-    ``mmap`` maps the vectors read-only instead of reading them into memory."""
+    """Read an index directory into a ``cls`` (SimilarityIndex). ``verify`` checks every file's sha256 (one
+    pass over the data); ``mmap`` maps the vectors read-only instead of reading them into memory."""
     path = Path(path)
     header_file = path / HEADER_FILE
     if not path.exists():
@@ -187,10 +168,9 @@ def load_index(cls: type, path: str | os.PathLike, *, verify: bool = True, mmap:
 
 
 def _write_file(file: Path, data: bytes | memoryview) -> dict:
+    """Write one file of a new index directory (made durable with it) and return its checksum entry."""
     with open(file, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": memoryview(data).nbytes}
 
 
