@@ -38,8 +38,11 @@ class JsonConfig:
         kwargs = {}
         for k, v in config.items():
             if k in names:
-                default = names[k].default
-                kwargs[k] = tuple(v) if isinstance(default, tuple) and isinstance(v, list) else v
+                f = names[k]
+                # JSON has no tuples: a list goes back to a tuple where the field holds one (by its default
+                # or its annotation, e.g. ``tuple | None``)
+                tuple_field = isinstance(f.default, tuple) or "tuple" in str(f.type)
+                kwargs[k] = tuple(v) if tuple_field and isinstance(v, list) else v
         return cls(**kwargs)
 
     def to_json(self) -> str:

@@ -49,6 +49,33 @@ def test_exact_search_matches_brute_force_across_chunks_and_blocks(dtype, monkey
     assert index.vectors().dtype == np.dtype(dtype)
 
 
+@pytest.mark.parametrize("signed", [False, True], ids=["relu", "signed"])
+def test_float16_kernel_equals_a_plain_float32_product(signed):
+    """The integer-widening float16 scan (threads and all) scores exactly what NumPy's own float16 ->
+    float32 conversion followed by a float32 matrix product scores, zeros and subnormals included."""
+    from alt_i2v.search.kernels import _F16_SCALE, _f16_topk, normalize_rows
+
+    rng = np.random.default_rng(5)
+    n, dim, k = 20_000, 48, 7  # more rows than one thread's span: the threaded path runs
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    x = x if signed else np.abs(x)
+    x[:50, :10] = 0.0  # exact zeros
+    x[50:60, 0] = 1e-6 * np.linalg.norm(x[50:60], axis=1)  # subnormal in float16 after normalising
+    block = normalize_rows(x).astype(np.float16)
+    q = normalize_rows(rng.standard_normal((5, dim)).astype(np.float32))
+
+    want = block.astype(np.float32) @ q.T  # (n, Q) the plain way
+    scores, pos = _f16_topk(block, np.ascontiguousarray(q.T * np.float32(_F16_SCALE)), k, 0, not signed)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    scores, pos = np.take_along_axis(scores, order, 1)[:, :k], np.take_along_axis(pos, order, 1)[:, :k]
+    np.testing.assert_allclose(scores, np.take_along_axis(want.T, pos, 1), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(scores, -np.sort(-want.T, axis=1)[:, :k], rtol=1e-6, atol=1e-7)
+
+    index = SimilarityIndex.build(block, dtype="float16")  # the same through the index
+    got, where = index.search_positions(q, k)
+    np.testing.assert_allclose(got, -np.sort(-want.T, axis=1)[:, :k], rtol=1e-6, atol=1e-7)
+
+
 def test_results_ids_scores_and_shapes():
     x = clustered(50, seed=3)
     index = SimilarityIndex.build(x, [f"img{i}" for i in range(50)])
