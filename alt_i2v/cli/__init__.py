@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
+import tempfile
 import sys
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 from .. import __version__
 from ..errors import AltI2VError, UsageError
@@ -65,6 +68,8 @@ ACTION_OPTIONS: dict[str, set[str]] = {
     "demo": {"quick"},
 }
 COMMON = {"quiet", "debug"}
+# Actions that load Keras (and, with the default backend, TensorFlow)
+KERAS_ACTIONS = {"train", "evaluate", "pred", "embed", "index", "similar", "demo"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,6 +186,47 @@ def _parse(argv: Sequence[str] | None) -> tuple[str, argparse.Namespace]:
             flag = "--" + dest.replace("_", "-")
             parser.error(f"{flag} does not apply to --{action.replace('_src', '')}")
     return action, args
+
+
+def quiet_frameworks(*, load_keras: bool) -> None:
+    """Keep the frameworks' start-up chatter off stderr (``--debug`` skips this and shows it all).
+
+    ``TF_CPP_MIN_LOG_LEVEL=3``, set before TensorFlow is imported, hides its C++ log lines (cuInit and
+    CUDA errors on machines without a GPU, CPU-feature notes) and Python-side loggers are set to ERROR
+    (TensorFlow's tf.function retracing notes, absl and JAX warnings). TensorFlow 2.19+ also logs while
+    its shared libraries load (oneDNN, "Could not find cuda drivers", absl's InitializeLog notice), before
+    it reads any setting (tensorflow/tensorflow#100442), so Keras is imported here with stderr's file
+    descriptor pointed at a temporary file; if that import fails, what was written is shown.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    for name in ("tensorflow", "absl", "jax"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if load_keras and "keras" not in sys.modules:
+        with _stderr_held():
+            import keras  # noqa: F401
+
+
+@contextmanager
+def _stderr_held() -> Iterator[None]:
+    """Point file descriptor 2 at a temporary file for the block; replay it if the block raises."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable stderr descriptor: nothing to hold
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode("utf-8", "replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _given(value: Any) -> bool:
@@ -301,11 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         action, args = _parse(argv)
     except SystemExit as e:  # argparse: --help/--version exit 0, errors exit 2
         return int(e.code or 0) if isinstance(e.code, int) else 2
-    if not args.debug:
-        # TensorFlow warns about tf.function retracing each time a new model (tagger, embedder, evaluator)
-        # makes its first prediction in one process; harmless here, so keep it off the user's screen
-        logging.getLogger("tensorflow").setLevel(logging.ERROR)
     try:
+        if not args.debug:
+            quiet_frameworks(load_keras=action in KERAS_ACTIONS)
         return int(HANDLERS[action](args) or 0)
     except UsageError as e:
         print(f"alt-i2v: usage error: {e}", file=sys.stderr)

@@ -123,7 +123,6 @@ def run_demo(out_dir: str | os.PathLike = "alt-i2v-demo", *, quick: bool = False
     reports/report.md), ``OUT/similar.index`` and ``OUT/demo.json`` (this run's summary); ``--quick`` uses
     ``OUT/quick/`` the same way. Anything an earlier run finished is reused, an interrupted training resumes.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter (CUDA probing)
     from ..dataset import iter_posts, post_image_path
     from ..fsutil import atomic_write_json
     from ..progress import summary
