@@ -2,7 +2,7 @@
 (a trained model). ``ModelDir.read()`` is the one place a model directory is read and checked.
 
 ``DATA/``: ``posts.jsonl`` (one post a line), ``images/<md5[:2]>/<md5>.<ext>``, ``vocab.json``, ``store/``
-(LevelDB), ``reports/``. ``MODEL/``: ``model.keras``, ``config.json``, ``vocab.json``, ``thresholds.json``,
+(LevelDB), ``reports/``, ``.scrape.lock``. ``MODEL/``: ``model.keras``, ``config.json``, ``vocab.json``, ``thresholds.json``,
 ``history.csv``, ``curves.png``, ``checkpoints/``, ``reports/``. docs/formats.md writes each one out.
 """
 
@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # DATA
 POSTS_FILE = "posts.jsonl"
+POSTS_LOCK = ".scrape.lock"  # held by every writer of posts.jsonl (--scrape, --import)
 IMAGES_DIR = "images"
 VOCAB_FILE = "vocab.json"
 STORE_DIR = "store"
@@ -49,6 +50,10 @@ class DataDir:
     @property
     def posts(self) -> Path:
         return self.root / POSTS_FILE
+
+    @property
+    def posts_lock(self) -> Path:
+        return self.root / POSTS_LOCK
 
     @property
     def images(self) -> Path:
@@ -199,6 +204,6 @@ def store_matches(image: ImageConfig, store: Any) -> bool:
     return store.image_size == image.image_size and store.resize == image.resize
 
 
-__all__ = ["DataDir", "ModelDir", "ModelFiles", "store_matches", "POSTS_FILE", "IMAGES_DIR", "VOCAB_FILE",
+__all__ = ["DataDir", "ModelDir", "ModelFiles", "store_matches", "POSTS_FILE", "POSTS_LOCK", "IMAGES_DIR", "VOCAB_FILE",
            "STORE_DIR", "REPORTS_DIR", "MODEL_FILE", "CONFIG_FILE", "THRESHOLDS_FILE", "HISTORY_FILE",
            "CURVES_FILE", "CHECKPOINTS_DIR"]

@@ -109,21 +109,29 @@ def check_probability(value: Any, what: str) -> float:
     return v
 
 
+def check_thresholds(doc: Any, where: str) -> dict[str, Any]:
+    """``doc`` if it is a usable thresholds.json record: the global and every per-tag value a finite
+    number in [0, 1] (a NaN, -3 or Inf would silently tag everything or nothing), else AltI2VError."""
+    if not isinstance(doc, dict):
+        raise AltI2VError(f"{where}: not a thresholds record (a JSON object)")
+    tags = doc.get("tags") or {}
+    if not isinstance(tags, dict):
+        raise AltI2VError(f"{where}: 'tags' must map tag names to numbers")
+    values = [("global", doc.get("global", DEFAULT_THRESHOLD))] + [(f"tag {k!r}", v) for k, v in tags.items()]
+    for what, v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:  # NaN fails too
+            raise AltI2VError(f"{where}: the {what} threshold must be a number in [0, 1], got {v!r}; "
+                              "retrain or fix the file")
+    return doc
+
+
 def read_thresholds(path: str | os.PathLike) -> dict[str, Any] | None:
-    """A thresholds.json record, checked (``global`` and every tag a probability); None when absent."""
+    """A thresholds.json record, checked (:func:`check_thresholds`); None when there is no file."""
     path = Path(path)
     if not path.is_file():
         return None
-    doc = read_json_object(path, "thresholds")
-    tags = doc.get("tags") or {}
-    if not isinstance(tags, dict):
-        raise AltI2VError(f"{path}: 'tags' must map tag names to numbers")
-    try:
-        g = check_probability(doc.get("global", DEFAULT_THRESHOLD), f"{path.name} global")
-        tags = {str(k): check_probability(v, f"{path.name} threshold of {k!r}") for k, v in tags.items()}
-    except UsageError as e:
-        raise AltI2VError(f"{path}: {e}") from None
-    return {**doc, "global": g, "tags": tags}
+    doc = check_thresholds(read_json_object(path, "thresholds"), str(path))
+    return {**doc, "global": float(doc.get("global", DEFAULT_THRESHOLD)), "tags": dict(doc.get("tags") or {})}
 
 
 def parse_threshold(text: Any) -> float | dict | None:
@@ -148,5 +156,5 @@ def parse_threshold(text: Any) -> float | dict | None:
     return out
 
 
-__all__ = ["calibrate_thresholds", "thresholds_vector", "read_thresholds", "parse_threshold", "check_probability",
+__all__ = ["calibrate_thresholds", "thresholds_vector", "read_thresholds", "check_thresholds", "parse_threshold", "check_probability",
            "DEFAULT_THRESHOLD", "THRESHOLDS_VERSION", "GRID"]

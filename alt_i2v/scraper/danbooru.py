@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 from urllib.parse import urljoin, urlsplit
 
-from ..dataset import CATEGORIES, RATINGS, normalize_tag
+from ..dataset import CATEGORIES, RATINGS, check_post_id, normalize_tag
 from ..fsutil import image_relpath
 from .http import DanbooruClient, PageFormatError, _int
 
@@ -61,6 +61,7 @@ def parse_api_post(obj: Any) -> PostInfo:
     pid = _int(obj.get("id")) if not isinstance(obj.get("id"), str) else None
     if pid is None:
         raise ValueError(f"post without an integer id: {str(obj.get('id'))[:40]!r}")
+    check_post_id(pid)  # a server's id outside 64 bits would block every later --build
     if any(f"tag_string_{c}" in obj for c in CATEGORIES):
         tags = {c: _tags(obj.get(f"tag_string_{c}") or "") for c in CATEGORIES}
     else:  # a server that only gives the flat tag_string
@@ -129,6 +130,10 @@ def parse_post_page(text: str, page_url: str, expected_id: int | None = None) ->
     pid = _int(box.get("data-id"))
     if pid is None or (expected_id is not None and pid != expected_id):
         raise PageFormatError(f"post page shows post {box.get('data-id')!r}, expected {expected_id}")
+    try:
+        check_post_id(pid)
+    except ValueError as e:
+        raise PageFormatError(str(e)) from None
 
     def attr(name: str) -> str | None:
         value = box.get(name)

@@ -163,6 +163,22 @@ class Download:
     size: int
 
 
+def _secret_forms(login: str | None, api_key: str | None) -> list[str]:
+    """Every form the credentials take on the wire or in a message: as given, as the base64 Basic-auth
+    token, and each of those URL-encoded (longest first, so a longer form is replaced before its parts)."""
+    import base64
+    from urllib.parse import quote, quote_plus
+
+    plain = [s for s in (login, api_key) if s and len(s) >= 2]
+    if login and api_key:
+        token = base64.b64encode(f"{login}:{api_key}".encode()).decode("ascii")
+        plain += [token, token.rstrip("="), f"{login}:{api_key}"]
+    forms = set(plain)
+    for s in plain:
+        forms.update((quote(s, safe=""), quote_plus(s), quote(quote(s, safe=""), safe="")))
+    return sorted(forms, key=len, reverse=True)
+
+
 class DanbooruClient:
     """The one object that talks to the server: session, User-Agent, rate limit, retries, credentials.
 
@@ -177,7 +193,7 @@ class DanbooruClient:
         self.base_url = normalize_base_url(base_url)
         self._host = urlsplit(self.base_url).netloc.lower()
         self._auth = (login, api_key) if login and api_key else None
-        self._secrets = sorted({s for s in (login, api_key) if s and len(s) >= 2}, key=len, reverse=True)
+        self._secrets = _secret_forms(login, api_key)
         self.tries = max(1, int(tries))
         self.backoff = max(0.0, float(backoff))
         self.max_backoff = max_backoff
@@ -345,7 +361,7 @@ class DanbooruClient:
         def decode(resp: requests.Response, body: bytes) -> Any:
             try:
                 return json.loads(body)
-            except (ValueError, UnicodeDecodeError) as e:
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:
                 raise _Retry("malformed_json", f"unparseable JSON ({str(e)[:80]})") from None
 
         return self._get_page(path_or_url, params, decode, parse)

@@ -150,6 +150,9 @@ class _Scrape:
             if isinstance(post.get("md5"), str):
                 self.existing_md5[post["md5"]] = post
         self.writer = PostsWriter(data_dir)
+        if self.writer.removed_tail:
+            result.notes.append(f"posts.jsonl: removed an unfinished last line an interrupted run left "
+                                f"({len(self.writer.removed_tail)} bytes: {self.writer.removed_tail[:80]!r})")
         self._dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
         self.bar = bar(total=limit, desc="scrape", unit="post", quiet=quiet)
@@ -435,22 +438,11 @@ def _sigint_stops(stop: threading.Event, client: DanbooruClient) -> Iterator[Non
 
 @contextmanager
 def _exclusive(data_dir: Path) -> Iterator[None]:
-    """One scrape per data directory at a time (an advisory lock that a SIGKILL releases)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
+    """One writer of posts.jsonl per data directory at a time (--scrape and --import share the lock)."""
+    from ..dataset import posts_lock
+
+    with posts_lock(data_dir):
         yield
-        return
-    f = open(data_dir / ".scrape.lock", "a+")
-    try:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise AltI2VError(f"{data_dir}: another --scrape is writing into this data directory; "
-                              "wait for it to finish or stop it first") from None
-        yield
-    finally:
-        f.close()
 
 
 def scrape(data_dir: str | os.PathLike, queries: list[str] | str, *, limit: int | None = None,

@@ -15,10 +15,11 @@ from .index import SimilarityIndex
 
 
 def embed_store(tagger: Any, data_dir: str | os.PathLike, *, quiet: bool = True, batch_size: int | None = None
-                ) -> tuple[np.ndarray, list, list[str]] | None:
+                ) -> tuple[np.ndarray, list, list[str], list[dict]] | None:
     """Embeddings of every stored image of a dataset, read from DATA/store without decoding:
-    ``(embeddings, post ids, image paths)``, or None when the store is missing or was built with other
-    image settings than the model's (its pixels would not be what the model expects)."""
+    ``(embeddings, post ids, image paths, failures)`` (failures: store records that did not decode), or
+    None when the store is missing or was built with other image settings than the model's (its pixels
+    would not be what the model expects)."""
     from ..dataset import id_key, iter_posts, post_image_path
     from ..layout import DataDir, store_matches
     from ..progress import bar
@@ -40,10 +41,15 @@ def embed_store(tagger: Any, data_dir: str | os.PathLike, *, quiet: bool = True,
                 images, _ = store.get_batch(part)
                 embs.append(tagger.embed_arrays(images))
                 for k in part:
+                    if k in store.bad:  # left out of the batch: it did not decode
+                        continue
                     ids.append(by_key[k]["id"])
                     paths.append(str(post_image_path(by_key[k], data)))
                 progress.update(len(part))
-    return (np.concatenate(embs) if embs else np.empty((0, tagger.embedding_dim), np.float32)), ids, paths
+        failures = [{"file": b["key"], "reason": "bad_record", "error": f"store record {b['key']}: {b['reason']}"}
+                    for b in store.bad_report()]
+    emb = np.concatenate(embs) if embs else np.empty((0, tagger.embedding_dim), np.float32)
+    return emb, ids, paths, failures
 
 
 def build_index(tagger: Any, *, data: str | os.PathLike | None = None, images: str | os.PathLike | None = None,
@@ -64,7 +70,7 @@ def build_index(tagger: Any, *, data: str | os.PathLike | None = None, images: s
             raise AltI2VError(f"{data}: no such dataset directory")
         found = embed_store(tagger, data, quiet=quiet)
         if found is not None:
-            emb, ids, paths = found
+            emb, ids, paths, failures = found
         else:
             posts = list(iter_posts(data))
             files = [post_image_path(p, data) for p in posts]
