@@ -102,4 +102,5 @@ def test_demo_quick_end_to_end_then_rerun_reuses(tmp_path: Path, capsys):
     assert (out / "model" / "model.keras").stat().st_mtime_ns == model_mtime
     assert len((out / "model" / "history.csv").read_text().splitlines()) == epochs
     assert again["micro_f1"] == result["micro_f1"]
-    assert second < first / 3, (first, second)
+    # the rerun's own time (demo.json, after start-up: this one also started a fresh Python and TensorFlow)
+    assert again["seconds"] < result["seconds"] / 3, (result["seconds"], again["seconds"], first, second)
