@@ -9,6 +9,7 @@ result.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import warnings
