@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from alt_i2v.errors import AltI2VError, UsageError
-from alt_i2v.shards import ShardedStore, shard_name, shard_of, shards_for_process
+from alt_i2v.store import ShardedStore, shard_name, shard_of, shards_for_process
 from alt_i2v.store import Store, build_store
 from alt_i2v.vocab import build_vocab
 
