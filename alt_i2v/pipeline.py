@@ -64,8 +64,14 @@ class StoreDataset(PyDataset):
         self._next = 0
 
     @classmethod
-    def from_split(cls, store: Store, split: str, **kw) -> "StoreDataset":
+    def from_split(cls, store: Store, split: str, *, shards: Sequence[int] | None = None, **kw) -> "StoreDataset":
+        """The records of ``split``; with ``shards``, only those in these shards (one training process's
+        own part of a sharded store, :func:`alt_i2v.store.shards_for_process`)."""
         keys, labels = store.index(split)
+        if shards is not None:
+            mine = set(int(s) for s in shards)
+            keep = [i for i, k in enumerate(keys) if store.shard_of(k) in mine]
+            keys, labels = [keys[i] for i in keep], [labels[i] for i in keep]
         return cls(store, keys, labels, **kw)
 
     def __len__(self) -> int:

@@ -87,7 +87,8 @@ def folder_case(tmp: Path, n: int, batch_size: int) -> dict[str, float]:
     folder = tmp / "jpegs512"
     folder.mkdir()
     files = [str(f) for f in make_jpegs(folder, n)]
-    tagger = Tagger(tmp / "model", batch_size=batch_size)
+    make_model_dir(tmp / "model150", 512, 150)  # the reference image size: 512px JPEGs decoded to 150px
+    tagger = Tagger(tmp / "model150", batch_size=batch_size)
     size = tagger.image_config.image_size
     x = keras.ops.convert_to_tensor(np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3))
                                     .astype(np.uint8))
@@ -108,19 +109,30 @@ def folder_case(tmp: Path, n: int, batch_size: int) -> dict[str, float]:
         threads = n / (time.perf_counter() - t)
     finally:
         tagger_module.PROCESS_DECODE_MIN = limit
-    cli_args = ["--pred", str(folder), "--model", str(tmp / "model"), "--format", "json", "--quiet",
+    cli_args = ["--pred", str(folder), "--model", str(tmp / "model150"), "--format", "json", "--quiet",
                 "--batch-size", str(batch_size)]
+    t = time.perf_counter()
+    tagger.predict_tags(files)  # more than PROCESS_DECODE_MIN files: decoding processes
+    procs = n / (time.perf_counter() - t)
     with contextlib.redirect_stdout(io.StringIO()):
+        rc = cli_main(cli_args)  # load the CLI's cached Tagger (model loading is not what is measured)
         t = time.perf_counter()
-        rc = cli_main(cli_args)
+        rc = rc or cli_main(cli_args)
         pred = n / (time.perf_counter() - t)
     if rc != 0:
         raise SystemExit(f"alt-i2v --pred failed with exit code {rc}")
-    print(f"folder of {n} 512x512 JPEGs, batch {batch_size}, {resolve_workers(0)} cores:")
+    print(f"folder of {n} 512x512 JPEGs -> {size}px, batch {batch_size}, {resolve_workers(0)} cores:")
     print(f"  model alone (batch already a tensor)   : {alone:8.1f} img/s")
     print(f"  predict_tags, decoding on threads      : {threads:8.1f} img/s")
+    print(f"  predict_tags, decoding processes       : {procs:8.1f} img/s")
     print(f"  alt-i2v --pred FOLDER (decode processes): {pred:8.1f} img/s ({pred / alone:.0%} of the model)")
-    return {"pred": pred, "alone": alone, "threads": threads}
+    return {"pred": pred, "alone": alone, "threads": threads, "processes": procs}
+
+
+def _on_gpu() -> bool:
+    from alt_i2v.train import _has_accelerator
+
+    return _has_accelerator()
 
 
 def make_model_dir(model_dir: Path, num_tags: int, image_size: int, backbone: str = "tiny") -> None:
@@ -222,8 +234,10 @@ def main() -> int:
         folder = folder_case(tmp, args.folder_images, args.batch_size) if args.folder_images else None
         print(f"RESULT predict speedup={speedup:.1f} ratio={speedup:.1f} target=5")
         if folder:
-            print(f"RESULT predict_folder pred_img_s={folder['pred']:.1f} model_img_s={folder['alone']:.1f} "
-                  f"threads_img_s={folder['threads']:.1f} ratio={folder['pred'] / folder['alone']:.2f} target=0.5")
+            name = "predict_folder_gpu" if _on_gpu() else "predict_folder"
+            print(f"RESULT {name} pred_img_s={folder['pred']:.1f} model_img_s={folder['alone']:.1f} "
+                  f"threads_img_s={folder['threads']:.1f} processes_img_s={folder['processes']:.1f} "
+                  f"ratio={folder['pred'] / folder['alone']:.2f} target=0.5")
     return 0 if same else 1
 
 

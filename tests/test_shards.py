@@ -78,12 +78,18 @@ def test_a_rerun_keeps_the_layout_and_resharding_is_an_explicit_rebuild(sharded_
         assert s.num_shards == 4 and s.count() == 120
 
 
-def test_processes_own_disjoint_shards():
+def test_processes_own_disjoint_shards(sharded_data):
+    from alt_i2v.pipeline import StoreDataset
+
     assert shards_for_process(8, 1, 3) == [1, 4, 7]
     owned = [s for p in range(3) for s in shards_for_process(8, p, 3)]
     assert sorted(owned) == list(range(8))
     with pytest.raises(UsageError, match="shards"):
         shards_for_process(2, 0, 3)
+    with Store(sharded_data) as store:  # two training processes: each reads its own shards, together all
+        parts = [StoreDataset.from_split(store, "train", shards=shards_for_process(3, p, 2)).keys for p in (0, 1)]
+        assert not set(parts[0]) & set(parts[1]) and sorted(parts[0] + parts[1]) == sorted(store.ids("train"))
+        assert {store.shard_of(k) for k in parts[1]} == {1}
 
 
 def test_reader_processes_give_the_batches_threads_give(built_data, sharded_data):

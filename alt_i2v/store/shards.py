@@ -199,7 +199,9 @@ def build_sharded(path: Path, want: dict, entries: Sequence[tuple], cfg: BuildCo
                   shards: int, *, prune: bool = False, progress: Callable[[int], Any] | None = None
                   ) -> dict[str, Any]:
     """Write ``entries`` into ``shards`` LevelDB shards under ``path``, each by its own process (with
-    ``ceil(workers / shards)`` decoding threads). Returns the summed counts and skipped posts."""
+    ``ceil(workers / shards)`` decoding threads, at least 2: Pillow releases the GIL while decoding, and
+    the shards' shares of the work are only equal on average). Returns the summed counts and skipped
+    posts."""
     layout = {**{k: v for k, v in want.items()}, "shards": shards}
     path.mkdir(parents=True, exist_ok=True)
     if is_sharded(path):
@@ -212,7 +214,7 @@ def build_sharded(path: Path, want: dict, entries: Sequence[tuple], cfg: BuildCo
     parts: list[list[tuple]] = [[] for _ in range(shards)]
     for e in entries:
         parts[shard_of(e[0], shards)].append(e)
-    threads = max(1, math.ceil(resolve_workers(cfg.workers) / shards))
+    threads = max(2, math.ceil(resolve_workers(cfg.workers) / shards))  # 2+: a shard that finishes early idles
     ctx = mp.get_context("spawn")
     messages = ctx.Queue()
     procs = []
