@@ -15,14 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from alt_i2v.errors import AltI2VError, UsageError
 from alt_i2v.store import ShardedStore, shard_name, shard_of, shards_for_process
 from alt_i2v.store import Store, build_store
 from alt_i2v.vocab import build_vocab
 
-from conftest import save_image
+from conftest import jpeg_dataset
 
 
 def _copy_dataset(src: Path, dst: Path) -> Path:
@@ -130,15 +129,7 @@ def test_reader_processes_give_the_batches_threads_give(built_data, sharded_data
 
 
 def test_sharded_build_killed_with_sigkill_resumes_to_a_complete_store(tmp_path):
-    data = tmp_path / "data"
-    rng = np.random.default_rng(6)
-    posts = []
-    for i in range(300):  # big enough JPEGs that the build takes a few seconds
-        img = Image.fromarray(rng.integers(0, 255, (8, 8, 3), np.uint8)).resize((640, 800))
-        md5, ext = save_image(data, img, "JPEG")
-        posts.append({"id": i, "md5": md5, "file_ext": ext, "tags": {"general": [f"t{i % 7}"]}})
-    (data / "posts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in posts))
-    build_vocab(data)
+    data = jpeg_dataset(tmp_path / "data", 300, seed=6)
     cmd = [sys.executable, "-m", "alt_i2v", "--build", "--data", str(data), "--workers", "2", "--quiet",
            "--image-size", "64", "--shards", "3"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
