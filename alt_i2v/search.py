@@ -786,6 +786,24 @@ def run_index(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def index_model_path(index: SimilarityIndex) -> str | None:
+    """The model directory an index records it was built with (None if it names none)."""
+    return (index.info.get("model") or {}).get("path")
+
+
+def check_index_model(index: SimilarityIndex, tagger: Any, where: str | os.PathLike) -> None:
+    """Refuse to search ``index`` with embeddings of ``tagger`` when the index was built with another
+    model: the neighbours would be meaningless."""
+    model_info = index.info.get("model") or {}
+    ident = tagger.identity()
+    if model_info and (ident.get("fingerprint") != model_info.get("fingerprint")
+                       or ident.get("embedding_dim") != index.dim):
+        raise IndexFileError(f"{where} was built with a different model ({model_info.get('path')}); its "
+                             "neighbours would be meaningless: give the right --model or rebuild the index")
+    if tagger.embedding_dim != index.dim:
+        raise IndexFileError(f"the model gives {tagger.embedding_dim}-d embeddings, the index holds {index.dim}-d")
+
+
 def run_similar(args: argparse.Namespace) -> int:
     """``--similar FILE --index INDEX [--top-k 10] [--model DIR]``: nearest images with cosine scores."""
     from .tagger import get_tagger
@@ -793,20 +811,13 @@ def run_similar(args: argparse.Namespace) -> int:
     if not args.index:
         raise UsageError("--similar needs --index INDEX (made by --index)")
     index = SimilarityIndex.load(args.index)
-    model_info = index.info.get("model") or {}
-    model = args.model or model_info.get("path")
+    model = args.model or index_model_path(index)
     if not model:
         raise UsageError("the index does not name its model; give --model DIR")
     if not Path(model).exists():
         raise AltI2VError(f"{model}: the model this index was built with is not there; give --model DIR")
     tagger = get_tagger(model)
-    ident = tagger.identity()
-    if model_info and (ident.get("fingerprint") != model_info.get("fingerprint")
-                       or ident.get("embedding_dim") != index.dim):
-        raise IndexFileError(f"{args.index} was built with a different model ({model_info.get('path')}); its "
-                             "neighbours would be meaningless: give the right --model or rebuild the index")
-    if tagger.embedding_dim != index.dim:
-        raise IndexFileError(f"the model gives {tagger.embedding_dim}-d embeddings, the index holds {index.dim}-d")
+    check_index_model(index, tagger, args.index)
     query = tagger.embed(args.similar)
     k = args.top_k or 10
     scores, pos = index.search_positions(query[None, :], k)
@@ -824,4 +835,4 @@ def run_similar(args: argparse.Namespace) -> int:
 
 
 __all__ = ["SimilarityIndex", "IndexFileError", "normalize_rows", "faiss_available", "run_index", "run_similar",
-           "INDEX_FORMAT", "INDEX_VERSION"]
+           "check_index_model", "index_model_path", "INDEX_FORMAT", "INDEX_VERSION"]
