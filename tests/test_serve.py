@@ -3,6 +3,7 @@ upload limits, the command line, and the page in a real headless Chromium."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -209,6 +210,36 @@ def test_similar_images_and_thumbnails_by_index_position_only(site):
         assert r.status_code in (400, 404) and r.headers["content-type"].startswith("application/json"), bad
 
 
+def test_explain_answers_the_explain_map_over_the_picture(site):
+    from alt_i2v.explain import explain
+
+    data = png_bytes(shapes(1, seed=12)[0].resize((300, 240)))
+    probs = predict_tags(data, model=site.model, threshold=0.0)
+    tag = list(probs)[1]  # not the most probable: the field must choose it
+    r = post(site, "api/explain", data, data={"tag": tag})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tag"] == tag and body["probability"] == pytest.approx(probs[tag], abs=1e-5)
+    assert (body["width"], body["height"]) == (300, 240)
+
+    def picture(url: str) -> Image.Image:
+        assert url.startswith("data:image/png;base64,")
+        return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+
+    heat = np.asarray(picture(body["heatmap"]), dtype=np.float32) / 255.0
+    want = explain(data, tag=tag, model=site.model)
+    assert heat.shape == want.shape == (240, 300)
+    assert np.abs(heat - want).max() <= 1 / 255 + 1e-6  # the explain function's map, 8-bit
+    assert picture(body["overlay"]).size == (300, 240) and picture(body["overlay"]).mode == "RGB"
+    top = post(site, "api/explain", data).json()
+    assert top["tag"] == list(probs)[0]  # default: the most probable tag
+    small = post(site, "api/explain?format=png", png_bytes(shapes(1, seed=13)[0]), data={"tag": tag})
+    assert small.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(small.content)).size == (256, 256)  # small pictures are shown larger
+    r = post(site, "api/explain", data, data={"tag": "no_such_tag"})
+    assert r.status_code == 400 and r.json()["reason"] == "unknown_tag"
+
+
 def test_caption_endpoint_uses_the_write_captions_format(site):
     data = png_bytes(shapes(1, seed=9)[0])
     probs = post(site, "api/tags", data).json()["tags"]
@@ -296,3 +327,97 @@ def test_cli_serve_end_to_end(site):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ------------------------------------------------------------------------------------------------ browser
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1280,1100")
+
+
+def chromium(tmp_path: Path):
+    """Debian's headless Chromium driven by Selenium through the system chromedriver; in CI a missing
+    browser fails the test (``.ci/run`` installs it), elsewhere it skips."""
+    import shutil
+
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        webdriver = None
+    if not (binary and driver and webdriver):
+        why = "needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver) and selenium"
+        if os.environ.get("CI") == "true":
+            pytest.fail("the browser test " + why)
+        pytest.skip(why)
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_page_in_a_real_browser(site, tmp_path):
+    """Upload, see predict_tags' tags with their probabilities, move the threshold, copy-caption text,
+    click a tag for its heat map, see the similar images; a screenshot is kept."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    cats = site.tagger.tag_categories
+    query = next(f for f in site.files if len(predict_tags(f, model=site.model)) >= 2)
+    want = predict_tags(query, model=site.model)
+    browser = chromium(tmp_path)
+    try:
+        wait = WebDriverWait(browser, 60)
+        browser.get(site.url)
+        wait.until(lambda b: b.execute_script("return document.body.dataset.ready") == "1")
+        browser.find_element(By.ID, "file").send_keys(str(query))
+        wait.until(lambda b: b.find_element(By.ID, "result").get_attribute("data-state") == "done")
+
+        def shown() -> dict[str, float]:
+            rows = browser.find_elements(By.CSS_SELECTOR, "#tags .tag")
+            return {r.get_attribute("data-tag"): float(r.get_attribute("data-prob")) for r in rows}
+
+        assert set(shown()) == set(want) and shown() == pytest.approx(want, abs=1e-6)
+        for row in browser.find_elements(By.CSS_SELECTOR, "#tags .tag"):
+            assert row.find_element(By.CSS_SELECTOR, ".prob").text == f"{want[row.get_attribute('data-tag')]:.3f}"
+        groups = [g.get_attribute("data-category") for g in browser.find_elements(By.CSS_SELECTOR, "#tags .group")]
+        assert groups == [c for c in ("character", "copyright", "general") if c in {cats[t] for t in want}]
+        assert browser.find_element(By.ID, "caption").text == format_caption(want, cats)
+
+        # the live threshold: at 0 every tag shows, and the caption follows (formatted by the server)
+        browser.execute_script("const s = document.getElementById('threshold'); s.value = '0';"
+                               "s.dispatchEvent(new Event('input'));")
+        everything = predict_tags(query, model=site.model, threshold=0.0)
+        assert shown() == pytest.approx(everything, abs=1e-6)
+        wait.until(lambda b: b.find_element(By.ID, "caption").text == format_caption(everything, cats))
+        browser.find_element(By.ID, "calibrated").click()
+        assert set(shown()) == set(want)
+
+        # click a tag: its Grad-CAM overlay replaces the picture
+        tag = max(want, key=want.get)
+        browser.find_element(By.CSS_SELECTOR, f'#tags .tag[data-tag="{tag}"]').click()
+        wait.until(lambda b: b.find_element(By.ID, "heatmap").get_attribute("data-tag") == tag)
+        heat = browser.find_element(By.ID, "heatmap")
+        assert heat.is_displayed() and browser.execute_script("return arguments[0].naturalWidth", heat) > 0
+        assert heat.get_attribute("src").startswith("data:image/png;base64,")
+        assert tag.replace("_", " ") in browser.find_element(By.ID, "heat-caption").text
+
+        # the most similar indexed images, the query itself first
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#similar .card")) == TOP_K)
+        first = browser.find_element(By.CSS_SELECTOR, "#similar .card")
+        assert first.get_attribute("data-id") == query.name
+        wait.until(lambda b: b.execute_script(
+            "return [...document.querySelectorAll('#similar img')].every(i => i.complete && i.naturalWidth > 0)"))
+
+        shot = Path(os.environ.get("ALT_I2V_SERVE_SCREENSHOT") or tmp_path / "serve.png")
+        assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors  # no failed request, no blocked remote resource, no script error
+    finally:
+        browser.quit()

@@ -29,7 +29,7 @@ from ..captions import CATEGORY_ORDER, format_caption
 from ..config import ServeConfig
 from ..errors import AltI2VError, ImageLoadError, UsageError
 from .engine import ModelEngine
-from .render import data_url, overlay_png, thumbnail_jpeg
+from .render import data_url, heat_pictures, thumbnail_jpeg
 from .uploads import FILE_FIELD, Upload, UploadError, decode, parse_form, read_body
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -211,28 +211,30 @@ def create_app(model: Any, index: Any = None, config: ServeConfig | None = None)
     @app.post("/api/explain", summary="Grad-CAM heat map of one tag", openapi_extra=EXPLAIN_BODY)
     async def explain_tag(request: Request, tag: str | None = Query(None),
                           format: str = Query("json", pattern="^(json|png)$")) -> Any:
-        """Where the model looked for ``tag`` (form field or query; default the most probable tag):
-        ``overlay`` is the picture with the map laid over it, ``heatmap`` the coloured map alone (PNG
-        data URLs), ``map`` the raw values in [0, 1]. ``?format=png`` answers the overlay as a PNG."""
+        """Where the model finds ``tag`` (form field or query; default the most probable tag) in the
+        picture: the map of :func:`alt_i2v.explain.explain`, as ``overlay`` (the picture with the map
+        laid over it) and ``heatmap`` (the map alone, grey 0-255), PNG data URLs at display size (long
+        side 256-640 px). ``?format=png`` answers the overlay as a PNG."""
+        from ..explain import get_explainer
+
         t0 = time.perf_counter()
         upload, image = await service.receive(request)
-        from ..explain import explain
-
-        tag = upload.fields.get("tag") or tag
-        probs = await asyncio.wrap_future(service.engine.tags(image))
-        if not tag:
-            tag = service.names[int(np.argmax(probs))]
-        if tag not in service.tagger.vocab.index:
-            raise UploadError(400, "unknown_tag", f"{tag!r} is not a tag of this model's vocabulary")
         tagger = service.tagger
-        heat = await asyncio.wrap_future(service.engine.call(lambda: explain(image, tag=tag, model=tagger)))
-        heat = np.asarray(heat, dtype=np.float32)
-        overlay, colored = await run_in_threadpool(overlay_png, upload.data, heat, service.image_config)
+        tag = upload.fields.get("tag") or tag
+        if tag and tag not in tagger.vocab.index:
+            raise UploadError(400, "unknown_tag", f"{tag!r} is not a tag of this model's vocabulary")
+        wanted = None if not tag else [tagger.vocab.index[tag]]
+        explainer = await run_in_threadpool(get_explainer, tagger)
+        # the gradients run on the model thread; decoding the whole picture and drawing do not
+        cams, indices, probs = await asyncio.wrap_future(service.engine.call(
+            lambda: explainer.cams(image, wanted)))
+        overlay, grey, (width, height) = await run_in_threadpool(
+            heat_pictures, upload.data, cams[0], service.image_config)
         if format == "png":
             return Response(overlay, media_type="image/png")
-        return {"file": upload.filename, "tag": tag, "probability": float(probs[tagger.vocab.index[tag]]),
-                "overlay": data_url(overlay), "heatmap": data_url(colored),
-                "map": np.round(heat, 4).tolist(), "seconds": round(time.perf_counter() - t0, 4)}
+        return {"file": upload.filename, "tag": service.names[indices[0]], "probability": float(probs[indices[0]]),
+                "width": width, "height": height, "overlay": data_url(overlay), "heatmap": data_url(grey),
+                "seconds": round(time.perf_counter() - t0, 4)}
 
     @app.post("/api/caption", summary="Format tags as a caption, as --write-captions does")
     async def caption(request: Request) -> dict[str, Any]:

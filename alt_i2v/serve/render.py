@@ -1,8 +1,8 @@
-"""Pictures the page shows: a Grad-CAM map coloured and laid over the upload, and index thumbnails.
+"""Pictures the page shows: a tag's Grad-CAM map over the uploaded picture, and index thumbnails.
 
-Both go through the one image loader, so the overlay is the model's own view of the upload (the same
-padding, crop or stretch) at a size a screen can use, and a thumbnail is refused like any upload would
-be if its file is damaged or a decompression bomb.
+The map comes from :mod:`alt_i2v.explain` (its Grad-CAM, its way back from the model's square to the
+picture, its colours); here it is only laid over the picture at a size a screen can use. Pictures are
+decoded by the one image loader, so a damaged file or a decompression bomb is refused as on upload.
 """
 
 from __future__ import annotations
@@ -17,33 +17,34 @@ from PIL import Image
 from ..config import ImageConfig
 from ..imaging import load_image
 
-DISPLAY_SIZE = 384  # pixels of the overlay's square side
+DISPLAY_MIN, DISPLAY_MAX = 256, 640  # the long side of a shown heat map, in pixels
 THUMB_SIZE = 192
-COLORMAP = "turbo"
+ALPHA = 0.45  # how much of the colour map covers the picture
 
 
-def colorize(heat: np.ndarray, size: int) -> np.ndarray:
-    """A map (H, W) in [0, 1] resized to (size, size) and coloured: float32 RGB (size, size, 3) in [0, 1]
-    plus its resized values (size, size)."""
-    from matplotlib import colormaps
-
-    heat = np.nan_to_num(np.asarray(heat, dtype=np.float32), nan=0.0)
-    big = Image.fromarray(np.ascontiguousarray(np.clip(heat, 0.0, 1.0)))
-    big = big.resize((size, size), Image.Resampling.BILINEAR)
-    values = np.clip(np.asarray(big, dtype=np.float32), 0.0, 1.0)
-    return colormaps[COLORMAP](values)[..., :3].astype(np.float32), values
+def display_size(width: int, height: int) -> tuple[int, int]:
+    """The picture's size scaled so its long side is within [DISPLAY_MIN, DISPLAY_MAX]."""
+    long_side = max(width, height)
+    scale = min(max(long_side, DISPLAY_MIN), DISPLAY_MAX) / long_side
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def overlay_png(source: Any, heat: np.ndarray, config: ImageConfig, size: int = DISPLAY_SIZE) -> tuple[bytes, bytes]:
-    """``(overlay, heatmap)`` PNG bytes: the picture as the model sees it at ``size`` pixels with the map
-    blended in where it is high, and the coloured map alone with its values as alpha."""
-    picture = load_image(source, size, config.resize, max_pixels=config.max_pixels,
-                         pad_color=config.pad_color).astype(np.float32) / 255.0
-    colors, values = colorize(heat, size)
-    alpha = (0.15 + 0.6 * values)[..., None]
-    blended = picture * (1.0 - alpha) + colors * alpha
-    rgba = np.concatenate([colors, (0.25 + 0.75 * values)[..., None]], axis=-1)
-    return _png(blended), _png(rgba)
+def heat_pictures(data: bytes, cam: np.ndarray, config: ImageConfig) -> tuple[bytes, bytes, tuple[int, int]]:
+    """``(overlay PNG, heat-map PNG, (width, height) of the picture)`` for a Grad-CAM map ``cam`` over the
+    model's input square: the map is taken back to the whole picture (pad / crop / stretch undone) at the
+    display size; the overlay is the picture with the coloured map blended in, the heat map the values
+    as 8-bit grey (255 = strongest evidence)."""
+    from ..explain import colorize, to_picture
+    from ..imaging import open_rgb
+
+    picture = open_rgb(data, config)
+    width, height = picture.size
+    dw, dh = display_size(width, height)
+    shown = picture.resize((dw, dh), Image.Resampling.LANCZOS) if (dw, dh) != (width, height) else picture
+    heat = to_picture(cam, dw, dh, config)
+    overlay = Image.blend(shown, Image.fromarray(colorize(heat)), ALPHA)
+    grey = Image.fromarray(np.clip(np.round(heat * 255.0), 0, 255).astype(np.uint8))
+    return _png(overlay), _png(grey), (width, height)
 
 
 def thumbnail_jpeg(path: str, config: ImageConfig, size: int = THUMB_SIZE) -> bytes:
@@ -58,11 +59,10 @@ def data_url(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def _png(rgb: np.ndarray) -> bytes:
-    arr = np.clip(np.round(rgb * 255.0), 0, 255).astype(np.uint8)
+def _png(img: Any) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "PNG")
+    img.save(buf, "PNG")
     return buf.getvalue()
 
 
-__all__ = ["overlay_png", "thumbnail_jpeg", "colorize", "data_url", "DISPLAY_SIZE", "THUMB_SIZE"]
+__all__ = ["heat_pictures", "thumbnail_jpeg", "display_size", "data_url", "THUMB_SIZE"]
