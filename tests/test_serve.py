@@ -24,6 +24,7 @@ import pytest
 import requests
 from PIL import Image
 
+from _browser import BrowserMissing, chromium, show_heat_map, thumbnails_loaded, upload
 from _inference_model import categorised_model, png_bytes, shapes, truncated_png
 from alt_i2v.captions import format_caption
 from alt_i2v.cli import main
@@ -56,8 +57,8 @@ def site(built_data, tmp_path_factory):
                               tagger=get_tagger(model))
 
 
-def post(site, path: str, data: bytes, name: str = "x.png", **kw) -> requests.Response:
-    return requests.post(site.url + path, files={"file": (name, data)}, timeout=60, **kw)
+def post(site, path: str, image: bytes, name: str = "x.png", **kw) -> requests.Response:
+    return requests.post(site.url + path, files={"file": (name, image)}, timeout=60, **kw)
 
 
 def assert_alive(site) -> None:
@@ -331,53 +332,27 @@ def test_cli_serve_end_to_end(site):
 
 # ------------------------------------------------------------------------------------------------ browser
 
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1280,1100")
-
-
-def chromium(tmp_path: Path):
-    """Debian's headless Chromium driven by Selenium through the system chromedriver; in CI a missing
-    browser fails the test (``.ci/run`` installs it), elsewhere it skips."""
-    import shutil
-
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
+def browser_or_skip(tmp_path: Path):
+    """The headless Chromium; in CI (CI=true) a missing browser fails, since .ci/run installs it."""
     try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        webdriver = None
-    if not (binary and driver and webdriver):
-        why = "needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver) and selenium"
+        return chromium(tmp_path / "chromium-profile")
+    except BrowserMissing as e:
         if os.environ.get("CI") == "true":
-            pytest.fail("the browser test " + why)
-        pytest.skip(why)
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(driver), options=options)
+            pytest.fail(f"the browser test cannot run in CI: {e}")
+        pytest.skip(str(e))
 
 
 def test_page_in_a_real_browser(site, tmp_path):
     """Upload, see predict_tags' tags with their probabilities, move the threshold, copy-caption text,
     click a tag for its heat map, see the similar images; a screenshot is kept."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     cats = site.tagger.tag_categories
     query = next(f for f in site.files if len(predict_tags(f, model=site.model)) >= 2)
     want = predict_tags(query, model=site.model)
-    browser = chromium(tmp_path)
+    browser = browser_or_skip(tmp_path)
     try:
-        wait = WebDriverWait(browser, 60)
-        browser.get(site.url)
-        wait.until(lambda b: b.execute_script("return document.body.dataset.ready") == "1")
-        browser.find_element(By.ID, "file").send_keys(str(query))
-        wait.until(lambda b: b.find_element(By.ID, "result").get_attribute("data-state") == "done")
+        wait = upload(browser, site.url, query)
 
         def shown() -> dict[str, float]:
             rows = browser.find_elements(By.CSS_SELECTOR, "#tags .tag")
@@ -401,9 +376,7 @@ def test_page_in_a_real_browser(site, tmp_path):
 
         # click a tag: its Grad-CAM overlay replaces the picture
         tag = max(want, key=want.get)
-        browser.find_element(By.CSS_SELECTOR, f'#tags .tag[data-tag="{tag}"]').click()
-        wait.until(lambda b: b.find_element(By.ID, "heatmap").get_attribute("data-tag") == tag)
-        heat = browser.find_element(By.ID, "heatmap")
+        heat = show_heat_map(browser, wait, tag)
         assert heat.is_displayed() and browser.execute_script("return arguments[0].naturalWidth", heat) > 0
         assert heat.get_attribute("src").startswith("data:image/png;base64,")
         assert tag.replace("_", " ") in browser.find_element(By.ID, "heat-caption").text
@@ -412,10 +385,9 @@ def test_page_in_a_real_browser(site, tmp_path):
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#similar .card")) == TOP_K)
         first = browser.find_element(By.CSS_SELECTOR, "#similar .card")
         assert first.get_attribute("data-id") == query.name
-        wait.until(lambda b: b.execute_script(
-            "return [...document.querySelectorAll('#similar img')].every(i => i.complete && i.naturalWidth > 0)"))
+        wait.until(thumbnails_loaded)
 
-        shot = Path(os.environ.get("ALT_I2V_SERVE_SCREENSHOT") or tmp_path / "serve.png")
+        shot = tmp_path / "serve.png"
         assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
         errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors  # no failed request, no blocked remote resource, no script error

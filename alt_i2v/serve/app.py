@@ -70,6 +70,7 @@ class Service:
             self.index_path = None if isinstance(index, SimilarityIndex) else str(index)
             check_index_model(self.index, self.tagger, self.index_path or "the index")
         self.categories = self.tagger.tag_categories
+        self.model_name = "/".join(self.tagger.model_dir.resolve().parts[-2:])  # "run/model": no full path
         self.names = list(self.tagger.vocab.names)
         self._zeros = np.zeros(len(self.names), np.float32)
         self.engine = ModelEngine(self.tagger, max_batch=config.max_batch)
@@ -157,7 +158,7 @@ def create_app(model: Any, index: Any = None, config: ServeConfig | None = None)
     @app.get("/api/health", summary="Is the server up, and what does it serve")
     async def health() -> dict[str, Any]:
         t = service.tagger
-        return {"status": "ok", "version": __version__, "model": t.model_dir.name, "tags": len(service.names),
+        return {"status": "ok", "version": __version__, "model": service.model_name, "tags": len(service.names),
                 "image_size": t.image_config.image_size, "resize": t.image_config.resize,
                 "index": len(service.index) if service.index is not None else None,
                 "max_bytes": config.max_bytes, "max_pixels": service.image_config.max_pixels,
@@ -168,7 +169,7 @@ def create_app(model: Any, index: Any = None, config: ServeConfig | None = None)
         t = service.tagger
         present = [c for c in CATEGORY_ORDER if c in set(service.categories.values())]
         present += sorted(set(service.categories.values()) - set(present))
-        return {"model": t.model_dir.name, "calibrated": bool(t.calibrated),
+        return {"model": service.model_name, "calibrated": bool(t.calibrated),
                 "global_threshold": float(t.global_threshold), "categories": present,
                 "tags": [{"name": n, "category": service.categories[n], "threshold": float(thr)}
                          for n, thr in zip(service.names, t.thresholds)],

@@ -130,7 +130,7 @@ async function loadSimilar(file, seq) {
       const fill = el("span", "meter-fill");
       fill.style.width = `${Math.max(0, r.similarity) * 100}%`;
       meter.append(fill);
-      cap.append(el("span", "sim-id", `#${r.id}`), score, meter);
+      cap.append(el("span", "sim-id", typeof r.id === "number" ? `#${r.id}` : String(r.id)), score, meter);
       card.append(img, cap);
       grid.append(card);
     }
