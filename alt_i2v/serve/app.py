@@ -225,10 +225,9 @@ def create_app(model: Any, index: Any = None, config: ServeConfig | None = None)
         if tag and tag not in tagger.vocab.index:
             raise UploadError(400, "unknown_tag", f"{tag!r} is not a tag of this model's vocabulary")
         wanted = None if not tag else [tagger.vocab.index[tag]]
-        explainer = await run_in_threadpool(get_explainer, tagger)
         # the gradients run on the model thread; decoding the whole picture and drawing do not
         cams, indices, probs = await asyncio.wrap_future(service.engine.call(
-            lambda: explainer.cams(image, wanted)))
+            lambda: get_explainer(tagger).cams(image, wanted)))
         overlay, grey, (width, height) = await run_in_threadpool(
             heat_pictures, upload.data, cams[0], service.image_config)
         if format == "png":
