@@ -387,9 +387,21 @@ def test_page_in_a_real_browser(site, tmp_path):
         assert first.get_attribute("data-id") == query.name
         wait.until(thumbnails_loaded)
 
+        browser.find_element(By.ID, "copy").click()
+        wait.until(lambda b: b.find_element(By.ID, "copy").text == "Copied")
         shot = tmp_path / "serve.png"
         assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
-        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
-        assert not errors, errors  # no failed request, no blocked remote resource, no script error
+
+        # a bad upload: its message on the page, and the next good one works
+        (tmp_path / "notes.png").write_text("not a picture")
+        browser.find_element(By.ID, "file").send_keys(str(tmp_path / "notes.png"))
+        wait.until(lambda b: b.find_element(By.ID, "error").is_displayed())
+        assert "not a recognised image format" in browser.find_element(By.ID, "error").text
+        browser.find_element(By.ID, "file").send_keys(str(query))
+        wait.until(lambda b: b.find_element(By.ID, "result").get_attribute("data-state") == "done")
+        assert not browser.find_element(By.ID, "error").is_displayed() and set(shown()) == set(want)
+        errors = [e for e in browser.get_log("browser")
+                  if e["level"] == "SEVERE" and "responded with a status of 415" not in e["message"]]
+        assert not errors, errors  # no failed request but the bad upload's, no blocked resource, no script error
     finally:
         browser.quit()
