@@ -28,10 +28,12 @@ def main() -> int:
     p.add_argument("--demo", default="alt-i2v-demo", help="demo directory (--demo DIR --quick is run if needed)")
     p.add_argument("--out", default=str(ROOT / "docs" / "serve.png"))
     p.add_argument("--post", type=int, default=None, help="demo post id to upload (default: the demo's query)")
+    p.add_argument("--tag", help="the tag to click (default: night_sky if shown, else the most probable)")
     args = p.parse_args()
 
     from _browser import chromium, show_heat_map, thumbnails_loaded, upload
 
+    from alt_i2v.config import ServeConfig
     from alt_i2v.demo import run_demo
     from alt_i2v.serve import create_app
     from alt_i2v.serve.server import running
@@ -49,13 +51,15 @@ def main() -> int:
         query = post_image_path(post, run / "data")
     model, index = run / "model", run / "similar.index"
     tags = predict_tags(query, model=model)
-    tag = next((t for t in tags if "hair" in t), next(iter(tags)))
-    with running(create_app(model, index)) as url, tempfile.TemporaryDirectory() as profile:
-        browser = chromium(Path(profile), 1280, 960)
+    tag = args.tag or ("night_sky" if "night_sky" in tags else next(iter(tags)))
+    with running(create_app(model, index, ServeConfig(top_k=7))) as url, tempfile.TemporaryDirectory() as profile:
+        browser = chromium(Path(profile), 1280, 1000)
         try:
             wait = upload(browser, url, query)
             show_heat_map(browser, wait, tag)
             wait.until(thumbnails_loaded)
+            height = browser.execute_script("return document.documentElement.scrollHeight")
+            browser.set_window_size(1280, height + 100)  # the whole page, similar images included
             png = browser.get_screenshot_as_png()
         finally:
             browser.quit()
@@ -64,7 +68,7 @@ def main() -> int:
     import io
 
     shot = Image.open(io.BytesIO(png)).convert("RGB")
-    shot.quantize(colors=192, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(out, optimize=True)
+    shot.quantize(256, method=Image.Quantize.FASTOCTREE).save(out, optimize=True)  # ~90 KiB, not ~370
     print(f"wrote {out} ({out.stat().st_size // 1024} KiB): {query.name}, heat map of {tag!r}")
     return 0
 
