@@ -15,6 +15,8 @@ _EXPORTS = {
     # inference and search
     "predict_tags": "tagger", "extract_embeddings": "tagger", "Tagger": "tagger",
     "SimilarityIndex": "search",
+    # web page and JSON API (needs the serve extra)
+    "create_app": "serve", "run_server": "serve",
     # model and training
     "build_model": "model", "train": "train", "evaluate": "evaluate", "load_model": "model",
     "embedding_model": "model", "ModelConfig": "config", "TrainConfig": "config",
