@@ -54,21 +54,21 @@ class Service:
     """What the routes share: the model (behind its engine thread), the index, the limits."""
 
     def __init__(self, model: Any, index: Any, config: ServeConfig):
-        from ..search import SimilarityIndex, check_index_model
-        from ..tagger import get_tagger
+        from ..search import open_index
+        from ..tagger import Tagger, get_tagger
 
         self.config = config
-        self.tagger = get_tagger(model)
+        self.index = None
+        if index is not None:  # the index's own model unless one is given, checked to be the one it was built with
+            self.index, self.tagger = open_index(index, model.model_dir if isinstance(model, Tagger) else model)
+        elif model is not None:
+            self.tagger = get_tagger(model)
+        else:
+            raise UsageError("give a model directory (or an index that names its model)")
         image = self.tagger.image_config
         if config.max_pixels is not None:
             image = image.replace(max_pixels=config.max_pixels)
         self.image_config = image
-        self.index = None
-        self.index_path = None
-        if index is not None:
-            self.index = index if isinstance(index, SimilarityIndex) else SimilarityIndex.load(index)
-            self.index_path = None if isinstance(index, SimilarityIndex) else str(index)
-            check_index_model(self.index, self.tagger, self.index_path or "the index")
         self.categories = self.tagger.tag_categories
         self.model_name = "/".join(self.tagger.model_dir.resolve().parts[-2:])  # "run/model": no full path
         self.names = list(self.tagger.vocab.names)
@@ -123,9 +123,9 @@ class Service:
 
 
 def create_app(model: Any, index: Any = None, config: ServeConfig | None = None) -> FastAPI:
-    """The web application over ``model`` (a model directory or a loaded Tagger) and optionally ``index``
-    (a similarity-index directory or a SimilarityIndex built with that model). The model is loaded here,
-    once; every forward pass runs on one engine thread that batches concurrent requests."""
+    """The web application over ``model`` (a model directory or a loaded Tagger; None: the one ``index``
+    names) and optionally ``index`` (a similarity-index directory built with that model). The model is
+    loaded here, once; every forward pass runs on one engine thread that batches concurrent requests."""
     config = config or ServeConfig()
     service = Service(model, index, config)
 

@@ -60,7 +60,8 @@ def run_server(model: Any, index: Any = None, config: ServeConfig | None = None,
             print(f"alt-i2v: warning: listening on {config.host}: anyone who can reach this machine can use "
                   "the tagger (the default --host 127.0.0.1 keeps it local)", file=sys.stderr)
         if not quiet:
-            print(f"alt-i2v: serving {model} at {url_of(sock)} (Ctrl-C to stop)", flush=True)
+            print(f"alt-i2v: serving {app.state.service.tagger.model_dir} at {url_of(sock)} (Ctrl-C to stop)",
+                  flush=True)
         try:
             _server(app, quiet).run(sockets=[sock])
         except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: the normal way out
