@@ -33,7 +33,8 @@ from .render import data_url, heat_pictures, thumbnail_jpeg
 from .uploads import FILE_FIELD, Upload, UploadError, decode, parse_form, read_body
 
 STATIC = Path(__file__).resolve().parent / "static"
-MAX_JSON_BYTES = 4 << 20  # a /api/caption body: every tag of a large vocabulary with its probability
+MAX_JSON_BYTES = 4 << 20
+INLINE_PARSE_BYTES = 256 << 10  # smaller uploads are parsed on the event loop (a thread hop costs more)  # a /api/caption body: every tag of a large vocabulary with its probability
 SECURITY_HEADERS = {
     # everything the page needs comes from this server: no CDN, no inline script, no framing
     "content-security-policy": "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; "
@@ -48,6 +49,27 @@ EXPLAIN_BODY = {"requestBody": {"required": True, "content": {"multipart/form-da
     "type": "object", "required": [FILE_FIELD],
     "properties": {FILE_FIELD: {"type": "string", "format": "binary", "description": "the image"},
                    "tag": {"type": "string", "description": "the tag to explain (default: the most probable)"}}}}}}}
+
+
+class SecurityHeaders:
+    """Pure ASGI middleware adding :data:`SECURITY_HEADERS` to every response (Starlette's
+    ``@app.middleware("http")`` wraps each request in extra tasks and streams; this only edits headers)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+        self.extra = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                have = {k.lower() for k, _ in message.get("headers", [])}
+                message["headers"] = list(message.get("headers", [])) + [h for h in self.extra if h[0] not in have]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 class Service:
@@ -80,8 +102,9 @@ class Service:
     async def receive(self, request: Request) -> tuple[Upload, np.ndarray]:
         """The request's upload and its decoded model input (an UploadError when refused)."""
         body = await read_body(request.headers, request.stream(), self.config.max_bytes)
-        upload = await run_in_threadpool(parse_form, body, request.headers.get("content-type"),
-                                         self.config.max_bytes)
+        ctype = request.headers.get("content-type")
+        upload = parse_form(body, ctype, self.config.max_bytes) if len(body) <= INLINE_PARSE_BYTES else \
+            await run_in_threadpool(parse_form, body, ctype, self.config.max_bytes)
         cfg = self.image_config
         image = await run_in_threadpool(decode, upload, cfg.image_size, cfg.resize, cfg.max_pixels, cfg.pad_color)
         return upload, image
@@ -142,12 +165,7 @@ def create_app(model: Any, index: Any = None, config: ServeConfig | None = None)
     app.state.service = service
     _add_error_handlers(app)
 
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        for k, v in SECURITY_HEADERS.items():
-            response.headers.setdefault(k, v)
-        return response
+    app.add_middleware(SecurityHeaders)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
