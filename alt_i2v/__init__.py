@@ -1,12 +1,15 @@
 """alt-i2v: learn to tag anime-style illustrations with many labels at once.
 
 The public API is re-exported here lazily, so ``import alt_i2v`` stays fast and does not import
-TensorFlow/Keras until a model is actually needed.
+TensorFlow/Keras until a model is actually needed. A function named like its module (``train``,
+``evaluate``, ``explain``) stays the function here; ``importlib.import_module("alt_i2v.train")`` is the module.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -14,7 +17,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     # inference and search
     "predict_tags": "tagger", "extract_embeddings": "tagger", "Tagger": "tagger",
-    "SimilarityIndex": "search",
+    "SimilarityIndex": "search", "explain": "explain",
     # model and training
     "build_model": "model", "train": "train", "evaluate": "evaluate", "load_model": "model",
     "embedding_model": "model", "ModelConfig": "config", "TrainConfig": "config",
@@ -40,3 +43,17 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(__all__)
+
+
+class _Package(types.ModuleType):
+    """Keeps an exported function when the import system binds its same-named submodule over it
+    (``alt_i2v.train``, ``alt_i2v.explain``...): ``from alt_i2v import train`` is always the function."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if (isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name
+                and value.__name__ == f"{__name__}.{name}" and hasattr(value, name)):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -38,6 +38,8 @@ ACTIONS: dict[str, tuple[str, str]] = {
               "alt-i2v --index --model model --images folder/ --out folder.index"),
     "similar": ("print the nearest images to one image",
                 "alt-i2v --similar query.jpg --index folder.index --top-k 10"),
+    "explain": ("write Grad-CAM heat maps: where in each image the evidence for a tag lies",
+                "alt-i2v --explain img.jpg folder/ --model model --tag red_hair --top-k 3 --out maps/"),
     "demo": ("run the whole pipeline on generated data (offline)",
              "alt-i2v --demo demo_run --quick"),
 }
@@ -58,6 +60,7 @@ ACTION_OPTIONS: dict[str, set[str]] = {
     "embed": {"model", "out", "recursive", "batch_size", "workers"},
     "index": {"model", "data", "images", "out", "recursive", "approx", "batch_size", "workers"},
     "similar": {"index", "top_k", "model"},
+    "explain": {"model", "tag", "top_k", "out", "recursive"},
     "demo": {"quick"},
 }
 COMMON = {"quiet", "debug"}
@@ -84,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--embed", nargs="+", metavar="FILE_OR_DIR", help=ACTIONS["embed"][0])
     act.add_argument("--index", dest="index_action", action="store_true", help=ACTIONS["index"][0])
     act.add_argument("--similar", metavar="FILE", help=ACTIONS["similar"][0])
+    act.add_argument("--explain", nargs="+", metavar="FILE_OR_DIR", help=ACTIONS["explain"][0])
     act.add_argument("--demo", nargs="?", const="alt-i2v-demo", metavar="DIR", help=ACTIONS["demo"][0] +
                      " (default DIR: ./alt-i2v-demo)")
 
@@ -155,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--images", metavar="DIR", help="--index: an image folder instead of --data")
     g.add_argument("--approx", action="store_true", help="--index: also build an approximate (faiss) index")
     g.add_argument("--index-path", dest="index", metavar="INDEX", help=argparse.SUPPRESS)
+
+    g = p.add_argument_group("--explain")
+    g.add_argument("--tag", action="append", metavar="TAGS",
+                   help="tags to explain, repeatable or comma-separated (default: the --top-k most probable, 3)")
 
     g = p.add_argument_group("--demo")
     g.add_argument("--quick", action="store_true", help="a sub-minute version")
@@ -301,6 +309,31 @@ def cmd_similar(args: argparse.Namespace) -> int:
     return run_similar(args)
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import DEFAULT_TOP_K, explain_images
+    from .progress import summary
+    from .tagger import list_images
+
+    model = _need(args, "model", "explain")
+    tags = [t.strip() for group in (args.tag or []) for t in group.split(",") if t.strip()]
+    top_k = _opt(args, "top_k", DEFAULT_TOP_K)
+    if top_k < 1:
+        raise UsageError("--top-k must be >= 1")
+    if args.tag and args.top_k is not None:
+        raise UsageError("--explain takes --tag or --top-k, not both")
+    files = list_images(args.explain, recursive=bool(args.recursive))
+    if not files:
+        raise UsageError(f"no images found in {', '.join(args.explain)}" +
+                         ("" if args.recursive else " (use --recursive for sub-folders)"))
+    roots = [p for p in args.explain if os.path.isdir(p)]
+    result = explain_images(files, model, _opt(args, "out", "explain"), tags=tags or None, top_k=top_k,
+                            quiet=args.quiet, roots=roots)
+    for f in result.failed:
+        print(f"alt-i2v: skipped {f['error']}", file=sys.stderr)
+    summary("explain", result.summary(), quiet=args.quiet)
+    return 1 if result.failed else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -311,7 +344,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "scrape": cmd_scrape, "import_src": cmd_import_src, "vocab": cmd_vocab, "build": cmd_build,
     "train": cmd_train, "evaluate": cmd_evaluate, "pred": cmd_pred, "embed": cmd_embed, "index": cmd_index,
-    "similar": cmd_similar, "demo": cmd_demo,
+    "similar": cmd_similar, "explain": cmd_explain, "demo": cmd_demo,
 }
 
 

@@ -144,23 +144,31 @@ def _to_rgb(img: Image.Image, pad_color: Sequence[int]) -> Image.Image:
     return img.convert("RGB")
 
 
-def _fit(img: Image.Image, size: int, resize: str, pad_color: Sequence[int]) -> Image.Image:
-    w, h = img.size
+def fit_geometry(w: int, h: int, size: int, resize: str) -> tuple[int, int, int, int]:
+    """How a ``w`` x ``h`` picture becomes the ``size`` square: it is resized to ``(nw, nh)``, then, for
+    ``pad``, pasted at ``(dx, dy)`` of the square, for ``crop``, the square is cut at ``(dx, dy)`` of it.
+    Returns ``(nw, nh, dx, dy)``; heat maps use it to go back from the square to the picture."""
     sx, sy = _target_scale(w, h, size, resize)
     nw, nh = max(1, round(w * sx)), max(1, round(h * sy))
     if resize == "stretch":
-        nw = nh = size
+        return size, size, 0, 0
     if resize == "crop":
         nw, nh = max(nw, size), max(nh, size)
+        return nw, nh, (nw - size) // 2, (nh - size) // 2
+    return nw, nh, (size - nw) // 2, (size - nh) // 2
+
+
+def _fit(img: Image.Image, size: int, resize: str, pad_color: Sequence[int]) -> Image.Image:
+    w, h = img.size
+    nw, nh, dx, dy = fit_geometry(w, h, size, resize)
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.Resampling.LANCZOS, reducing_gap=3.0)
     if resize == "pad" and (nw, nh) != (size, size):
         canvas = Image.new("RGB", (size, size), tuple(pad_color))
-        canvas.paste(img, ((size - nw) // 2, (size - nh) // 2))
+        canvas.paste(img, (dx, dy))
         return canvas
     if resize == "crop" and (nw, nh) != (size, size):
-        left, top = (nw - size) // 2, (nh - size) // 2
-        return img.crop((left, top, left + size, top + size))
+        return img.crop((dx, dy, dx + size, dy + size))
     return img
 
 
@@ -211,6 +219,25 @@ def _decode_error(name: str, e: Exception) -> ImageLoadError:
     reason = "truncated" if ("truncated" in msg or "broken data stream" in msg or isinstance(e, EOFError)) \
         else "corrupt"
     return ImageLoadError(reason, f"{name}: {reason} image ({msg or type(e).__name__})")
+
+
+def open_rgb(source: ImageSource, config: ImageConfig) -> Image.Image:
+    """The whole picture as 8-bit RGB at its own size, oriented by EXIF, with the same checks and
+    errors as :func:`load_image` (for showing a result over the original, e.g. a heat map)."""
+    name = describe(source)
+    img = _open(source)
+    try:
+        _check_size(img, config.max_pixels, name)
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)
+        img.load()
+        return _to_rgb(ImageOps.exif_transpose(img), config.pad_color)
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError("too_large", f"{name}: refused, {e}") from None
+    except _DECODE_ERRORS as e:
+        raise _decode_error(name, e) from None
 
 
 def load_image_config(source: ImageSource, config: ImageConfig) -> np.ndarray:
