@@ -182,31 +182,10 @@ def load_image(source: ImageSource, image_size: int = 150, resize: str = "pad", 
     """
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-    name = describe(source)
-    img = _open(source)
-    try:
-        if max_pixels > (Image.MAX_IMAGE_PIXELS or math.inf):
-            Image.MAX_IMAGE_PIXELS = max_pixels  # our check is the guard; let Pillow go as far as it
-        _check_size(img, max_pixels, name)
-        if getattr(img, "n_frames", 1) > 1:
-            img.seek(0)
-        if img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
-            w, h = img.size
-            sx, sy = _target_scale(w, h, image_size, resize)
-            img.draft(None, (max(1, math.ceil(w * sx)), max(1, math.ceil(h * sy))))
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        img = _to_rgb(img, pad_color)
-        img = _fit(img, image_size, resize, pad_color)
-        arr = np.asarray(img, dtype=np.uint8)
-    except ImageLoadError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise ImageLoadError("too_large", f"{name}: refused, {e}") from None
-    except _DECODE_ERRORS as e:
-        raise _decode_error(name, e) from None
+    img = _decode(source, max_pixels, pad_color, (image_size, resize))
+    arr = np.asarray(img, dtype=np.uint8)
     if arr.shape != (image_size, image_size, 3):  # pragma: no cover - defensive
-        raise ImageLoadError("corrupt", f"{name}: decoded to unexpected shape {arr.shape}")
+        raise ImageLoadError("corrupt", f"{describe(source)}: decoded to unexpected shape {arr.shape}")
     return np.ascontiguousarray(arr)
 
 
@@ -224,14 +203,28 @@ def _decode_error(name: str, e: Exception) -> ImageLoadError:
 def open_rgb(source: ImageSource, config: ImageConfig) -> Image.Image:
     """The whole picture as 8-bit RGB at its own size, oriented by EXIF, with the same checks and
     errors as :func:`load_image` (for showing a result over the original, e.g. a heat map)."""
+    return _decode(source, config.max_pixels, config.pad_color)
+
+
+def _decode(source: ImageSource, max_pixels: int, pad_color: Sequence[int],
+            fit: tuple[int, str] | None = None) -> Image.Image:
+    """Open, check, decode, orient by EXIF and convert to RGB; with ``fit`` = (size, resize) also fit it
+    to the square, letting the JPEG decoder scale down on the way. Failures become ImageLoadError."""
     name = describe(source)
     img = _open(source)
     try:
-        _check_size(img, config.max_pixels, name)
+        if max_pixels > (Image.MAX_IMAGE_PIXELS or math.inf):
+            Image.MAX_IMAGE_PIXELS = max_pixels  # our check is the guard; let Pillow go as far as it
+        _check_size(img, max_pixels, name)
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)
+        if fit and img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
+            w, h = img.size
+            sx, sy = _target_scale(w, h, fit[0], fit[1])
+            img.draft(None, (max(1, math.ceil(w * sx)), max(1, math.ceil(h * sy))))
         img.load()
-        return _to_rgb(ImageOps.exif_transpose(img), config.pad_color)
+        img = _to_rgb(ImageOps.exif_transpose(img), pad_color)
+        return _fit(img, fit[0], fit[1], pad_color) if fit else img
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as e:
