@@ -153,8 +153,17 @@ def test_square_maps_go_back_to_the_pictures_geometry(resize):
         assert out[:, :35].min() > 0.9 and out[:, 45:].max() < 0.1
 
 
+@pytest.fixture
+def fresh_names():
+    """Layers these tests build take Keras' automatic names (input_layer, ...): give the counters back."""
+    import keras
+
+    yield
+    keras.backend.clear_session()
+
+
 @pytest.mark.parametrize("backbone", ["vgg16", "mobilenet_v2", "resnet50"])
-def test_feature_map_is_found_from_the_graph_of_any_backbone(backbone):
+def test_feature_map_is_found_from_the_graph_of_any_backbone(backbone, fresh_names):
     from alt_i2v.model import build_model
 
     model = build_model(4, image_size=64, backbone=backbone, weights=None, frozen=0)
@@ -169,7 +178,7 @@ def test_feature_map_is_found_from_the_graph_of_any_backbone(backbone):
                        atol=1e-4)
 
 
-def test_a_model_without_a_spatial_feature_map_gets_a_clear_error():
+def test_a_model_without_a_spatial_feature_map_gets_a_clear_error(fresh_names):
     from alt_i2v.errors import AltI2VError
     from alt_i2v.model import build_model
 
