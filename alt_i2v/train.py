@@ -77,6 +77,7 @@ class TrainResult:
     thresholds: dict[str, Any] = field(default_factory=dict)
     precision_policy: str = "float32"
     seconds: float = 0.0
+    bad_records: list[dict] = field(default_factory=list)  # store records left out: they did not decode
 
     @property
     def epochs_completed(self) -> int:
@@ -112,6 +113,9 @@ class TrainResult:
                                   f"{self.thresholds.get('calibrated_on')}")
         if rates:
             rows["train speed"] = f"{np.median(rates):.1f} img/s"
+        if self.bad_records:
+            rows["bad store records"] = (f"{len(self.bad_records)} left out (first: {self.bad_records[0]['key']}: "
+                                         f"{self.bad_records[0]['reason'][:80]}); run --build --rebuild")
         rows["seconds"] = round(self.seconds, 1)
         rows["files"] = "model.keras, config.json, vocab.json, thresholds.json, history.csv, curves.png"
         return rows
@@ -454,8 +458,10 @@ def train(data_dir: str | os.PathLike, model_dir: str | os.PathLike, *, resume: 
         elif int(mc.image_size) != store.image_size:
             raise AltI2VError(f"{model_dir} was trained on {mc.image_size}px images but the store now holds "
                               f"{store.image_size}px ones; rebuild the store at {mc.image_size}px to resume")
-        return _train(store, data_dir, model_dir, mc, tc, vocab, state if resumed else None, resumed, quiet,
-                      t_start)
+        result = _train(store, data_dir, model_dir, mc, tc, vocab, state if resumed else None, resumed, quiet,
+                        t_start)
+        result.bad_records = store.bad_report()
+        return result
     finally:
         store.close()
 
