@@ -1,14 +1,12 @@
 """alt-i2v: learn to tag anime-style illustrations with many labels at once.
 
 The public API is re-exported here lazily, so ``import alt_i2v`` stays fast and does not import
-TensorFlow/Keras until a model is actually needed. A function named like its module (``train``,
-``evaluate``, ``explain``) stays the function here; ``importlib.import_module("alt_i2v.train")`` is the module.
+TensorFlow/Keras until a model is actually needed.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
 import types
 from typing import Any
 
@@ -31,12 +29,19 @@ _EXPORTS = {
 
 __all__ = ["__version__", *_EXPORTS]
 
+# Functions that share their module's name: ``alt_i2v.explain`` is always the module, and the module is
+# callable as its function, so ``from alt_i2v import explain; explain(...)`` and ``alt_i2v.explain.render``
+# both work whatever was imported first.
+_CALLABLE_MODULES = {"explain"}
+
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'alt_i2v' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    value = importlib.import_module(f".{module}", __name__)
+    if name not in _CALLABLE_MODULES:
+        value = getattr(value, name)
     globals()[name] = value
     return value
 
@@ -45,15 +50,8 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
-class _Package(types.ModuleType):
-    """Keeps an exported function when the import system binds its same-named submodule over it
-    (``alt_i2v.train``, ``alt_i2v.explain``...): ``from alt_i2v import train`` is always the function."""
+class CallableModule(types.ModuleType):
+    """A module that, called, calls its function of the same name (see ``_CALLABLE_MODULES``)."""
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if (isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name
-                and value.__name__ == f"{__name__}.{name}" and hasattr(value, name)):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self, self.__name__.rpartition(".")[2])(*args, **kwargs)

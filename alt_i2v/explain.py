@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from . import CallableModule
 from .errors import AltI2VError, ImageLoadError, UsageError
 
 DEFAULT_TOP_K = 3
@@ -337,3 +339,5 @@ def _picture_stem(file: Path, roots: Sequence[Path], used: set[str]) -> str:
 
 __all__ = ["explain", "explain_images", "Explainer", "ExplainResult", "feature_layer", "get_explainer",
            "to_picture", "render", "colorize", "DEFAULT_TOP_K"]
+
+sys.modules[__name__].__class__ = CallableModule  # ``from alt_i2v import explain`` is this module: callable

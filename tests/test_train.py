@@ -4,7 +4,6 @@ checks, mixed precision and the CLI."""
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import os
 import signal
@@ -174,7 +173,7 @@ def test_resume_after_kill_9_mid_training(built_data, tmp_path):
 
 
 def test_nan_loss_stops_training_with_a_clear_message(built_data, tmp_path, monkeypatch):
-    train_mod = importlib.import_module("alt_i2v.train")  # the package's `train` is the function
+    import alt_i2v.train as train_mod
 
     class NaNLoss(keras.losses.Loss):
         def call(self, y_true, y_pred):
