@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 from .. import __version__
 from ..errors import AltI2VError, UsageError
 from ..layout import DataDir
-from .infer import cmd_embed, cmd_index, cmd_pred, cmd_similar
+from .infer import cmd_embed, cmd_explain, cmd_index, cmd_pred, cmd_similar
 
 ACTIONS: dict[str, tuple[str, str]] = {
     # dest: (help, example)
@@ -45,6 +45,8 @@ ACTIONS: dict[str, tuple[str, str]] = {
               "alt-i2v --index --model model --images folder/ --out folder.index"),
     "similar": ("print the nearest images to one image",
                 "alt-i2v --similar query.jpg --index folder.index --top-k 10"),
+    "explain": ("write Grad-CAM heat maps: where in each image the evidence for a tag lies",
+                "alt-i2v --explain img.jpg folder/ --model model --tag blonde_hair,hat --out maps/"),
     "demo": ("run the whole pipeline on generated data (offline)",
              "alt-i2v --demo demo_run --quick"),
     "serve": ("a web page and JSON API: drop an image, see its tags, why, and similar images",
@@ -67,12 +69,13 @@ ACTION_OPTIONS: dict[str, set[str]] = {
     "embed": {"model", "out", "recursive", "batch_size", "workers"},
     "index": {"model", "data", "images", "out", "recursive", "approx", "batch_size", "workers"},
     "similar": {"index", "top_k", "model"},
+    "explain": {"model", "tag", "top_k", "out", "recursive"},
     "demo": {"quick"},
     "serve": {"model", "index", "host", "port", "max_bytes", "max_pixels", "top_k", "batch_size"},
 }
 COMMON = {"quiet", "debug"}
 # Actions that load Keras (and, with the default backend, TensorFlow)
-KERAS_ACTIONS = {"train", "evaluate", "pred", "embed", "index", "similar", "demo"}
+KERAS_ACTIONS = {"train", "evaluate", "pred", "embed", "index", "similar", "explain", "demo", "serve"}
 
 
 def _count(least: int) -> Callable[[str], int]:
@@ -111,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--embed", nargs="+", metavar="FILE_OR_DIR", help=ACTIONS["embed"][0])
     act.add_argument("--index", dest="index_action", action="store_true", help=ACTIONS["index"][0])
     act.add_argument("--similar", metavar="FILE", help=ACTIONS["similar"][0])
+    act.add_argument("--explain", nargs="+", metavar="FILE_OR_DIR", help=ACTIONS["explain"][0])
     act.add_argument("--demo", nargs="?", const="alt-i2v-demo", metavar="DIR", help=ACTIONS["demo"][0] +
                      " (default DIR: ./alt-i2v-demo)")
     act.add_argument("--serve", action="store_true", help=ACTIONS["serve"][0])
@@ -188,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--images", metavar="DIR", help="--index: an image folder instead of --data")
     g.add_argument("--approx", action="store_true", help="--index: also build an approximate (faiss) index")
     g.add_argument("--index-path", dest="index", metavar="INDEX", help=argparse.SUPPRESS)
+
+    g = p.add_argument_group("--explain")
+    g.add_argument("--tag", action="append", metavar="TAGS",
+                   help="tags to explain, repeatable or comma-separated (default: the --top-k most probable, 3)")
 
     g = p.add_argument_group("--demo")
     g.add_argument("--quick", action="store_true", help="a sub-minute version")
@@ -379,7 +387,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "scrape": cmd_scrape, "import_src": cmd_import_src, "vocab": cmd_vocab, "build": cmd_build,
     "train": cmd_train, "evaluate": cmd_evaluate, "pred": cmd_pred, "embed": cmd_embed, "index": cmd_index,
-    "similar": cmd_similar, "demo": cmd_demo, "serve": cmd_serve,
+    "similar": cmd_similar, "explain": cmd_explain, "demo": cmd_demo, "serve": cmd_serve,
 }
 
 

@@ -1,4 +1,5 @@
-"""Command lines of a trained model: ``--pred`` (tags, captions), ``--embed``, ``--index`` and ``--similar``.
+"""Command lines of a trained model: ``--pred`` (tags, captions), ``--embed``, ``--index``, ``--similar`` and
+``--explain``.
 
 Each handler checks its arguments, calls the library (tagger, search) and prints what it did.
 """
@@ -202,3 +203,33 @@ def cmd_similar(args: argparse.Namespace) -> int:
         label = path if ids_are_files else (f"{ident}  {path}" if path is not None else str(ident))
         print(f"{rank:4d}  {s:.4f}  {label}")
     return 0
+
+
+def _tag_list(values: Any) -> list[str]:
+    """Tags of a repeatable, comma-separated option."""
+    return [t.strip() for group in (values or []) for t in group.split(",") if t.strip()]
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """``--explain FILES/DIRS --model DIR [--tag T,...] [--top-k K] [--out DIR]``: Grad-CAM pictures."""
+    import os
+
+    from ..explain import DEFAULT_TOP_K, explain_images
+    from ..progress import summary
+    from ..tagger import list_images
+
+    if not args.model:
+        raise UsageError("--explain needs --model DIR (a trained model directory)")
+    if args.tag and args.top_k is not None:
+        raise UsageError("--explain takes --tag or --top-k, not both")
+    files = list_images(args.explain, recursive=bool(args.recursive))
+    if not files:
+        raise UsageError(f"no images found in {', '.join(args.explain)}" +
+                         ("" if args.recursive else " (use --recursive for sub-folders)"))
+    roots = [p for p in args.explain if os.path.isdir(p)]
+    result = explain_images(files, args.model, args.out or "explain", tags=_tag_list(args.tag) or None,
+                            top_k=DEFAULT_TOP_K if args.top_k is None else args.top_k, quiet=args.quiet, roots=roots)
+    for f in result.failed:
+        print(f"alt-i2v: skipped {f['error']}", file=sys.stderr)
+    summary("explain", result.summary(), quiet=args.quiet)
+    return 1 if result.failed else 0
