@@ -62,36 +62,40 @@ def test_screen_sorts_copies_reports_and_sets_errors_aside(model_dir, tmp_path):
     from alt_i2v.tagger import Tagger
 
     src = _folder(tmp_path / "raw", 24)
-    (src / "a" / "broken.png").write_bytes(truncated_png(shapes(1, 5)[0]))
-    (src / "notes.txt").write_text("not an image")
-    before = _digests(src)
-    out = tmp_path / "sorted"
-    result = screen(src, model_dir, out, keep=["red"], reject=["square"], threshold=THRESHOLD, quiet=True)
-
-    assert _digests(src) == before  # a copy leaves the source alone
-    rows = {r["file"]: r for r in _report(out)}
-    assert len(rows) == 25 and result.counts == {"ok": result.counts["ok"], "ng": 24 - result.counts["ok"], "error": 1}
     tagger = Tagger(model_dir)
     red, square = tagger.vocab.index["red"], tagger.vocab.index["square"]
     images = sorted(p for p in src.rglob("img*.png"))
     probs = tagger.probabilities([str(p) for p in images])
+    # thresholds inside the model's own range, so both piles and both rules are used whatever it learned
+    t_red, t_square = float(np.quantile(probs[:, red], 0.3)), float(np.quantile(probs[:, square], 0.8))
+    threshold = {"red": t_red, "square": t_square}
+    (src / "a" / "broken.png").write_bytes(truncated_png(shapes(1, 5)[0]))
+    (src / "notes.txt").write_text("not an image")
+    before = _digests(src)
+    out = tmp_path / "sorted"
+    result = screen(src, model_dir, out, keep=["red"], reject=["square"], threshold=threshold, quiet=True)
+
+    assert _digests(src) == before  # a copy leaves the source alone
+    rows = {r["file"]: r for r in _report(out)}
+    assert len(rows) == 25 and result.counts == {"ok": result.counts["ok"], "ng": 24 - result.counts["ok"], "error": 1}
     for p, pr in zip(images, probs):
         rel = p.relative_to(src).as_posix()
         row = rows[rel]
-        want = "ng" if pr[square] >= THRESHOLD else ("ok" if pr[red] >= THRESHOLD else "ng")
+        rejected = pr[square] >= t_square
+        want = "ng" if rejected else ("ok" if pr[red] >= t_red else "ng")
         assert row["decision"] == want
-        assert row["tag"] == ("square" if pr[square] >= THRESHOLD else "red")
-        deciding = square if row["tag"] == "square" else red
-        assert float(row["probability"]) == pytest.approx(float(pr[deciding]), abs=1e-3)
+        assert row["tag"] == ("square" if rejected else "red")
+        assert float(row["probability"]) == pytest.approx(float(pr[square if rejected else red]), abs=1e-3)
+        assert row["rule"] == ("reject tag" if rejected else "keep tag" if want == "ok" else "no keep tag")
         assert row["destination"] == f"{want}/{rel}"
         assert (out / row["destination"]).read_bytes() == p.read_bytes()  # relative path kept
-    assert 0 < result.counts["ok"] < 24  # both piles are used
+    assert 0 < result.counts["ok"] < 24 and {r["rule"] for r in rows.values()} >= {"reject tag", "keep tag"}
     err = rows["a/broken.png"]
     assert err["decision"] == "error" and err["destination"] == "error/a/broken.png" and "truncated" in err["rule"]
     assert (out / "error" / "a" / "broken.png").is_file()
     assert not (out / "ok" / "notes.txt").exists() and not (out / "ng" / "notes.txt").exists()
 
-    again = screen(src, model_dir, out, keep=["red"], reject=["square"], threshold=THRESHOLD, quiet=True)
+    again = screen(src, model_dir, out, keep=["red"], reject=["square"], threshold=threshold, quiet=True)
     assert again.resumed == 25 and again.counts == result.counts  # nothing redone
     assert sum(1 for p in out.rglob("*") if p.is_file() and ".screen" not in p.parts) == 26  # 25 + report
 
