@@ -221,7 +221,7 @@ class Tagger:
         """Raw sigmoid outputs (N, T) float32 of a batch that must load (an ImageLoadError otherwise)."""
         sources, single = as_list(images)
         out = np.empty((len(sources), len(self.vocab)), np.float32)
-        for start, loaded, ok, probs in self.iter_batches(sources, lambda b: self._forward(self.model, b)):
+        for start, loaded, ok, probs in self.iter_probabilities(sources):
             for x in loaded:
                 if isinstance(x, ImageLoadError):
                     raise x
@@ -242,12 +242,16 @@ class Tagger:
             idx = idx[:top_k]
         return {str(self._names[i]): float(probs[i]) for i in idx}
 
+    def iter_probabilities(self, sources: Sequence[Any]) -> Iterator[tuple[int, list, list[int], np.ndarray]]:
+        """:meth:`iter_batches` with the model's probabilities (len(ok), T) as the outputs."""
+        return self.iter_batches(sources, lambda b: self._forward(self.model, b))
+
     def iter_predict(self, sources: Sequence[Any], threshold: Any = None, top_k: int | None = None
                      ) -> Iterator[tuple[int, dict[str, float] | ImageLoadError]]:
         """Stream ``(position, tags or ImageLoadError)`` in input order, one batch at a time."""
         thr = self.thresholds_for(threshold)
         top_k = check_top_k(top_k)
-        for start, loaded, ok, probs in self.iter_batches(sources, lambda b: self._forward(self.model, b)):
+        for start, loaded, ok, probs in self.iter_probabilities(sources):
             row = {i: r for r, i in enumerate(ok)}
             for i, x in enumerate(loaded):
                 yield start + i, (x if i not in row else self.tags_from_probs(probs[row[i]], thr, top_k))
