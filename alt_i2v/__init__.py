@@ -17,6 +17,8 @@ _EXPORTS = {
     "predict_tags": "tagger", "extract_embeddings": "tagger", "Tagger": "tagger",
     "SimilarityIndex": "search", "explain": "explain", "screen": "screen",
     "export": "export",
+    # web page and JSON API (needs the serve extra)
+    "create_app": "serve", "run_server": "serve",
     # model and training
     "build_model": "model", "train": "train", "evaluate": "evaluate", "load_model": "model",
     "embedding_model": "model", "ModelConfig": "config", "TrainConfig": "config",

@@ -228,6 +228,11 @@ class Tagger:
             out[start:start + len(loaded)] = probs
         return out[0] if single else out
 
+    def probabilities_of_arrays(self, images: np.ndarray) -> np.ndarray:
+        """Raw sigmoid outputs (N, T) float32 of already loaded uint8 images (N, S, S, 3): the forward
+        pass of :meth:`probabilities` without the loading (the web server decodes uploads itself)."""
+        return np.asarray(self._forward(self.model, np.asarray(images)), dtype=np.float32)
+
     def tags_from_probs(self, probs: np.ndarray, thresholds: np.ndarray, top_k: int | None = None
                         ) -> dict[str, float]:
         """``{tag: probability}`` of one probability row, above ``thresholds``, most probable first."""

@@ -54,6 +54,8 @@ ACTIONS: dict[str, tuple[str, str]] = {
                "alt-i2v --export --model model --format onnx --out model-onnx/"),
     "demo": ("run the whole pipeline on generated data (offline)",
              "alt-i2v --demo demo_run --quick"),
+    "serve": ("a web page and JSON API: drop an image, see its tags, why, and similar images",
+              "alt-i2v --serve --model model --index folder.index --port 8000"),
 }
 
 # Options each action accepts (besides --quiet/--debug); anything else given is a usage error.
@@ -76,10 +78,12 @@ ACTION_OPTIONS: dict[str, set[str]] = {
     "screen": {"model", "keep", "reject", "threshold", "out", "copy", "move", "dry_run", "batch_size", "workers"},
     "export": {"model", "format", "out"},
     "demo": {"quick"},
+    "serve": {"model", "index", "host", "port", "max_bytes", "max_pixels", "top_k", "batch_size"},
 }
 COMMON = {"quiet", "debug"}
 # Actions that load Keras (and, with the default backend, TensorFlow)
-KERAS_ACTIONS = {"train", "evaluate", "pred", "embed", "index", "similar", "explain", "screen", "export", "demo"}
+KERAS_ACTIONS = {"train", "evaluate", "pred", "embed", "index", "similar", "explain", "screen", "export", "demo",
+                 "serve"}
 
 
 def _count(least: int) -> Callable[[str], int]:
@@ -123,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--export", action="store_true", help=ACTIONS["export"][0])
     act.add_argument("--demo", nargs="?", const="alt-i2v-demo", metavar="DIR", help=ACTIONS["demo"][0] +
                      " (default DIR: ./alt-i2v-demo)")
+    act.add_argument("--serve", action="store_true", help=ACTIONS["serve"][0])
 
     g = p.add_argument_group("common")
     g.add_argument("--data", metavar="DIR", help="dataset directory (posts.jsonl, images/, vocab.json, store/)")
@@ -140,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--source", choices=["api", "html"], help="JSON API (default) or HTML pages")
     g.add_argument("--rate", type=float, metavar="R", help="requests per second (default 1)")
     g.add_argument("--file-size", choices=["original", "sample"], help="original file or the large sample")
-    g.add_argument("--max-bytes", type=int, metavar="B", help="skip files larger than B bytes")
+    g.add_argument("--max-bytes", type=int, metavar="B",
+                   help="skip files larger than B bytes (--serve: refuse larger uploads with 413, default 32 MiB)")
     g.add_argument("--login", metavar="USER", help="Danbooru login (default $DANBOORU_LOGIN)")
     g.add_argument("--api-key", metavar="KEY", help="Danbooru API key (default $DANBOORU_API_KEY)")
 
@@ -213,14 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("--demo")
     g.add_argument("--quick", action="store_true", help="a sub-minute version")
+
+    g = p.add_argument_group("--serve (also --model, --index INDEX, --top-k, --max-bytes, --max-pixels)")
+    g.add_argument("--host", metavar="HOST", help="address to listen on (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, metavar="PORT", help="port to listen on (default 8000; 0 picks a free one)")
     return p
 
 
 def _parse(argv: Sequence[str] | None) -> tuple[str, argparse.Namespace]:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    # --index is both an action flag and the --similar option; disambiguate before argparse sees it.
-    if "--similar" in argv and "--index" in argv:
+    # --index is both an action flag and the --similar/--serve option; disambiguate before argparse sees it.
+    if ("--similar" in argv or "--serve" in argv) and "--index" in argv:
         argv[argv.index("--index")] = "--index-path"
     args = parser.parse_args(argv)
     action = next(a for a in ACTIONS if _given(getattr(args, "index_action" if a == "index" else a, None)))
@@ -380,11 +390,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..config import ServeConfig
+    from ..serve import require_extra, run_server
+
+    require_extra()
+    if not args.model and not args.index:
+        raise UsageError("--serve needs --model DIR (a trained model directory), or an --index that names its model")
+    kw = {"host": args.host, "port": args.port, "max_bytes": args.max_bytes, "max_pixels": args.max_pixels,
+          "top_k": args.top_k, "max_batch": args.batch_size}
+    config = ServeConfig(**{k: v for k, v in kw.items() if v is not None})
+    run_server(args.model, args.index, config, quiet=args.quiet)
+    return 0
+
+
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "scrape": cmd_scrape, "import_src": cmd_import_src, "vocab": cmd_vocab, "build": cmd_build,
     "train": cmd_train, "evaluate": cmd_evaluate, "pred": cmd_pred, "embed": cmd_embed, "index": cmd_index,
     "similar": cmd_similar, "explain": cmd_explain, "screen": cmd_screen, "export": cmd_export,
-    "demo": cmd_demo,
+    "demo": cmd_demo, "serve": cmd_serve,
 }
 
 
