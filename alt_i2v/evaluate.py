@@ -36,35 +36,22 @@ def predict_split(model, store, split: str | None, *, batch_size: int = 64, work
     """Probabilities of every image of a split: ``(keys, y_true (N, T), y_prob (N, T))``, store order.
 
     Batches all have ``batch_size`` images (the last one padded), so predict compiles once; they are
-    read ahead by threads, or by the reader processes of ``readers`` (a sharded store). A record that
+    read ahead by ``workers`` threads, or by the reader processes of ``readers`` (a sharded store). A record that
     does not decode is left out (keys and rows) and noted in ``store.bad``.
     """
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
     from .config import resolve_workers
     from .model import predict_batch
     from .pipeline import StoreDataset
     from .progress import bar
 
     keys, labels = store.index(split)
-    ds = StoreDataset(store, keys, labels, batch_size=batch_size, workers=1, readers=readers)
+    ds = StoreDataset(store, keys, labels, batch_size=batch_size, workers=resolve_workers(workers), readers=readers)
     y_true = np.zeros((len(keys), store.num_tags), dtype=np.float32)
     probs = np.zeros((len(keys), store.num_tags), dtype=np.float32)
     kept: list[bytes] = []
-    nworkers = 1 if readers is not None else max(1, resolve_workers(workers))
-    with ThreadPoolExecutor(nworkers) as ex, bar(total=len(keys), desc=desc, unit="img", quiet=quiet) as pbar:
-        pending: deque = deque()
-        nxt = 0
-        while nxt < len(ds) and len(pending) < nworkers * 2:
-            pending.append((nxt, ex.submit(ds.__getitem__, nxt)))
-            nxt += 1
-        while pending:
-            index, future = pending.popleft()
-            x, y, w = future.result()
-            if nxt < len(ds):
-                pending.append((nxt, ex.submit(ds.__getitem__, nxt)))
-                nxt += 1
+    with bar(total=len(keys), desc=desc, unit="img", quiet=quiet) as pbar:
+        for index in range(len(ds)):  # the dataset reads the next batches while the model runs
+            x, y, w = ds[index]
             p = predict_batch(model, x["image"], batch_size)
             if isinstance(p, list):
                 p = p[0]

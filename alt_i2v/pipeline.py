@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
 
 import numpy as np
 from keras.callbacks import Callback
@@ -34,7 +35,9 @@ class StoreDataset(PyDataset):
 
     ``shuffle`` reorders every epoch, ``augment`` draws flip/crop parameters per batch; ``workers``
     threads read ahead, or the processes of ``readers`` do. ``epoch`` is the epoch the next pass is,
-    so a resumed run continues the same sequence of shuffles.
+    so a resumed run continues the same sequence of shuffles. The read-ahead is this class's own, not
+    Keras' enqueuer (which, under JAX and torch, fetches batches again and trains in another order), so
+    threads and reader processes give the same run on every backend.
     """
 
     def __init__(self, store: Store, keys: Sequence[bytes], labels: Sequence[Sequence[int]], *,
@@ -42,8 +45,8 @@ class StoreDataset(PyDataset):
                  augment: bool = False, zoom: float = 0.15, seed: int = 0, epoch: int = 0,
                  workers: int = 1, max_queue_size: int = 8, steps: int | None = None,
                  readers: ReaderPool | None = None):
-        super().__init__(workers=1 if readers is not None else max(1, int(workers)), use_multiprocessing=False,
-                         max_queue_size=max_queue_size)
+        super().__init__(workers=1, use_multiprocessing=False, max_queue_size=max_queue_size)
+        self.threads = max(1, int(workers))
         if len(keys) != len(labels):
             raise ValueError("keys and labels differ in length")
         self.store = store
@@ -59,9 +62,10 @@ class StoreDataset(PyDataset):
         self._order = self._make_order()
         self._lock = threading.Lock()
         self._buffer: SharedBatches | None = None
-        self._scheduled: dict[int, tuple[int, int]] = {}  # batch index -> (slot, job)
+        self._scheduled: dict[int, Any] = {}  # batch index -> (slot, job) or a thread's future
         self._free: list[int] = []
         self._next = 0
+        self._threads: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_split(cls, store: Store, split: str, *, shards: Sequence[int] | None = None, **kw) -> "StoreDataset":
@@ -106,11 +110,7 @@ class StoreDataset(PyDataset):
     def __getitem__(self, index: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         idx, n = self.padded_indices(index)
         keys = [self.keys[i] for i in idx]
-        if self.readers is None:
-            x = np.empty((self.batch_size, self.image_size, self.image_size, 3), np.uint8)
-            ok = self.store.read_into(keys, x)
-        else:
-            x, ok = self._from_readers(index, keys)
+        x, ok = self._fetch(index, keys)
         y = multi_hot([self.labels[i] for i in idx], self.num_tags)
         w = np.zeros(self.batch_size, np.float32)
         w[:n] = 1.0
@@ -122,57 +122,77 @@ class StoreDataset(PyDataset):
             p = identity_params(self.batch_size, self.image_size)
         return {"image": x, "augment": p}, y, w
 
-    # ------------------------------------------------------------------------------ reader processes
-    def _from_readers(self, index: int, keys: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-        """Batch ``index`` from the shared-memory slot the reader processes filled; batches after it are
-        already being read (up to the number of slots)."""
+    # ------------------------------------------------------------------------------ read-ahead
+    def _fetch(self, index: int, keys: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """Images and the decoded-mask of batch ``index``; the batches after it are already being read
+        (by ``workers`` threads, or into the shared-memory slots of the reader processes)."""
         with self._lock:
-            if self._buffer is None:
+            if self.readers is not None and self._buffer is None:
                 slots = max(1, min(len(self), max(4, 2 * self.readers.processes)))
                 self._buffer = SharedBatches(slots, self.batch_size, self.image_size)
                 self._free = list(range(slots))
+            if self.readers is None and self._threads is None:
+                self._threads = ThreadPoolExecutor(self.threads)
             if index not in self._scheduled:
                 self._cancel()
                 self._next = index
-            if index not in self._scheduled:
                 self._schedule(index, keys)
             self._fill()
-            slot, job = self._scheduled.pop(index)
-            bad = self.readers.wait(job)
-            x = self._buffer.array[slot].copy()
-            self._free.append(slot)
+            handle = self._scheduled.pop(index)
+            if self.readers is None:
+                x, ok = handle.result()
+            else:
+                slot, job = handle
+                bad = self.readers.wait(job)
+                x = self._buffer.array[slot].copy()
+                self._free.append(slot)
+                ok = np.ones(self.batch_size, bool)
+                for pos, why in bad:  # noted here as if this process had read them
+                    ok[pos] = False
+                    self.store.bad[keys[pos]] = why
             self._fill()
-        ok = np.ones(self.batch_size, bool)
-        for pos, why in bad:  # noted here as if this process had read them
-            ok[pos] = False
-            self.store.bad[keys[pos]] = why
         return x, ok
+
+    def _read(self, keys: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        x = np.empty((len(keys), self.image_size, self.image_size, 3), np.uint8)
+        return x, self.store.read_into(keys, x)
 
     def _schedule(self, index: int, keys: list[bytes] | None = None) -> None:
         if keys is None:
             keys = [self.keys[i] for i in self.padded_indices(index)[0]]
-        slot = self._free.pop()
-        self._scheduled[index] = (slot, self.readers.submit(self._buffer, slot, keys))
+        if self.readers is None:
+            self._scheduled[index] = self._threads.submit(self._read, keys)
+        else:
+            slot = self._free.pop()
+            self._scheduled[index] = (slot, self.readers.submit(self._buffer, slot, keys))
 
     def _fill(self) -> None:
-        while self._free and self._next < len(self):
+        ahead = 2 * self.threads + 1
+        while (self._free if self.readers is not None else len(self._scheduled) < ahead) and self._next < len(self):
             if self._next not in self._scheduled:
                 self._schedule(self._next)
             self._next += 1
 
     def _cancel(self) -> None:
-        """Forget the batches read ahead (another epoch, or an out-of-order request): wait for the
-        readers to finish writing them, then free their slots."""
-        for slot, job in self._scheduled.values():
-            self.readers.wait(job)
-            self._free.append(slot)
+        """Forget the batches read ahead (another epoch, or an out-of-order request): wait for them to be
+        written (into slots that are then free again)."""
+        for handle in self._scheduled.values():
+            if self.readers is None:
+                handle.result()
+            else:
+                self.readers.wait(handle[1])
+                self._free.append(handle[0])
         self._scheduled.clear()
 
     def close(self) -> None:
-        """Free the shared-memory slots (reader processes mode)."""
+        """Stop reading ahead; free the threads or the shared-memory slots."""
         from .errors import AltI2VError
 
         with self._lock:
+            if self._threads is not None:
+                self._cancel()
+                self._threads.shutdown()
+                self._threads = None
             if self._buffer is not None:
                 try:
                     self._cancel()
@@ -193,8 +213,7 @@ class StoreDataset(PyDataset):
         """Select the order and augmentation of ``epoch`` (:class:`EpochSetter` calls this)."""
         if int(epoch) != self.epoch:
             with self._lock:
-                if self.readers is not None:
-                    self._cancel()
+                self._cancel()
                 self.epoch = int(epoch)
                 self._order = self._make_order()
 
@@ -217,21 +236,13 @@ class EpochSetter(Callback):
 
 
 def measure_pipeline(dataset: StoreDataset, batches: int | None = None) -> float:
-    """Images per second the dataset produces on its own (no model), with its threads or its reader
-    processes: for the benchmark."""
+    """Images per second the dataset produces on its own (no model), with its read-ahead threads or
+    reader processes: for the benchmark."""
     import time
-    from concurrent.futures import ThreadPoolExecutor
 
     n = min(len(dataset), batches or len(dataset))
     t0 = time.perf_counter()
-    images = 0
-    if dataset.readers is not None:
-        for i in range(n):
-            images += len(dataset[i][1])
-    else:
-        with ThreadPoolExecutor(max(1, dataset.workers)) as ex:
-            for _, y, _ in ex.map(dataset.__getitem__, range(n)):
-                images += len(y)
+    images = sum(len(dataset[i][1]) for i in range(n))
     return images / max(time.perf_counter() - t0, 1e-9)
 
 
