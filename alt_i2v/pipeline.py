@@ -189,15 +189,14 @@ class StoreDataset(PyDataset):
         from .errors import AltI2VError
 
         with self._lock:
-            if self._threads is not None:
+            try:
                 self._cancel()
+            except (AltI2VError, KeyError):  # the readers stopped, or the store was closed: nothing is in flight
+                self._scheduled.clear()
+            if self._threads is not None:
                 self._threads.shutdown()
                 self._threads = None
             if self._buffer is not None:
-                try:
-                    self._cancel()
-                except AltI2VError:  # the readers stopped: nothing more will be written into the slots
-                    self._scheduled.clear()
                 self.readers.forget(self._buffer)
                 self._buffer.close()
                 self._buffer = None

@@ -4,7 +4,8 @@ advisory lock readers share and builds take alone."""
 from __future__ import annotations
 
 import os
-from contextlib import ExitStack
+import threading
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -66,6 +67,9 @@ class Store:
         if lock:
             self._lock.enter_context(store_lock(path, shared=True))  # a build never swaps it away under us
         self._db = None
+        self._closed = False
+        self._use = threading.Condition()  # reads in flight; release() waits for them (plyvel must not
+        self._users = 0                    # close a DB that another thread is reading)
         try:
             self._db = _open_db(path, create=False)
             raw = self._db.get(META_KEY)
@@ -86,15 +90,34 @@ class Store:
 
     @property
     def db(self):
-        """The open LevelDB (opened again after :meth:`release`)."""
+        """The open LevelDB (opened again after :meth:`release`, never after :meth:`close`)."""
         if self._db is None or self._db.closed:
+            if self._closed:
+                raise AltI2VError(f"{self.path}: the store is closed")
             self._db = _open_db(self.path, create=False)
         return self._db
 
     def release(self) -> None:
-        """Close the LevelDB files (not the lock) so another process can open them; reads reopen them."""
-        if self._db is not None and not self._db.closed:
-            self._db.close()
+        """Close the LevelDB files (not the lock) so another process can open them; reads reopen them.
+        Waits for reads in flight on other threads (read-ahead) first."""
+        with self._use:
+            while self._users:
+                self._use.wait()
+            if self._db is not None and not self._db.closed:
+                self._db.close()
+
+    @contextmanager
+    def _reading(self):
+        """The open DB for one read (or a batch of them): :meth:`release` waits until it is done."""
+        with self._use:
+            db = self.db
+            self._users += 1
+        try:
+            yield db
+        finally:
+            with self._use:
+                self._users -= 1
+                self._use.notify_all()
 
     def shard_of(self, key: bytes) -> int:
         """Which shard holds ``key`` (always 0 here)."""
@@ -153,7 +176,8 @@ class Store:
     def get(self, key: bytes | str) -> dict:
         """One record ``{"id", "image", "labels", "split"}`` by key (``i123``) or by post id."""
         key = self._key(key)
-        raw = self.db.get(REC + key)
+        with self._reading() as db:
+            raw = db.get(REC + key)
         if raw is None:
             raise KeyError(key.decode(errors="replace"))
         try:
@@ -182,16 +206,16 @@ class Store:
         if out is None or out.shape[0] < n:
             out = np.empty((n, s, s, 3), dtype=np.uint8)
         labels = []
-        get = self.db.get
-        for key in keys:
-            raw = get(REC + key)
-            if raw is None:
-                raise KeyError(key.decode(errors="replace"))
-            rec = self._decode(key, raw)
-            if rec is None:
-                continue
-            out[len(labels)] = rec["image"]
-            labels.append(rec["labels"])
+        with self._reading() as db:
+            for key in keys:
+                raw = db.get(REC + key)
+                if raw is None:
+                    raise KeyError(key.decode(errors="replace"))
+                rec = self._decode(key, raw)
+                if rec is None:
+                    continue
+                out[len(labels)] = rec["image"]
+                labels.append(rec["labels"])
         return out[:len(labels)], labels
 
     def read_into(self, keys: Sequence[bytes], out: np.ndarray, at: Sequence[int] | None = None) -> np.ndarray:
@@ -199,18 +223,18 @@ class Store:
         possibly shared memory. Returns the mask of records that decoded; one that does not is zeroed,
         noted in :attr:`bad` and costs only itself."""
         ok = np.ones(len(keys), bool)
-        get = self.db.get
-        for i, key in enumerate(keys):
-            j = i if at is None else at[i]
-            raw = get(REC + key)
-            if raw is None:
-                raise KeyError(key.decode(errors="replace"))
-            rec = self._decode(key, raw)
-            if rec is None:
-                out[j] = 0
-                ok[i] = False
-            else:
-                out[j] = rec["image"]
+        with self._reading() as db:
+            for i, key in enumerate(keys):
+                j = i if at is None else at[i]
+                raw = db.get(REC + key)
+                if raw is None:
+                    raise KeyError(key.decode(errors="replace"))
+                rec = self._decode(key, raw)
+                if rec is None:
+                    out[j] = 0
+                    ok[i] = False
+                else:
+                    out[j] = rec["image"]
         return ok
 
     def records(self, split: str | None = None) -> Iterator[dict]:
@@ -219,6 +243,7 @@ class Store:
             yield self.get(key)
 
     def close(self) -> None:
+        self._closed = True  # a late read (a read-ahead thread) fails instead of opening it again
         self.release()
         self._lock.close()
 

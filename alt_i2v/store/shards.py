@@ -165,7 +165,8 @@ class ShardedStore(Store):
         labels = []
         for key in keys:
             store = self.stores[self.shard_of(key)]
-            raw = store.db.get(REC + key)
+            with store._reading() as db:
+                raw = db.get(REC + key)
             if raw is None:
                 raise KeyError(key.decode(errors="replace"))
             rec = store._decode(key, raw)
