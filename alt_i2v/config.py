@@ -127,6 +127,9 @@ def load_config(cls: type[T], path: str | Path) -> T:
 # Model and training settings (model.py / train.py)
 
 LOSSES = ("bce", "focal", "asl")
+OPTIMIZERS = ("adamw", "adam")
+POOLINGS = ("flatten", "avg", "avgmax")
+SCHEDULES = ("cosine", "constant")
 MIXED_PRECISION = ("auto", "float16", "bfloat16", "mixed_float16", "mixed_bfloat16", "float32", "none")
 
 
@@ -144,8 +147,8 @@ class ModelConfig(JsonConfig):
     weights: str | None = "imagenet"
     frozen: int | None = None
     dense_units: int | None = None
-    pooling: str | None = None  # "flatten" (the reference) or "avg"
-    dropout: float = 0.0
+    pooling: str | None = None  # "flatten" (the reference), "avg" or "avgmax" (global average + max, concatenated)
+    dropout: float | None = None  # before the tags layer; None = the backbone's default
     filters: tuple | None = None  # the tiny backbone's conv widths, one block each
 
     def __post_init__(self):
@@ -158,9 +161,9 @@ class ModelConfig(JsonConfig):
             raise UsageError(f"frozen must be a non-negative integer, got {self.frozen!r}")
         if self.dense_units is not None and self.dense_units < 1:
             raise UsageError("dense_units must be >= 1")
-        if self.pooling not in (None, "flatten", "avg"):
-            raise UsageError(f"pooling must be flatten or avg, got {self.pooling!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
+        if self.pooling not in (None,) + POOLINGS:
+            raise UsageError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.dropout is not None and not 0.0 <= float(self.dropout) < 1.0:
             raise UsageError("dropout must be in [0, 1)")
 
 
@@ -173,7 +176,7 @@ class TrainConfig(JsonConfig):
     lr: float = 1e-3
     loss: str = "bce"
     patience: int = 5
-    monitor: str = "val_auc"  # early stopping and the best checkpoint
+    monitor: str = "val_map"  # early stopping and the best checkpoint (map: mean average precision over tags)
     mixed_precision: str | None = None
     workers: int = 0  # input pipeline threads; 0 = cores
     augment: bool = True
@@ -185,6 +188,11 @@ class TrainConfig(JsonConfig):
     asl_gamma_neg: float = 4.0
     asl_gamma_pos: float = 0.0
     asl_clip: float = 0.05
+    optimizer: str = "adamw"  # adamw (decoupled weight decay) or adam (the original project's)
+    weight_decay: float = 0.05  # AdamW's decoupled weight decay
+    schedule: str = "cosine"  # cosine: linear warm-up, then cosine decay to 1% over all epochs; or constant
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0  # bce only: targets 0/1 become s/2 and 1 - s/2
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -204,10 +212,18 @@ class TrainConfig(JsonConfig):
             raise UsageError("zoom must be in [0, 1)")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise UsageError("steps_per_epoch must be >= 1")
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not float(self.weight_decay) >= 0 or not float(self.warmup_epochs) >= 0:
+            raise UsageError("weight decay and warm-up epochs must be >= 0")
+        if not 0.0 <= float(self.label_smoothing) < 0.5:
+            raise UsageError("label smoothing must be in [0, 0.5)")
 
 
 __all__ = [
     "JsonConfig", "ImageConfig", "VocabConfig", "BuildConfig", "RESIZE_MODES", "DEFAULT_CATEGORIES",
     "ALL_CATEGORIES", "resolve_workers", "load_config", "field", "ModelConfig", "TrainConfig", "LOSSES",
-    "MIXED_PRECISION",
+    "MIXED_PRECISION", "OPTIMIZERS", "SCHEDULES", "POOLINGS",
 ]

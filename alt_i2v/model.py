@@ -41,12 +41,13 @@ class Backbone:
     preprocess: str  # Preprocess mode: caffe, tf, torch, raw, unit
     image_size: int  # default input side
     min_size: int
-    pooling: str = "avg"  # head: "flatten" the feature map, or global "avg" pool it
+    pooling: str = "avg"  # head: "flatten" the feature map, or global "avg" / "avgmax" pool it
     dense_units: int = 2048  # width of the per-position "features" Dense (= embedding size)
     frozen: int = 0  # default frozen backbone layers when pretrained weights are used
     weights_file: str | None = None  # keras cache file name of the notop ImageNet weights
     weights_origin: str | None = None
     weights_hash: str | None = None
+    dropout: float = 0.0  # default dropout before the tags layer
 
     @property
     def pretrained(self) -> bool:
@@ -190,9 +191,11 @@ class AsymmetricLoss(keras.losses.Loss):
 
 
 def get_loss(name: str = "bce", **params: Any) -> keras.losses.Loss:
-    """``bce`` (binary cross-entropy, the reference), ``focal`` or ``asl``."""
+    """``bce`` (binary cross-entropy, the reference; ``label_smoothing`` pulls its 0/1 targets inward),
+    ``focal`` or ``asl``."""
     if name == "bce":
-        return keras.losses.BinaryCrossentropy(name="bce")
+        return keras.losses.BinaryCrossentropy(label_smoothing=float(params.get("label_smoothing") or 0.0),
+                                               name="bce")
     if name == "focal":
         return FocalLoss(gamma=params.get("focal_gamma", 2.0))
     if name == "asl":
@@ -280,9 +283,10 @@ def resolve_config(config: ModelConfig | None = None, *, check_weights: bool = T
         warnings.warn(f"frozen={frozen} with weights=None: those layers keep their random initial values",
                       UserWarning, stacklevel=3)
     filters = tuple(cfg.filters) if cfg.filters else (tiny_filters(size) if bb.name == "tiny" else None)
+    dropout = bb.dropout if cfg.dropout is None else float(cfg.dropout)
     return cfg.replace(backbone=bb.name, image_size=size, weights=weights, frozen=frozen,
                        dense_units=cfg.dense_units or bb.dense_units, pooling=cfg.pooling or bb.pooling,
-                       filters=filters)
+                       filters=filters, dropout=dropout)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -364,6 +368,9 @@ def _assemble(cfg: ModelConfig, load_weights: bool) -> keras.Model:
     x = layers.Dense(int(cfg.dense_units), activation="relu", name="features")(x)
     if cfg.pooling == "flatten":
         x = layers.Flatten(name="flatten")(x)
+    elif cfg.pooling == "avgmax":  # average for area tags (hair colour), max for small local ones (eyes)
+        x = layers.Concatenate(name="pool")([layers.GlobalAveragePooling2D(name="avg_pool")(x),
+                                             layers.GlobalMaxPooling2D(name="max_pool")(x)])
     else:
         x = layers.GlobalAveragePooling2D(name="pool")(x)
     if cfg.dropout:

@@ -28,7 +28,7 @@ import time
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import keras
 import numpy as np
@@ -389,12 +389,35 @@ class _Run:
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
-def _compile(model: keras.Model, tc: TrainConfig) -> None:
+def learning_rate(tc: TrainConfig, steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """``constant``: ``lr`` throughout. ``cosine``: linear warm-up from lr/10 over ``warmup_epochs``, then cosine
+    decay to lr/100 at the last epoch: the large early steps that find a good region, then the small late
+    ones that settle in it, without a decay schedule to tune per dataset."""
+    lr = float(tc.lr)
+    if tc.schedule == "constant":
+        return lr
+    total = max(1, int(tc.epochs) * max(1, int(steps_per_epoch)))
+    warm = min(int(round(float(tc.warmup_epochs) * steps_per_epoch)), total // 2)
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=lr / 10 if warm else lr, decay_steps=max(1, total - warm), alpha=0.01,
+        warmup_target=lr if warm else None, warmup_steps=warm)
+
+
+def make_optimizer(tc: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """AdamW (decoupled weight decay, the default) or Adam, on :func:`learning_rate`'s schedule."""
+    lr = learning_rate(tc, steps_per_epoch)
+    if tc.optimizer == "adamw" and float(tc.weight_decay) > 0:
+        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=float(tc.weight_decay))
+    return keras.optimizers.Adam(learning_rate=lr)
+
+
+def _compile(model: keras.Model, tc: TrainConfig, steps_per_epoch: int) -> None:
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=float(tc.lr)),
+        optimizer=make_optimizer(tc, steps_per_epoch),
         loss=get_loss(tc.loss, focal_gamma=tc.focal_gamma, asl_gamma_neg=tc.asl_gamma_neg,
-                      asl_gamma_pos=tc.asl_gamma_pos, asl_clip=tc.asl_clip),
+                      asl_gamma_pos=tc.asl_gamma_pos, asl_clip=tc.asl_clip, label_smoothing=tc.label_smoothing),
         metrics=[keras.metrics.AUC(name="auc"),
+                 keras.metrics.AUC(curve="PR", multi_label=True, num_thresholds=100, name="map"),
                  keras.metrics.F1Score(average="micro", threshold=0.5, name="f1")])
 
 
@@ -406,13 +429,15 @@ def _config_record(mc: ModelConfig, tc: TrainConfig, image: ImageConfig, vocab: 
 
 
 def train(data_dir: str | os.PathLike, model_dir: str | os.PathLike, *, resume: bool = False,
-          quiet: bool = False, **settings: Any) -> TrainResult:
+          quiet: bool = False, callbacks: Sequence[keras.callbacks.Callback] = (), **settings: Any) -> TrainResult:
     """Train a tagger on ``DATA/store`` into ``MODEL`` (see the module docstring for what is written).
 
     ``settings`` are ModelConfig / TrainConfig fields (epochs, batch_size, lr, backbone, weights, frozen,
     image_size, mixed_precision, patience, loss, workers, ...). Without ``weights`` a backbone uses its
     default: ImageNet for keras.applications backbones, none for ``tiny``. ``resume=True`` continues an
-    interrupted run from its last completed epoch with the settings it was started with.
+    interrupted run from its last completed epoch with the settings it was started with. ``callbacks`` are
+    extra Keras callbacks (one that sets ``model.stop_training`` mid-epoch ends the run after that epoch
+    is validated and recorded, as with a budget).
     """
     t_start = time.perf_counter()
     data_dir, model_dir = Path(data_dir), Path(model_dir)
@@ -455,13 +480,14 @@ def train(data_dir: str | os.PathLike, model_dir: str | os.PathLike, *, resume: 
             raise AltI2VError(f"{model_dir} was trained on {mc.image_size}px images but the store now holds "
                               f"{store.image_size}px ones; rebuild the store at {mc.image_size}px to resume")
         return _train(store, data_dir, model_dir, mc, tc, vocab, state if resumed else None, resumed, quiet,
-                      t_start)
+                      t_start, list(callbacks))
     finally:
         store.close()
 
 
 def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: TrainConfig, vocab: Vocab,
-           state: dict | None, resumed: bool, quiet: bool, t_start: float) -> TrainResult:
+           state: dict | None, resumed: bool, quiet: bool, t_start: float,
+           callbacks: list | None = None) -> TrainResult:
     counts = store.counts()
     if counts["train"] == 0:
         raise AltI2VError(f"{store.path} has no training images; add data and run --build")
@@ -487,21 +513,6 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
         keras.config.set_dtype_policy(policy)
         if state:
             initial_epoch = int(state["epoch"])
-            run.history = [r for r in run.history if int(r["epoch"]) <= initial_epoch]
-            run.best_value, run.best_epoch = state.get("best_value"), state.get("best_epoch")
-            run.wait = int(state.get("wait", 0))
-            run.stopped_early = tc.patience > 0 and run.wait >= tc.patience  # --patience may have changed
-            model = keras.saving.load_model(run.ckpt / state["last"], safe_mode=True, compile=True)
-        else:
-            model = build_model(config=mc)
-            _compile(model, tc)
-        keras.config.set_dtype_policy("float32")
-        run.export = build_model(config=mc, load_weights=False)  # float32, uncompiled: best.keras, model.keras
-        keras.config.set_dtype_policy(policy)
-        dim = embedding_dim(model)
-        atomic_write_json(model_dir / CONFIG_FILE, _config_record(mc, tc, image, vocab, dim, {
-            "precision_policy": policy, "finished": False}))
-
         workers = resolve_workers(tc.workers)
         train_ds = StoreDataset.from_split(store, "train", batch_size=tc.batch_size, shuffle=True,
                                            augment=tc.augment, zoom=tc.zoom, seed=tc.seed, epoch=initial_epoch,
@@ -509,12 +520,29 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
         run.train_images_per_epoch = min(train_ds.num_images, len(train_ds) * tc.batch_size)
         val_ds = StoreDataset.from_split(store, "val", batch_size=tc.batch_size, workers=workers) \
             if has_val else None
+        if state:
+            run.history = [r for r in run.history if int(r["epoch"]) <= initial_epoch]
+            run.best_value, run.best_epoch = state.get("best_value"), state.get("best_epoch")
+            run.wait = int(state.get("wait", 0))
+            run.stopped_early = tc.patience > 0 and run.wait >= tc.patience  # --patience may have changed
+            model = keras.saving.load_model(run.ckpt / state["last"], safe_mode=True, compile=True)
+        else:
+            model = build_model(config=mc)
+            _compile(model, tc, len(train_ds))
+        keras.config.set_dtype_policy("float32")
+        run.export = build_model(config=mc, load_weights=False)  # float32, uncompiled: best.keras, model.keras
+        keras.config.set_dtype_policy(policy)
+        dim = embedding_dim(model)
+        atomic_write_json(model_dir / CONFIG_FILE, _config_record(mc, tc, image, vocab, dim, {
+            "precision_policy": policy, "finished": False}))
+
         run.nan_guard = NaNGuard()
         done = run.stopped_early or initial_epoch >= tc.epochs
         if not done:
             verbose = 0 if quiet else (1 if sys.stdout.isatty() else 2)
             model.fit(train_ds, validation_data=val_ds, epochs=tc.epochs, initial_epoch=initial_epoch,
-                      callbacks=[EpochSetter(train_ds), run.nan_guard, RunState(run)], verbose=verbose, shuffle=False)
+                      callbacks=[EpochSetter(train_ds), run.nan_guard, *(callbacks or []), RunState(run)],
+                      verbose=verbose, shuffle=False)
         if run.nan_guard.batch is not None:
             good = run.history[-1]["epoch"] if run.history else 0
             where = (f"batch {run.nan_guard.batch + 1}" if run.nan_guard.batch >= 0 else
