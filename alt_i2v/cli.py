@@ -51,7 +51,8 @@ ACTION_OPTIONS: dict[str, set[str]] = {
     "build": {"data", "image_size", "resize", "workers", "max_pixels", "rebuild", "val_fraction",
               "test_fraction"},
     "train": {"data", "model", "epochs", "batch_size", "lr", "backbone", "weights", "frozen", "image_size",
-              "mixed_precision", "resume", "patience", "loss", "workers"},
+              "mixed_precision", "resume", "patience", "loss", "workers", "optimizer", "weight_decay",
+              "schedule", "warmup_epochs", "label_smoothing", "pooling", "dropout"},
     "evaluate": {"data", "model", "split", "batch_size"},
     "pred": {"model", "threshold", "top_k", "format", "write_captions", "caption_mode", "recursive",
              "exclude", "max_tags", "tag_style", "no_escape", "batch_size", "workers"},
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-fraction", type=float, metavar="F", help="test share (default 0.1)")
 
     g = p.add_argument_group("--train")
-    g.add_argument("--epochs", type=int, metavar="N", help="epochs (default 20)")
+    g.add_argument("--epochs", type=int, metavar="N", help="epochs (default 10; the learning-rate schedule spans them)")
     g.add_argument("--lr", type=float, metavar="LR", help="learning rate (default 1e-3)")
     g.add_argument("--backbone", metavar="NAME", help="vgg16 (default), tiny, or another keras.applications name")
     g.add_argument("--weights", metavar="W", help="imagenet (default for vgg16), none, or a weights file path")
@@ -134,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
     g.add_argument("--patience", type=int, metavar="N", help="early-stopping patience in epochs")
     g.add_argument("--loss", choices=["bce", "focal", "asl"], help="loss (default bce)")
+    g.add_argument("--optimizer", choices=["adamw", "adam"], help="optimizer (default adamw)")
+    g.add_argument("--weight-decay", type=float, metavar="WD", help="AdamW weight decay (default 0.05)")
+    g.add_argument("--schedule", choices=["cosine", "constant"],
+                   help="learning rate: warm-up + cosine decay (default) or constant")
+    g.add_argument("--warmup-epochs", type=float, metavar="N", help="warm-up epochs of the cosine schedule (1)")
+    g.add_argument("--label-smoothing", type=float, metavar="S", help="bce label smoothing (default 0)")
+    g.add_argument("--pooling", choices=["flatten", "avg", "avgmax"],
+                   help="head: flatten the feature map, or global average / average+max pooling "
+                        "(default: the backbone's)")
+    g.add_argument("--dropout", type=float, metavar="P", help="dropout before the tags layer (default: the backbone's)")
 
     g = p.add_argument_group("--evaluate")
     g.add_argument("--split", choices=["train", "val", "test"], help="split to score (default test)")
@@ -260,7 +271,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = _need(args, "data", "train")
     model = _need(args, "model", "train")
     kw = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "backbone", "weights", "frozen",
-                                         "image_size", "mixed_precision", "patience", "loss", "workers")
+                                         "image_size", "mixed_precision", "patience", "loss", "workers",
+                                         "optimizer", "weight_decay", "schedule", "warmup_epochs",
+                                         "label_smoothing", "pooling", "dropout")
           if getattr(args, k) is not None}
     result = train(data, model, resume=args.resume, quiet=args.quiet, **kw)
     summary("train", result.summary(), quiet=args.quiet)

@@ -171,7 +171,7 @@ class ModelConfig(JsonConfig):
 class TrainConfig(JsonConfig):
     """How a model is trained (recorded in MODEL/config.json; --resume reuses it)."""
 
-    epochs: int = 20
+    epochs: int = 10  # the cosine schedule spans them: 15,000 96px images train in ~6 min on 2 CPU cores (tiny)
     batch_size: int = 32
     lr: float = 1e-3
     loss: str = "bce"
@@ -192,7 +192,7 @@ class TrainConfig(JsonConfig):
     weight_decay: float = 0.05  # AdamW's decoupled weight decay
     schedule: str = "cosine"  # cosine: linear warm-up, then cosine decay to 1% over all epochs; or constant
     warmup_epochs: float = 1.0
-    label_smoothing: float = 0.0  # bce only: targets 0/1 become s/2 and 1 - s/2
+    label_smoothing: float = 0.1  # bce only: targets 0/1 become s/2 and 1 - s/2 (missing tags cost less)
 
     def __post_init__(self):
         if self.loss not in LOSSES:

@@ -111,7 +111,8 @@ def _background(rng, s):
             box = (x - r, y - r, x + r, y + r)
             (d.ellipse if rng.random() < 0.5 else d.rectangle)(box, fill=_random_rgb(rng))
     elif kind == "noise":
-        arr = np.asarray(img, np.float32) + rng.normal(0, 40, (s // 8 + 1, s // 8 + 1, 3)).repeat(8, 0).repeat(8, 1)[:s, :s]
+        blotches = rng.normal(0, 40, (s // 8 + 1, s // 8 + 1, 3)).repeat(8, 0).repeat(8, 1)[:s, :s]
+        arr = np.asarray(img, np.float32) + blotches
         img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     elif kind == "bokeh":
         for _ in range(int(rng.integers(5, 15))):
@@ -153,7 +154,10 @@ def draw_face(seed: int, index: int, size: int = 96):
     tags.append(hair_tag)
     eye_tag = _pick(rng, EYES)
     iris = _colour(rng, EYES[eye_tag])
-    outline = _shade(hair, rng.uniform(0.2, 0.5)) if rng.random() < 0.5 else tuple(int(c) for c in rng.integers(20, 70, 3))
+    if rng.random() < 0.5:
+        outline = _shade(hair, rng.uniform(0.2, 0.5))
+    else:
+        outline = tuple(int(c) for c in rng.integers(20, 70, 3))
     skin = _colour(rng, (0, (15, 30), (0.08, 0.3), (0.85, 1.0)))
     style = rng.choice(["long", "short", "twintails", "ponytail"], p=[0.45, 0.3, 0.13, 0.12])
     cx, cy = s * rng.uniform(0.42, 0.58), s * rng.uniform(0.46, 0.6)
@@ -162,13 +166,15 @@ def draw_face(seed: int, index: int, size: int = 96):
     # hair behind the head
     if style in ("long", "twintails"):
         if style == "long":
-            d.rounded_rectangle((cx - 1.3 * r, cy - 0.9 * r, cx + 1.3 * r, cy + 2.6 * r), radius=r * 0.5, fill=_shade(hair, 0.8))
+            d.rounded_rectangle((cx - 1.3 * r, cy - 0.9 * r, cx + 1.3 * r, cy + 2.6 * r), radius=r * 0.5,
+                                fill=_shade(hair, 0.8))
         else:
             for sg in (-1, 1):
                 d.ellipse((cx + sg * 1.25 * r - 0.45 * r, cy - 0.6 * r, cx + sg * 1.25 * r + 0.45 * r, cy + 2.2 * r),
                           fill=_shade(hair, 0.85), outline=outline, width=w_line)
     if style == "ponytail":
-        d.ellipse((cx + 0.6 * r, cy - 1.3 * r, cx + 1.6 * r, cy + 0.6 * r), fill=_shade(hair, 0.85), outline=outline, width=w_line)
+        d.ellipse((cx + 0.6 * r, cy - 1.3 * r, cx + 1.6 * r, cy + 0.6 * r), fill=_shade(hair, 0.85), outline=outline,
+                  width=w_line)
     # neck and clothes
     d.rectangle((cx - 0.3 * r, cy + 0.7 * r, cx + 0.3 * r, cy + 1.4 * r), fill=_shade(skin, 0.92))
     cloth = _random_rgb(rng)
@@ -203,12 +209,13 @@ def draw_face(seed: int, index: int, size: int = 96):
         tags.append("glasses")
     # hair on top: cap + bangs with strands and a highlight
     top = _shade(hair, rng.uniform(0.9, 1.05))
-    d.chord((cx - 1.05 * r, cy - 1.2 * r, cx + 1.05 * r, cy + 0.5 * r), 180, 360, fill=top, outline=outline, width=w_line)
+    d.chord((cx - 1.05 * r, cy - 1.2 * r, cx + 1.05 * r, cy + 0.5 * r), 180, 360, fill=top, outline=outline,
+            width=w_line)
     bang_len = rng.uniform(0.05, 0.4) * r
     for k in range(int(rng.integers(4, 8))):
         bx = cx - 0.95 * r + (k + rng.uniform(0.2, 0.8)) * (1.9 * r / 7)
-        d.polygon([(bx - 0.18 * r, cy - 0.4 * r), (bx + 0.18 * r, cy - 0.4 * r), (bx + rng.uniform(-0.05, 0.05) * r, ey - eh + bang_len)],
-                  fill=top)
+        tip = (bx + rng.uniform(-0.05, 0.05) * r, ey - eh + bang_len)
+        d.polygon([(bx - 0.18 * r, cy - 0.4 * r), (bx + 0.18 * r, cy - 0.4 * r), tip], fill=top)
     if second:
         d.chord((cx - 1.05 * r, cy - 1.2 * r, cx + 1.05 * r, cy + 0.1 * r), 180, 270, fill=_colour(rng, HAIR[second]))
     hl = _mix(top, (255, 255, 255), rng.uniform(0.2, 0.5))
