@@ -21,7 +21,7 @@ _EXPORTS = {
     # data stages
     "scrape": "scraper", "import_folder": "dataset", "read_posts": "dataset", "build_vocab": "vocab",
     "Vocab": "vocab", "build_store": "store", "Store": "store", "load_image": "imaging",
-    "run_demo": "demo", "generate_demo_dataset": "demo",
+    "run_demo": "demo", "generate_demo_dataset": "demo", "DataDir": "layout", "ModelDir": "layout",
     # settings and errors
     "ImageConfig": "config", "AltI2VError": "errors", "ImageLoadError": "errors",
 }

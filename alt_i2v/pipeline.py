@@ -97,8 +97,8 @@ class StoreDataset(PyDataset):
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         idx = self.batch_indices(index)
-        x, _ = self.store.get_batch([self.keys[i] for i in idx])
-        y = multi_hot([self.labels[i] for i in idx], self.num_tags)
+        x, labels = self.store.get_batch([self.keys[i] for i in idx])  # a bad record is left out of both
+        y = multi_hot(labels, self.num_tags)
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, index, 1])
             x = augment_batch(x, rng, zoom=self.zoom)

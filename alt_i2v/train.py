@@ -33,20 +33,20 @@ from typing import Any, Sequence
 import keras
 import numpy as np
 
-from .config import CONFIG_FILE, ImageConfig, ModelConfig, TrainConfig, resolve_workers
+from .config import ImageConfig, ModelConfig, TrainConfig, resolve_workers
 from .errors import AltI2VError, UsageError
-from .evaluate import THRESHOLDS_FILE, calibrate_thresholds, predict_split, prf_at, thresholds_vector
+from .evaluate import predict_split
 from .fsutil import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, remove_stale_temps
-from .model import (MODEL_FILE, build_model, count_params, embedding_dim, get_backbone, get_loss,
-                    resolve_config)
+from .layout import CHECKPOINTS_DIR as CKPT_DIR
+from .layout import CONFIG_FILE, CURVES_FILE, HISTORY_FILE, MODEL_FILE, THRESHOLDS_FILE, ModelDir
+from .metrics import prf_at
+from .model import build_model, count_params, embedding_dim, get_backbone, get_loss, resolve_config
 from .pipeline import EpochSetter, StoreDataset
 from .store import Store
+from .thresholds import calibrate_thresholds, thresholds_vector
 from .vocab import VOCAB_FILE, Vocab
 
 CONFIG_VERSION = 1
-HISTORY_FILE = "history.csv"
-CURVES_FILE = "curves.png"
-CKPT_DIR = "checkpoints"
 STATE_FILE = "state.json"
 BEST_FILE = "best.keras"
 MODEL_FIELDS = {f.name for f in fields(ModelConfig)} - {"num_tags"}
@@ -77,6 +77,7 @@ class TrainResult:
     thresholds: dict[str, Any] = field(default_factory=dict)
     precision_policy: str = "float32"
     seconds: float = 0.0
+    bad_records: list[dict] = field(default_factory=list)  # store records left out: they did not decode
 
     @property
     def epochs_completed(self) -> int:
@@ -112,6 +113,9 @@ class TrainResult:
                                   f"{self.thresholds.get('calibrated_on')}")
         if rates:
             rows["train speed"] = f"{np.median(rates):.1f} img/s"
+        if self.bad_records:
+            rows["bad store records"] = (f"{len(self.bad_records)} left out (first: {self.bad_records[0]['key']}: "
+                                         f"{self.bad_records[0]['reason'][:80]}); run --build --rebuild")
         rows["seconds"] = round(self.seconds, 1)
         rows["files"] = "model.keras, config.json, vocab.json, thresholds.json, history.csv, curves.png"
         return rows
@@ -445,8 +449,8 @@ def train(data_dir: str | os.PathLike, model_dir: str | os.PathLike, *, resume: 
     vocab = Vocab.load(data_dir / VOCAB_FILE)
     if len(vocab) == 0:
         raise AltI2VError(f"{data_dir / VOCAB_FILE} has no tags")
-    cfg_path, state_path = model_dir / CONFIG_FILE, model_dir / CKPT_DIR / STATE_FILE
-    saved = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else None
+    state_path = model_dir / CKPT_DIR / STATE_FILE
+    saved = ModelDir(model_dir).read_config(required=False)
     state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else None
 
     if saved is not None and not resume:
@@ -479,8 +483,10 @@ def train(data_dir: str | os.PathLike, model_dir: str | os.PathLike, *, resume: 
         elif int(mc.image_size) != store.image_size:
             raise AltI2VError(f"{model_dir} was trained on {mc.image_size}px images but the store now holds "
                               f"{store.image_size}px ones; rebuild the store at {mc.image_size}px to resume")
-        return _train(store, data_dir, model_dir, mc, tc, vocab, state if resumed else None, resumed, quiet,
-                      t_start, list(callbacks))
+        result = _train(store, data_dir, model_dir, mc, tc, vocab, state if resumed else None, resumed, quiet,
+                        t_start, list(callbacks))
+        result.bad_records = store.bad_report()
+        return result
     finally:
         store.close()
 

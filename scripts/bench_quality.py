@@ -82,8 +82,9 @@ def small_dataset(root: Path, n: int, size: int) -> Path:
 
 def run_one(name: str, data: Path, model_dir: Path, settings: dict, budget: float) -> dict:
     """Train one recipe under the CPU budget and score it on the test split."""
-    from alt_i2v.evaluate import (calibrate_thresholds, compute_metrics, load_thresholds, predict_split, prf_at,
-                                  thresholds_vector)
+    from alt_i2v.evaluate import predict_split
+    from alt_i2v.metrics import compute_metrics, prf_at
+    from alt_i2v.thresholds import calibrate_thresholds, read_thresholds, thresholds_vector
     from alt_i2v.model import load_model
     from alt_i2v.store import Store
     from alt_i2v.train import train
@@ -103,7 +104,7 @@ def run_one(name: str, data: Path, model_dir: Path, settings: dict, budget: floa
         _, y_val, p_val = predict_split(model, store, "val", batch_size=128)
     finally:
         store.close()
-    thr = thresholds_vector(load_thresholds(model_dir), vocab.names)
+    thr = thresholds_vector(read_thresholds(model_dir / "thresholds.json"), vocab.names)
     m = compute_metrics(y_true, y_prob, thr)
     # the same calibration without its guards (no logit midpoint shrinkage or clamp), for comparison
     raw = calibrate_thresholds(y_val, p_val, vocab.names, clamp=None, shrink_prior=0)

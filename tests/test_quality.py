@@ -13,8 +13,9 @@ keras = pytest.importorskip("keras")
 
 from alt_i2v.config import ModelConfig, TrainConfig  # noqa: E402
 from alt_i2v.errors import UsageError  # noqa: E402
-from alt_i2v.evaluate import calibrate_thresholds, prf_at, thresholds_vector  # noqa: E402
+from alt_i2v.metrics import prf_at  # noqa: E402
 from alt_i2v.model import build_model, get_loss, load_model, resolve_config  # noqa: E402
+from alt_i2v.thresholds import calibrate_thresholds, thresholds_vector  # noqa: E402
 from alt_i2v.train import learning_rate, make_optimizer, read_history, train  # noqa: E402
 
 

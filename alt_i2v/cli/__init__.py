@@ -1,5 +1,8 @@
 """Command line: one action flag per call, options after it; a thin layer over the library.
 
+All argument handling lives in this package (the library takes plain parameters): the parser and the
+data-stage handlers here, the handlers of a trained model in :mod:`.infer`.
+
 Nothing heavy is imported here: each handler imports its stage when it runs, so ``--help`` is instant.
 Exit codes: 0 ok, 1 failed, 2 usage error.
 """
@@ -10,11 +13,15 @@ import argparse
 import errno
 import logging
 import os
+import tempfile
 import sys
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
-from . import __version__
-from .errors import AltI2VError, UsageError
+from .. import __version__
+from ..errors import AltI2VError, UsageError
+from ..layout import DataDir
+from .infer import cmd_embed, cmd_index, cmd_pred, cmd_similar
 
 ACTIONS: dict[str, tuple[str, str]] = {
     # dest: (help, example)
@@ -48,7 +55,7 @@ ACTION_OPTIONS: dict[str, set[str]] = {
                "login", "api_key"},
     "import_src": {"data", "mode", "workers"},
     "vocab": {"data", "size", "min_count", "categories"},
-    "build": {"data", "image_size", "resize", "workers", "max_pixels", "rebuild", "val_fraction",
+    "build": {"data", "image_size", "resize", "workers", "max_pixels", "rebuild", "prune", "val_fraction",
               "test_fraction"},
     "train": {"data", "model", "epochs", "batch_size", "lr", "backbone", "weights", "frozen", "image_size",
               "mixed_precision", "resume", "patience", "loss", "workers", "optimizer", "weight_decay",
@@ -62,6 +69,23 @@ ACTION_OPTIONS: dict[str, set[str]] = {
     "demo": {"quick"},
 }
 COMMON = {"quiet", "debug"}
+# Actions that load Keras (and, with the default backend, TensorFlow)
+KERAS_ACTIONS = {"train", "evaluate", "pred", "embed", "index", "similar", "demo"}
+
+
+def _count(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``least`` (anything else is a usage error, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("common")
     g.add_argument("--data", metavar="DIR", help="dataset directory (posts.jsonl, images/, vocab.json, store/)")
     g.add_argument("--model", metavar="DIR", help="model directory")
-    g.add_argument("--workers", type=int, metavar="N", help="parallel workers (default: scrape 4, others cores)")
-    g.add_argument("--batch-size", type=int, metavar="N", help="batch size (train default 32, predict 64)")
+    g.add_argument("--workers", type=_count(0), metavar="N",
+                   help="parallel workers (default: scrape 4, others cores)")
+    g.add_argument("--batch-size", type=_count(1), metavar="N", help="batch size (train default 32, predict 64)")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summaries")
     g.add_argument("--debug", action="store_true", help="show tracebacks of failures")
 
@@ -120,7 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=int, metavar="PX", help="square side in pixels (default 150)")
     g.add_argument("--resize", choices=["pad", "stretch", "crop"], help="aspect handling (default pad)")
     g.add_argument("--max-pixels", type=int, metavar="N", help="refuse images with more pixels (bomb guard)")
-    g.add_argument("--rebuild", action="store_true", help="delete DATA/store and build it again")
+    g.add_argument("--rebuild", action="store_true",
+                   help="build DATA/store anew beside the old one, then swap it in (refused while it is in use)")
+    g.add_argument("--prune", action="store_true",
+                   help="allow removing more than 20%% of the store's records (posts gone from posts.jsonl)")
     g.add_argument("--val-fraction", type=float, metavar="F", help="validation share (default 0.1)")
     g.add_argument("--test-fraction", type=float, metavar="F", help="test share (default 0.1)")
 
@@ -140,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--schedule", choices=["cosine", "constant"],
                    help="learning rate: warm-up + cosine decay (default) or constant")
     g.add_argument("--warmup-epochs", type=float, metavar="N", help="warm-up epochs of the cosine schedule (1)")
-    g.add_argument("--label-smoothing", type=float, metavar="S", help="bce label smoothing (default 0)")
+    g.add_argument("--label-smoothing", type=float, metavar="S", help="bce label smoothing (default 0.1)")
     g.add_argument("--pooling", choices=["flatten", "avg", "avgmax"],
                    help="head: flatten the feature map, or global average / average+max pooling "
                         "(default: the backbone's)")
@@ -190,6 +218,47 @@ def _parse(argv: Sequence[str] | None) -> tuple[str, argparse.Namespace]:
     return action, args
 
 
+def quiet_frameworks(*, load_keras: bool) -> None:
+    """Keep the frameworks' start-up chatter off stderr (``--debug`` skips this and shows it all).
+
+    ``TF_CPP_MIN_LOG_LEVEL=3``, set before TensorFlow is imported, hides its C++ log lines (cuInit and
+    CUDA errors on machines without a GPU, CPU-feature notes) and Python-side loggers are set to ERROR
+    (TensorFlow's tf.function retracing notes, absl and JAX warnings). TensorFlow 2.19+ also logs while
+    its shared libraries load (oneDNN, "Could not find cuda drivers", absl's InitializeLog notice), before
+    it reads any setting (tensorflow/tensorflow#100442), so Keras is imported here with stderr's file
+    descriptor pointed at a temporary file; if that import fails, what was written is shown.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    for name in ("tensorflow", "absl", "jax"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if load_keras and "keras" not in sys.modules:
+        with _stderr_held():
+            import keras  # noqa: F401
+
+
+@contextmanager
+def _stderr_held() -> Iterator[None]:
+    """Point file descriptor 2 at a temporary file for the block; replay it if the block raises."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable stderr descriptor: nothing to hold
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode("utf-8", "replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _given(value: Any) -> bool:
     return value is not None and value is not False
 
@@ -214,8 +283,8 @@ def cmd_scrape(args: argparse.Namespace) -> int:
     data = _need(args, "data", "scrape")
     if not args.query:
         raise UsageError("--scrape needs at least one --query")
-    from .progress import summary
-    from .scraper import scrape
+    from ..progress import summary
+    from ..scraper import scrape
 
     kw = {k: getattr(args, k) for k in ("limit", "base_url", "source", "rate", "workers", "file_size",
                                          "max_bytes", "login", "api_key") if getattr(args, k) is not None}
@@ -225,48 +294,48 @@ def cmd_scrape(args: argparse.Namespace) -> int:
 
 
 def cmd_import_src(args: argparse.Namespace) -> int:
-    from .config import resolve_workers
-    from .dataset import import_folder
-    from .progress import summary
+    from ..config import resolve_workers
+    from ..dataset import import_folder
+    from ..progress import summary
 
     data = _need(args, "data", "import")
     result = import_folder(args.import_src, data, mode=_opt(args, "mode", "auto"),
                            workers=resolve_workers(args.workers) * 2, quiet=args.quiet)
-    summary("import", {**result.summary(), "report": os.path.join(data, "reports", "import_report.json")},
+    summary("import", {**result.summary(), "report": str(DataDir(data).report("import_report"))},
             quiet=args.quiet)
     return 0
 
 
 def cmd_vocab(args: argparse.Namespace) -> int:
-    from .config import DEFAULT_CATEGORIES
-    from .progress import summary
-    from .vocab import build_vocab
+    from ..config import DEFAULT_CATEGORIES
+    from ..progress import summary
+    from ..vocab import build_vocab
 
     data = _need(args, "data", "vocab")
     cats = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else DEFAULT_CATEGORIES
     vocab = build_vocab(data, size=_opt(args, "size", 4096), min_count=_opt(args, "min_count", 1), categories=cats)
     top = ", ".join(f"{t['name']} ({t['count']})" for t in vocab.tags[:8])
     summary("vocab", {"tags": len(vocab), "from posts": vocab.built_from, "categories": ",".join(vocab.categories),
-                      "most common": top or "-", "written": os.path.join(data, "vocab.json")}, quiet=args.quiet)
+                      "most common": top or "-", "written": str(DataDir(data).vocab)}, quiet=args.quiet)
     return 0
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .progress import summary
-    from .store import build_store
+    from ..progress import summary
+    from ..store import build_store
 
     data = _need(args, "data", "build")
     kw = {k: getattr(args, k) for k in ("image_size", "resize", "workers", "max_pixels", "val_fraction",
                                          "test_fraction") if getattr(args, k) is not None}
-    result = build_store(data, rebuild=args.rebuild, quiet=args.quiet, **kw)
-    summary("build", {**result.summary(), "report": os.path.join(data, "reports", "build_report.json")},
+    result = build_store(data, rebuild=args.rebuild, prune=args.prune, quiet=args.quiet, **kw)
+    summary("build", {**result.summary(), "report": str(DataDir(data).report("build_report"))},
             quiet=args.quiet)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .progress import summary
-    from .train import train
+    from ..progress import summary
+    from ..train import train
 
     data = _need(args, "data", "train")
     model = _need(args, "model", "train")
@@ -281,8 +350,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
-    from .progress import summary
+    from ..evaluate import evaluate
+    from ..progress import summary
 
     result = evaluate(_need(args, "data", "evaluate"), _need(args, "model", "evaluate"),
                       split=_opt(args, "split", "test"), batch_size=args.batch_size, quiet=args.quiet)
@@ -290,32 +359,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pred(args: argparse.Namespace) -> int:
-    from .tagger import run_pred
-
-    return run_pred(args)
-
-
-def cmd_embed(args: argparse.Namespace) -> int:
-    from .tagger import run_embed
-
-    return run_embed(args)
-
-
-def cmd_index(args: argparse.Namespace) -> int:
-    from .search import run_index
-
-    return run_index(args)
-
-
-def cmd_similar(args: argparse.Namespace) -> int:
-    from .search import run_similar
-
-    return run_similar(args)
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     run_demo(args.demo, quick=args.quick, quiet=args.quiet)
     return 0
@@ -328,17 +373,20 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _again(action: str) -> str:
+    """How to pick up an interrupted command: training continues only with --resume."""
+    return "run the same command again with --resume" if action == "train" else "run the same command again"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m alt_i2v`` and ``alt-i2v``; returns the exit code."""
     try:
         action, args = _parse(argv)
     except SystemExit as e:  # argparse: --help/--version exit 0, errors exit 2
         return int(e.code or 0) if isinstance(e.code, int) else 2
-    if not args.debug:
-        # TensorFlow warns about tf.function retracing each time a new model (tagger, embedder, evaluator)
-        # makes its first prediction in one process; harmless here, so keep it off the user's screen
-        logging.getLogger("tensorflow").setLevel(logging.ERROR)
     try:
+        if not args.debug:
+            quiet_frameworks(load_keras=action in KERAS_ACTIONS)
         return int(HANDLERS[action](args) or 0)
     except UsageError as e:
         print(f"alt-i2v: usage error: {e}", file=sys.stderr)
@@ -351,13 +399,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         if args.debug:
             raise
-        hint = (" (the disk is full: free space and run the same command again; finished work is kept)"
+        hint = (f" (the disk is full: free space and {_again(action)}; finished work is kept)"
                 if e.errno == errno.ENOSPC else "")
         print(f"alt-i2v: error: {e}{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("alt-i2v: interrupted; finished work is kept, run the same command again to resume",
-              file=sys.stderr)
+        print(f"alt-i2v: interrupted; finished work is kept, {_again(action)} to resume", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - last resort: a clear line, the traceback only on --debug
         if args.debug:
