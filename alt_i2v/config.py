@@ -177,7 +177,7 @@ class TrainConfig(JsonConfig):
 
     epochs: int = 10  # the cosine schedule spans them: 15,000 96px images train in ~6 min on 2 CPU cores (tiny)
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float | None = None  # peak learning rate; None = the backbone's (1e-3; 3e-3 for tiny, trained from scratch)
     loss: str = "bce"
     patience: int = 5
     monitor: str = "val_map"  # early stopping and the best checkpoint (map: mean average precision over tags)
@@ -205,7 +205,7 @@ class TrainConfig(JsonConfig):
             raise UsageError(f"epochs must be >= 1, got {self.epochs!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise UsageError(f"batch size must be >= 1, got {self.batch_size!r}")
-        if not float(self.lr) > 0:
+        if self.lr is not None and not float(self.lr) > 0:
             raise UsageError(f"learning rate must be > 0, got {self.lr!r}")
         if not isinstance(self.patience, int) or self.patience < 0:
             raise UsageError(f"patience must be >= 0 (0 turns early stopping off), got {self.patience!r}")

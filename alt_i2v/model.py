@@ -49,6 +49,7 @@ class Backbone:
     weights_origin: str | None = None
     weights_hash: str | None = None
     dropout: float = 0.0  # default dropout before the tags layer
+    lr: float = 1e-3  # default peak learning rate (training setting, but it depends on the network)
 
     @property
     def pretrained(self) -> bool:
@@ -75,7 +76,7 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in [
     Backbone("convnext_tiny", "ConvNeXtTiny", "raw", 224, 32, "avg", 768),
     Backbone("xception", "Xception", "tf", 299, 71, "avg", 2048),
     Backbone("inception_v3", "InceptionV3", "tf", 299, 75, "avg", 2048),
-    Backbone("tiny", None, "unit", 64, 16, "flatten", 256, 0, dropout=0.2),
+    Backbone("tiny", None, "unit", 64, 16, "flatten", 256, 0, dropout=0.2, lr=3e-3),
 ]}
 
 

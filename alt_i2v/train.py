@@ -471,6 +471,8 @@ def train(data_dir: str | os.PathLike, model_dir: str | os.PathLike, *, resume: 
         bb = get_backbone(model_kw.get("backbone", "vgg16"))
         model_kw.setdefault("weights", "imagenet" if bb.pretrained else None)
         tc = TrainConfig(**train_kw)
+        if tc.lr is None:
+            tc = tc.replace(lr=bb.lr)
         size_given = model_kw.pop("image_size", None)
         mc = ModelConfig(num_tags=len(vocab), **model_kw)
     store = Store(data_dir, vocab=vocab)
