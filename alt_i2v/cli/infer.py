@@ -1,4 +1,5 @@
-"""Command lines of a trained model: ``--pred`` (tags, captions), ``--embed``, ``--index`` and ``--similar``.
+"""Command lines of a trained model: ``--pred`` (tags, captions), ``--embed``, ``--index``, ``--similar``,
+``--explain`` and ``--screen``.
 
 Each handler checks its arguments, calls the library (tagger, search) and prints what it did.
 """
@@ -202,3 +203,56 @@ def cmd_similar(args: argparse.Namespace) -> int:
         label = path if ids_are_files else (f"{ident}  {path}" if path is not None else str(ident))
         print(f"{rank:4d}  {s:.4f}  {label}")
     return 0
+
+
+def _tag_list(values: Any) -> list[str]:
+    """Tags of a repeatable, comma-separated option."""
+    return [t.strip() for group in (values or []) for t in group.split(",") if t.strip()]
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """``--explain FILES/DIRS --model DIR [--tag T,...] [--top-k K] [--out DIR]``: Grad-CAM pictures."""
+    import os
+
+    from ..explain import DEFAULT_TOP_K, explain_images
+    from ..progress import summary
+    from ..tagger import list_images
+
+    if not args.model:
+        raise UsageError("--explain needs --model DIR (a trained model directory)")
+    if args.tag and args.top_k is not None:
+        raise UsageError("--explain takes --tag or --top-k, not both")
+    files = list_images(args.explain, recursive=bool(args.recursive))
+    if not files:
+        raise UsageError(f"no images found in {', '.join(args.explain)}" +
+                         ("" if args.recursive else " (use --recursive for sub-folders)"))
+    roots = [p for p in args.explain if os.path.isdir(p)]
+    result = explain_images(files, args.model, args.out or "explain", tags=_tag_list(args.tag) or None,
+                            top_k=DEFAULT_TOP_K if args.top_k is None else args.top_k, quiet=args.quiet, roots=roots)
+    for f in result.failed:
+        print(f"alt-i2v: skipped {f['error']}", file=sys.stderr)
+    summary("explain", result.summary(), quiet=args.quiet)
+    return 1 if result.failed else 0
+
+
+def cmd_screen(args: argparse.Namespace) -> int:
+    """``--screen SRC --model DIR --keep T,... [--reject T,...] --out DIR [--move] [--dry-run]``."""
+    from ..progress import summary
+    from ..screen import screen
+    from ..tagger import parse_threshold
+
+    if not args.model:
+        raise UsageError("--screen needs --model DIR (a trained model directory)")
+    if not args.out:
+        raise UsageError("--screen needs --out DIR (where ok/, ng/ and the report go)")
+    keep, reject = _tag_list(args.keep), _tag_list(args.reject)
+    if not keep and not reject:
+        raise UsageError("--screen needs --keep TAGS (and/or --reject TAGS)")
+    result = screen(args.screen, args.model, args.out, keep=keep, reject=reject,
+                    threshold=parse_threshold(args.threshold), move=args.move, dry_run=args.dry_run,
+                    quiet=args.quiet, batch_size=args.batch_size, workers=args.workers)
+    for f in result.unreadable:
+        print(f"alt-i2v: left in place, cannot read {f['error']}", file=sys.stderr)
+    summary("screen", result.summary(), quiet=args.quiet)
+    return 1 if result.unreadable else 0
+
