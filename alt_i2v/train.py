@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import keras
 import numpy as np
 
+from .augment import tagger_of, training_model
 from .config import ImageConfig, ModelConfig, TrainConfig, resolve_workers
 from .errors import AltI2VError, UsageError
 from .evaluate import predict_split
@@ -42,6 +43,7 @@ from .layout import CONFIG_FILE, CURVES_FILE, HISTORY_FILE, MODEL_FILE, THRESHOL
 from .metrics import prf_at
 from .model import build_model, count_params, embedding_dim, get_backbone, get_loss, resolve_config
 from .pipeline import EpochSetter, StoreDataset
+from .readers import ReaderPool
 from .store import Store
 from .thresholds import calibrate_thresholds, thresholds_vector
 from .vocab import VOCAB_FILE, Vocab
@@ -86,7 +88,8 @@ class TrainResult:
     def summary(self) -> dict[str, Any]:
         mc, tc = self.model_config, self.train_config
         last = self.history[-1] if self.history else {}
-        rates = [r.get("img_per_s") for r in self.history[self.initial_epoch:] if r.get("img_per_s")]
+        ran = self.history[self.initial_epoch:]
+        steady = [r.get("steady_img_per_s") for r in (ran[1:] or ran) if r.get("steady_img_per_s")]
         rows: dict[str, Any] = {
             "model": str(self.model_dir),
             "backbone": f"{mc.backbone} {mc.image_size}px, weights={mc.weights or 'none'}, frozen={mc.frozen}, "
@@ -111,8 +114,9 @@ class TrainResult:
             rows["thresholds"] = (f"global {self.thresholds['global']:.2f}, "
                                   f"{self.thresholds.get('tags_with_own_threshold', 0)} tags calibrated on "
                                   f"{self.thresholds.get('calibrated_on')}")
-        if rates:
-            rows["train speed"] = f"{np.median(rates):.1f} img/s"
+        if steady:
+            rows["train speed"] = (f"{np.median(steady):.1f} img/s steady (first epoch {ran[0]['img_per_s']:.1f} "
+                                   "img/s with compiling)")
         if self.bad_records:
             rows["bad store records"] = (f"{len(self.bad_records)} left out (first: {self.bad_records[0]['key']}: "
                                          f"{self.bad_records[0]['reason'][:80]}); run --build --rebuild")
@@ -296,10 +300,24 @@ class RunState(keras.callbacks.Callback):
         self.run = run
         self._t0 = 0.0
         self._train_seconds = 0.0
+        self._steps, self._first, self._last = 0, 0.0, 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._t0 = time.perf_counter()
         self._train_seconds = 0.0
+        self._steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
+        self._last = time.perf_counter()
+        if self._steps == 1:
+            self._first = self._last
+
+    def steady_rate(self) -> float | None:
+        """img/s of this epoch's steps after its first (which compiles the step in a run's first epoch)."""
+        if self._steps < 2 or self._last <= self._first:
+            return None
+        return (self._steps - 1) * self.run.train_cfg.batch_size / (self._last - self._first)
 
     def on_test_begin(self, logs=None):
         if not self._train_seconds:
@@ -319,6 +337,9 @@ class RunState(keras.callbacks.Callback):
                "lr": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
                "seconds": round(seconds, 3),
                "img_per_s": round(run.train_images_per_epoch / max(train_seconds, 1e-9), 2)}
+        steady = self.steady_rate()
+        if steady is not None:
+            row["steady_img_per_s"] = round(steady, 2)
         value = logs.get(run.monitor)
         if value is None:
             raise AltI2VError(f"the monitored metric {run.monitor!r} is not in the training logs "
@@ -327,7 +348,7 @@ class RunState(keras.callbacks.Callback):
                                               else value < run.best_value)
         if improved:
             run.best_value, run.best_epoch, run.wait = value, epoch + 1, 0
-            run.export.set_weights(self.model.get_weights())
+            run.export.set_weights(tagger_of(self.model).get_weights())
             save_model_atomic(run.export, run.ckpt / BEST_FILE)
         else:
             run.wait += 1
@@ -511,30 +532,39 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
     run = _Run(model_dir, mc, tc, monitor, mode)
     run.history = read_history(model_dir / HISTORY_FILE) if state else []
     initial_epoch = 0
+    readers = None
     try:
         keras.config.set_dtype_policy(policy)
         if state:
             initial_epoch = int(state["epoch"])
         workers = resolve_workers(tc.workers)
+        if store.num_shards > 1 and readers is None:
+            readers = ReaderPool(store, processes=min(workers, store.num_shards))
         train_ds = StoreDataset.from_split(store, "train", batch_size=tc.batch_size, shuffle=True,
                                            augment=tc.augment, zoom=tc.zoom, seed=tc.seed, epoch=initial_epoch,
-                                           workers=workers, steps=tc.steps_per_epoch)
+                                           workers=workers, steps=tc.steps_per_epoch, readers=readers)
         run.train_images_per_epoch = min(train_ds.num_images, len(train_ds) * tc.batch_size)
-        val_ds = StoreDataset.from_split(store, "val", batch_size=tc.batch_size, workers=workers) \
-            if has_val else None
+        val_ds = StoreDataset.from_split(store, "val", batch_size=tc.batch_size, workers=workers,
+                                         readers=readers) if has_val else None
         if state:
             run.history = [r for r in run.history if int(r["epoch"]) <= initial_epoch]
             run.best_value, run.best_epoch = state.get("best_value"), state.get("best_epoch")
             run.wait = int(state.get("wait", 0))
             run.stopped_early = tc.patience > 0 and run.wait >= tc.patience  # --patience may have changed
             model = keras.saving.load_model(run.ckpt / state["last"], safe_mode=True, compile=True)
+            if tagger_of(model) is model:  # a checkpoint from before on-device augmentation
+                warnings.warn("the checkpoint has no augmentation step; the optimizer state restarts",
+                              UserWarning, stacklevel=3)
+                model = training_model(model)
+                _compile(model, tc, len(train_ds))
         else:
-            model = build_model(config=mc)
+            keras.utils.set_random_seed(int(tc.seed))  # the same initial weights for the same settings
+            model = training_model(build_model(config=mc))
             _compile(model, tc, len(train_ds))
         keras.config.set_dtype_policy("float32")
         run.export = build_model(config=mc, load_weights=False)  # float32, uncompiled: best.keras, model.keras
         keras.config.set_dtype_policy(policy)
-        dim = embedding_dim(model)
+        dim = embedding_dim(tagger_of(model))
         atomic_write_json(model_dir / CONFIG_FILE, _config_record(mc, tc, image, vocab, dim, {
             "precision_policy": policy, "finished": False}))
 
@@ -542,9 +572,14 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
         done = run.stopped_early or initial_epoch >= tc.epochs
         if not done:
             verbose = 0 if quiet else (1 if sys.stdout.isatty() else 2)
-            model.fit(train_ds, validation_data=val_ds, epochs=tc.epochs, initial_epoch=initial_epoch,
-                      callbacks=[EpochSetter(train_ds), run.nan_guard, *(callbacks or []), RunState(run)],
-                      verbose=verbose, shuffle=False)
+            try:
+                model.fit(train_ds, validation_data=val_ds, epochs=tc.epochs, initial_epoch=initial_epoch,
+                          callbacks=[EpochSetter(train_ds), run.nan_guard, *(callbacks or []), RunState(run)],
+                          verbose=verbose, shuffle=False)
+            finally:
+                for ds in (train_ds, val_ds):
+                    if ds is not None:
+                        ds.close()
         if run.nan_guard.batch is not None:
             good = run.history[-1]["epoch"] if run.history else 0
             where = (f"batch {run.nan_guard.batch + 1}" if run.nan_guard.batch >= 0 else
@@ -557,9 +592,11 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
                 ", then start a new --model directory" + (f" or --resume from epoch {good}" if good else ""))
         if not run.history:
             raise AltI2VError("no epoch completed; nothing to save")
-        result = _finish(run, store, model_dir, mc, tc, image, vocab, dim, has_val, policy, quiet)
+        result = _finish(run, store, model_dir, mc, tc, image, vocab, dim, has_val, policy, quiet, readers)
     finally:
         keras.config.set_dtype_policy(previous_policy)
+        if readers is not None:
+            readers.close()
     result.initial_epoch, result.resumed = initial_epoch, resumed
     result.params = count_params(run.export)
     result.counts = counts
@@ -568,13 +605,14 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
 
 
 def _finish(run: _Run, store: Store, model_dir: Path, mc: ModelConfig, tc: TrainConfig, image: ImageConfig,
-            vocab: Vocab, dim: int, has_val: bool, policy: str, quiet: bool) -> TrainResult:
+            vocab: Vocab, dim: int, has_val: bool, policy: str, quiet: bool, readers: ReaderPool | None = None
+            ) -> TrainResult:
     """Best weights -> model.keras, thresholds on val -> thresholds.json, curves, final config.json."""
     best = run.ckpt / BEST_FILE
     run.export.load_weights(best)
     split = "val" if has_val else "train"
     _, y_true, y_prob = predict_split(run.export, store, split, batch_size=max(tc.batch_size, 64),
-                                      workers=tc.workers, quiet=quiet, desc=f"calibrate on {split}")
+                                      workers=tc.workers, quiet=quiet, desc=f"calibrate on {split}", readers=readers)
     thresholds = calibrate_thresholds(y_true, y_prob, vocab.names, min_positives=tc.min_positives,
                                       calibrated_on=split)
     cal = prf_at(y_true, y_prob, thresholds_vector(thresholds, vocab.names))
