@@ -552,6 +552,8 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
             run.wait = int(state.get("wait", 0))
             run.stopped_early = tc.patience > 0 and run.wait >= tc.patience  # --patience may have changed
             model = keras.saving.load_model(run.ckpt / state["last"], safe_mode=True, compile=True)
+            if tc.schedule == "cosine":  # --epochs may have changed: the schedule spans the new total
+                model.optimizer.learning_rate = learning_rate(tc, len(train_ds))
             if tagger_of(model) is model:  # a checkpoint from before on-device augmentation
                 warnings.warn("the checkpoint has no augmentation step; the optimizer state restarts",
                               UserWarning, stacklevel=3)
