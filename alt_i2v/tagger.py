@@ -28,7 +28,8 @@ from .layout import ModelDir
 from .thresholds import DEFAULT_THRESHOLD, check_probability, parse_threshold, thresholds_vector
 
 DEFAULT_BATCH_SIZE = 64
-PROCESS_DECODE_MIN = 256  # files from which --pred / predict_tags decode in worker processes, not threads
+PROCESS_DECODE_MIN = 256  # files from which --pred / predict_tags decode in worker processes, not threads,
+PROCESS_DECODE_WORKERS = 4  # ... given this many workers: on 2-3 cores threads decode faster (bench_predict)
 
 
 class BatchImageError(AltI2VError):
@@ -210,7 +211,8 @@ class Tagger:
                     return run(batch)
                 return run(np.concatenate([batch, np.zeros((bs - k,) + batch.shape[1:], batch.dtype)]))[:k]
 
-        if self.workers > 1 and n >= PROCESS_DECODE_MIN and all(isinstance(s, (str, os.PathLike)) for s in sources):
+        if self.workers >= PROCESS_DECODE_WORKERS and n >= PROCESS_DECODE_MIN and \
+                all(isinstance(s, (str, os.PathLike)) for s in sources):
             with DecodePool(self.image_config, min(self.workers, math.ceil(n / 8))) as pool:
                 for start, loaded in zip(range(0, n, bs), pool.batches(sources, bs)):
                     ok = [i for i, x in enumerate(loaded) if isinstance(x, np.ndarray)]

@@ -287,6 +287,7 @@ def test_many_files_decode_in_worker_processes_with_the_same_results(model_dir, 
     by_threads = Tagger(model_dir, batch_size=4, workers=2).predict_tags(files, threshold=0.0, errors="return")
     used = []
     monkeypatch.setattr(alt_i2v.tagger, "PROCESS_DECODE_MIN", 8)
+    monkeypatch.setattr(alt_i2v.tagger, "PROCESS_DECODE_WORKERS", 2)
     monkeypatch.setattr(alt_i2v.imaging.DecodePool, "close",
                         lambda self, close=alt_i2v.imaging.DecodePool.close: (used.append(self.processes), close(self)))
     by_procs = Tagger(model_dir, batch_size=4, workers=2).predict_tags(files, threshold=0.0, errors="return")
