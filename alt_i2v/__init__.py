@@ -35,7 +35,7 @@ __all__ = ["__version__", *_EXPORTS]
 # Functions that share their module's name: ``alt_i2v.explain`` is always the module, and the module is
 # callable as its function, so ``from alt_i2v import explain; explain(...)`` and ``alt_i2v.explain.render``
 # both work whatever was imported first.
-_CALLABLE_MODULES = {"explain", "screen", "export"}
+_CALLABLE_MODULES = {"explain", "screen", "export", "train", "evaluate"}
 
 
 def __getattr__(name: str) -> Any:

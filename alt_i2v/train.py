@@ -641,3 +641,7 @@ def _last_name(run: _Run) -> str | None:
 
 __all__ = ["train", "TrainResult", "precision_policy", "plot_curves", "read_history", "write_history",
            "save_model_atomic", "calibrate_thresholds"]
+
+from . import CallableModule  # noqa: E402
+
+sys.modules[__name__].__class__ = CallableModule  # ``from alt_i2v import train`` is this module: callable
