@@ -31,6 +31,14 @@ def augment_batch(x: np.ndarray, rng: np.random.Generator, *, flip: bool = True,
     n, h, w = x.shape[:3]
     if n == 0:
         return x
+    rows, cols = augment_indices(rng, n, h, w, flip=flip, zoom=zoom)
+    return gather_rows_cols(x, rows, cols)
+
+
+def augment_indices(rng: np.random.Generator, n: int, h: int, w: int, *, flip: bool = True,
+                    zoom: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+    """The source rows ``(n, h)`` and columns ``(n, w)`` of :func:`augment_batch` for a batch of ``n``:
+    drawn for the whole batch, so any slice of it can be augmented exactly as in the whole."""
     ar_h, ar_w = np.arange(h), np.arange(w)
     z = rng.uniform(1.0, 1.0 + zoom, n) if zoom > 0 else np.ones(n)
     ch = np.maximum(1, np.round(h / z)).astype(np.int64)
@@ -42,7 +50,11 @@ def augment_batch(x: np.ndarray, rng: np.random.Generator, *, flip: bool = True,
     if flip:
         flipped = rng.random(n) < 0.5
         cols = np.where(flipped[:, None], cols[:, ::-1], cols)
-    return x[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return rows, cols
+
+
+def gather_rows_cols(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    return x[np.arange(len(x))[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
 class StoreDataset(PyDataset):
@@ -96,12 +108,20 @@ class StoreDataset(PyDataset):
         return np.sort(idx) if self.shuffle else idx  # sorted keys read LevelDB in order
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.read(index)
+
+    def read(self, index: int, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``lo:hi`` of batch ``index``, augmented exactly as they are in the whole batch: processes
+        that each read their slice of a global batch together feed what one process would."""
         idx = self.batch_indices(index)
-        x, _ = self.store.get_batch([self.keys[i] for i in idx])
-        y = multi_hot([self.labels[i] for i in idx], self.num_tags)
-        if self.augment:
+        lo, hi, _ = slice(lo, hi).indices(len(idx))
+        part = idx[lo:hi]
+        x, _ = self.store.get_batch([self.keys[i] for i in part])
+        y = multi_hot([self.labels[i] for i in part], self.num_tags)
+        if self.augment and len(part):
             rng = np.random.default_rng([self.seed, self.epoch, index, 1])
-            x = augment_batch(x, rng, zoom=self.zoom)
+            rows, cols = augment_indices(rng, len(idx), x.shape[1], x.shape[2], zoom=self.zoom)
+            x = gather_rows_cols(x, rows[lo:hi], cols[lo:hi])
         return x, y
 
     def set_epoch(self, epoch: int) -> None:
@@ -142,4 +162,4 @@ def measure_pipeline(dataset: StoreDataset, batches: int | None = None) -> float
     return images / max(time.perf_counter() - t0, 1e-9)
 
 
-__all__ = ["StoreDataset", "EpochSetter", "augment_batch", "measure_pipeline"]
+__all__ = ["StoreDataset", "EpochSetter", "augment_batch", "augment_indices", "measure_pipeline"]

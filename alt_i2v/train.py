@@ -34,6 +34,7 @@ import keras
 import numpy as np
 
 from .config import CONFIG_FILE, ImageConfig, ModelConfig, TrainConfig, resolve_workers
+from .distribute import Cluster, DistConfig, start
 from .errors import AltI2VError, UsageError
 from .evaluate import THRESHOLDS_FILE, calibrate_thresholds, predict_split, prf_at, thresholds_vector
 from .fsutil import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, remove_stale_temps
@@ -76,6 +77,8 @@ class TrainResult:
     val_scores: dict[str, float] = field(default_factory=dict)
     thresholds: dict[str, Any] = field(default_factory=dict)
     precision_policy: str = "float32"
+    devices: str = "one device"
+    process: int = 0  # this process's index in a distributed run (0 writes MODEL and prints the summary)
     seconds: float = 0.0
 
     @property
@@ -92,6 +95,7 @@ class TrainResult:
                         f"{self.precision_policy}",
             "parameters": f"{self.params.get('total', 0):,} ({self.params.get('trainable', 0):,} trainable)",
             "tags": mc.num_tags,
+            "devices": f"{self.devices}, global batch {tc.batch_size}",
             "images": ", ".join(f"{k} {v}" for k, v in self.counts.items()),
             "epochs": (f"{self.initial_epoch + 1}-{self.epochs_completed} of {tc.epochs}"
                        if self.epochs_completed > self.initial_epoch else
@@ -329,22 +333,24 @@ class RunState(keras.callbacks.Callback):
                                               else value < run.best_value)
         if improved:
             run.best_value, run.best_epoch, run.wait = value, epoch + 1, 0
-            run.export.set_weights(self.model.get_weights())
-            save_model_atomic(run.export, run.ckpt / BEST_FILE)
         else:
             run.wait += 1
-        last = f"last-e{epoch + 1:04d}.keras"
-        save_model_atomic(self.model, run.ckpt / last)
         run.history.append(row)
-        write_history(run.model_dir / HISTORY_FILE, run.history)
         stop = run.train_cfg.patience > 0 and run.wait >= run.train_cfg.patience
         run.stopped_early = stop
-        run.write_state(epoch + 1, last)
-        for old in run.ckpt.glob("last-e*.keras"):
-            if old.name != last:
-                old.unlink(missing_ok=True)
-        if seconds > 10:
-            plot_curves(run.history, run.model_dir / CURVES_FILE)
+        if run.writer:  # every process keeps the same counters; process 0 alone writes them
+            if improved:
+                run.export.set_weights(self.model.get_weights())
+                save_model_atomic(run.export, run.ckpt / BEST_FILE)
+            last = f"last-e{epoch + 1:04d}.keras"
+            save_model_atomic(self.model, run.ckpt / last)
+            write_history(run.model_dir / HISTORY_FILE, run.history)
+            run.write_state(epoch + 1, last)
+            for old in run.ckpt.glob("last-e*.keras"):
+                if old.name != last:
+                    old.unlink(missing_ok=True)
+            if seconds > 10:
+                plot_curves(run.history, run.model_dir / CURVES_FILE)
         if stop:
             self.model.stop_training = True
 
@@ -376,6 +382,7 @@ class _Run:
     train_images_per_epoch: int = 0
     export: Any = None
     nan_guard: Any = None
+    writer: bool = True  # process 0 of a distributed run (or the only process)
 
     @property
     def ckpt(self) -> Path:
@@ -389,11 +396,16 @@ class _Run:
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
-def _compile(model: keras.Model, tc: TrainConfig) -> None:
+def _compile(model: keras.Model, tc: TrainConfig, weighted: bool = False) -> None:
+    """Adam, the configured loss, AUC and F1; ``weighted``: the loss is the mean over rows of weight > 0
+    (a distributed run pads its last batch with rows of weight 0)."""
+    loss = get_loss(tc.loss, focal_gamma=tc.focal_gamma, asl_gamma_neg=tc.asl_gamma_neg,
+                    asl_gamma_pos=tc.asl_gamma_pos, asl_clip=tc.asl_clip)
+    if weighted:
+        loss.reduction = "mean_with_sample_weight"
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=float(tc.lr)),
-        loss=get_loss(tc.loss, focal_gamma=tc.focal_gamma, asl_gamma_neg=tc.asl_gamma_neg,
-                      asl_gamma_pos=tc.asl_gamma_pos, asl_clip=tc.asl_clip),
+        loss=loss,
         metrics=[keras.metrics.AUC(name="auc"),
                  keras.metrics.F1Score(average="micro", threshold=0.5, name="f1")])
 
@@ -406,27 +418,42 @@ def _config_record(mc: ModelConfig, tc: TrainConfig, image: ImageConfig, vocab: 
 
 
 def train(data_dir: str | os.PathLike, model_dir: str | os.PathLike, *, resume: bool = False,
-          quiet: bool = False, **settings: Any) -> TrainResult:
+          quiet: bool = False, distribution: DistConfig | None = None, **settings: Any) -> TrainResult:
     """Train a tagger on ``DATA/store`` into ``MODEL`` (see the module docstring for what is written).
 
     ``settings`` are ModelConfig / TrainConfig fields (epochs, batch_size, lr, backbone, weights, frozen,
     image_size, mixed_precision, patience, loss, workers, ...). Without ``weights`` a backbone uses its
     default: ImageNet for keras.applications backbones, none for ``tiny``. ``resume=True`` continues an
     interrupted run from its last completed epoch with the settings it was started with.
+    ``distribution`` spreads the global batch over devices and processes (distribute.py; default: every
+    local device of the JAX backend); only process 0 reads and writes ``MODEL``.
     """
     t_start = time.perf_counter()
-    data_dir, model_dir = Path(data_dir), Path(model_dir)
+    cluster = start(distribution)
+    with cluster.guard():
+        return _train_on(cluster, Path(data_dir), Path(model_dir), resume, quiet or not cluster.is_writer,
+                         settings, t_start)
+
+
+def _train_on(cluster: Cluster, data_dir: Path, model_dir: Path, resume: bool, quiet: bool,
+              settings: dict[str, Any], t_start: float) -> TrainResult:
     model_kw, train_kw = _split_settings(settings)
     vocab = Vocab.load(data_dir / VOCAB_FILE)
     if len(vocab) == 0:
         raise AltI2VError(f"{data_dir / VOCAB_FILE} has no tags")
-    cfg_path, state_path = model_dir / CONFIG_FILE, model_dir / CKPT_DIR / STATE_FILE
-    saved = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else None
-    state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else None
 
-    if saved is not None and not resume:
-        raise UsageError(f"{model_dir} already holds a training run; continue it with --resume, or train into a "
-                         "new --model directory")
+    def read_run() -> dict[str, Any]:  # process 0 reads MODEL; the others get what it read
+        cfg_path, state_path = model_dir / CONFIG_FILE, model_dir / CKPT_DIR / STATE_FILE
+        saved = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else None
+        state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else None
+        if saved is not None and not resume:
+            raise UsageError(f"{model_dir} already holds a training run; continue it with --resume, or train "
+                             "into a new --model directory")
+        history = read_history(model_dir / HISTORY_FILE) if (resume and state) else []
+        return {"saved": saved, "state": state, "history": history}
+
+    got = cluster.agree(read_run)
+    saved, state = got["saved"], got["state"]
     resumed = bool(resume and saved is not None)
     if resumed:
         mc = ModelConfig.from_config(saved["model"])
@@ -444,24 +471,26 @@ def train(data_dir: str | os.PathLike, model_dir: str | os.PathLike, *, resume: 
         tc = TrainConfig(**train_kw)
         size_given = model_kw.pop("image_size", None)
         mc = ModelConfig(num_tags=len(vocab), **model_kw)
-    store = Store(data_dir, vocab=vocab)
+    store = cluster.open_store(data_dir, vocab=vocab)
     try:
         if not resumed:
             if size_given is not None and int(size_given) != store.image_size:
                 raise UsageError(f"the store holds {store.image_size}px images, not {size_given}px: rebuild it "
                                  f"with `--build --image-size {size_given} --rebuild`, or leave --image-size out")
-            mc = resolve_config(mc.replace(image_size=store.image_size))  # weights checked before building
+            mc = resolve_config(mc.replace(image_size=store.image_size),  # weights checked before building
+                                check_weights=cluster.is_writer)
         elif int(mc.image_size) != store.image_size:
             raise AltI2VError(f"{model_dir} was trained on {mc.image_size}px images but the store now holds "
                               f"{store.image_size}px ones; rebuild the store at {mc.image_size}px to resume")
         return _train(store, data_dir, model_dir, mc, tc, vocab, state if resumed else None, resumed, quiet,
-                      t_start)
+                      t_start, cluster, got["history"])
     finally:
         store.close()
 
 
 def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: TrainConfig, vocab: Vocab,
-           state: dict | None, resumed: bool, quiet: bool, t_start: float) -> TrainResult:
+           state: dict | None, resumed: bool, quiet: bool, t_start: float, cluster: Cluster,
+           history: list[dict[str, Any]]) -> TrainResult:
     counts = store.counts()
     if counts["train"] == 0:
         raise AltI2VError(f"{store.path} has no training images; add data and run --build")
@@ -472,16 +501,17 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
                       "training metric, and thresholds are calibrated on the training split", UserWarning,
                       stacklevel=3)
     mode = "min" if monitor.endswith("loss") else "max"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / CKPT_DIR).mkdir(exist_ok=True)
-    _remove_temps(model_dir)
     image = store.image_config()
-    copy_atomic(data_dir / VOCAB_FILE, model_dir / VOCAB_FILE)
+    if cluster.is_writer:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        (model_dir / CKPT_DIR).mkdir(exist_ok=True)
+        _remove_temps(model_dir)
+        copy_atomic(data_dir / VOCAB_FILE, model_dir / VOCAB_FILE)
 
     policy = precision_policy(tc.mixed_precision)
     previous_policy = keras.config.dtype_policy().name
-    run = _Run(model_dir, mc, tc, monitor, mode)
-    run.history = read_history(model_dir / HISTORY_FILE) if state else []
+    run = _Run(model_dir, mc, tc, monitor, mode, writer=cluster.is_writer)
+    run.history = list(history) if state else []
     initial_epoch = 0
     try:
         keras.config.set_dtype_policy(policy)
@@ -491,16 +521,22 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
             run.best_value, run.best_epoch = state.get("best_value"), state.get("best_epoch")
             run.wait = int(state.get("wait", 0))
             run.stopped_early = tc.patience > 0 and run.wait >= tc.patience  # --patience may have changed
-            model = keras.saving.load_model(run.ckpt / state["last"], safe_mode=True, compile=True)
+        checkpoint = run.ckpt / state["last"] if state else None
+        keras.utils.set_random_seed(int(tc.seed))  # the starting weights follow the run's seed too
+        if cluster.distribution is None:
+            model = (keras.saving.load_model(checkpoint, safe_mode=True, compile=True) if checkpoint else
+                     build_model(config=mc))
+            if not checkpoint:
+                _compile(model, tc)
         else:
-            model = build_model(config=mc)
-            _compile(model, tc)
+            model = _replicated_model(cluster, mc, tc, checkpoint)
         keras.config.set_dtype_policy("float32")
         run.export = build_model(config=mc, load_weights=False)  # float32, uncompiled: best.keras, model.keras
         keras.config.set_dtype_policy(policy)
         dim = embedding_dim(model)
-        atomic_write_json(model_dir / CONFIG_FILE, _config_record(mc, tc, image, vocab, dim, {
-            "precision_policy": policy, "finished": False}))
+        if cluster.is_writer:
+            atomic_write_json(model_dir / CONFIG_FILE, _config_record(mc, tc, image, vocab, dim, {
+                "precision_policy": policy, "finished": False}))
 
         workers = resolve_workers(tc.workers)
         train_ds = StoreDataset.from_split(store, "train", batch_size=tc.batch_size, shuffle=True,
@@ -513,8 +549,11 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
         done = run.stopped_early or initial_epoch >= tc.epochs
         if not done:
             verbose = 0 if quiet else (1 if sys.stdout.isatty() else 2)
-            model.fit(train_ds, validation_data=val_ds, epochs=tc.epochs, initial_epoch=initial_epoch,
-                      callbacks=[EpochSetter(train_ds), run.nan_guard, RunState(run)], verbose=verbose, shuffle=False)
+            with cluster.scope():
+                model.fit(cluster.dataset(train_ds), epochs=tc.epochs, initial_epoch=initial_epoch,
+                          validation_data=cluster.dataset(val_ds, "val") if val_ds is not None else None,
+                          callbacks=[EpochSetter(train_ds), run.nan_guard, RunState(run)], verbose=verbose,
+                          shuffle=False)
         if run.nan_guard.batch is not None:
             good = run.history[-1]["epoch"] if run.history else 0
             where = (f"batch {run.nan_guard.batch + 1}" if run.nan_guard.batch >= 0 else
@@ -527,14 +566,39 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
                 ", then start a new --model directory" + (f" or --resume from epoch {good}" if good else ""))
         if not run.history:
             raise AltI2VError("no epoch completed; nothing to save")
-        result = _finish(run, store, model_dir, mc, tc, image, vocab, dim, has_val, policy, quiet)
+        if cluster.is_writer:  # thresholds are calibrated on process 0 alone (one pass over val)
+            result = _finish(run, store, model_dir, mc, tc, image, vocab, dim, has_val, policy, quiet)
+        else:
+            result = TrainResult(model_dir=model_dir, model_config=mc, train_config=tc, history=run.history,
+                                 best_epoch=run.best_epoch, best_value=run.best_value,
+                                 stopped_early=run.stopped_early, precision_policy=policy)
     finally:
         keras.config.set_dtype_policy(previous_policy)
     result.initial_epoch, result.resumed = initial_epoch, resumed
     result.params = count_params(run.export)
     result.counts = counts
+    result.devices, result.process = cluster.describe(), cluster.process_index
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def _replicated_model(cluster: Cluster, mc: ModelConfig, tc: TrainConfig, checkpoint: Path | None) -> keras.Model:
+    """The training model with its variables on the device mesh, every replica starting from process 0's
+    values: its fresh weights, or the checkpoint only process 0 reads (the model directory may be local
+    to process 0)."""
+    with cluster.scope():
+        model = build_model(config=mc, load_weights=cluster.is_writer and checkpoint is None)
+        _compile(model, tc, weighted=True)
+        model.optimizer.build(model.trainable_variables)
+    variables = [*model.trainable_variables, *model.non_trainable_variables, *model.optimizer.variables]
+    values = None
+    if cluster.is_writer:
+        source = keras.saving.load_model(checkpoint, safe_mode=True, compile=True) if checkpoint else model
+        values = [keras.ops.convert_to_numpy(v) for v in
+                  (*source.trainable_variables, *source.non_trainable_variables, *source.optimizer.variables)]
+    with cluster.scope():
+        cluster.sync_variables(variables, values)
+    return model
 
 
 def _finish(run: _Run, store: Store, model_dir: Path, mc: ModelConfig, tc: TrainConfig, image: ImageConfig,
