@@ -156,6 +156,22 @@ class Cluster:
         """Where the training model is built and fitted (its variables live on the mesh)."""
         return self.distribution.scope() if self.distribution is not None else nullcontext()
 
+    @contextmanager
+    def local(self) -> Iterator[None]:
+        """Inside :meth:`scope`, work on this process alone (process 0 saving a checkpoint): no distribution,
+        so nothing Keras does here turns into a collective the other processes never join."""
+        if self.distribution is None:
+            yield
+            return
+        import keras
+
+        current = keras.distribution.distribution()
+        keras.distribution.set_distribution(None)
+        try:
+            yield
+        finally:
+            keras.distribution.set_distribution(current)
+
     # -- collectives -------------------------------------------------------------------------------------
 
     def agree(self, fn: Callable[[], Any]) -> Any:

@@ -339,20 +339,25 @@ class RunState(keras.callbacks.Callback):
         stop = run.train_cfg.patience > 0 and run.wait >= run.train_cfg.patience
         run.stopped_early = stop
         if run.writer:  # every process keeps the same counters; process 0 alone writes them
-            if improved:
-                run.export.set_weights(self.model.get_weights())
-                save_model_atomic(run.export, run.ckpt / BEST_FILE)
-            last = f"last-e{epoch + 1:04d}.keras"
-            save_model_atomic(self.model, run.ckpt / last)
-            write_history(run.model_dir / HISTORY_FILE, run.history)
-            run.write_state(epoch + 1, last)
-            for old in run.ckpt.glob("last-e*.keras"):
-                if old.name != last:
-                    old.unlink(missing_ok=True)
-            if seconds > 10:
-                plot_curves(run.history, run.model_dir / CURVES_FILE)
+            with run.cluster.local():
+                self._write(epoch, seconds, improved)
         if stop:
             self.model.stop_training = True
+
+    def _write(self, epoch: int, seconds: float, improved: bool) -> None:
+        run = self.run
+        if improved:
+            run.export.set_weights(self.model.get_weights())
+            save_model_atomic(run.export, run.ckpt / BEST_FILE)
+        last = f"last-e{epoch + 1:04d}.keras"
+        save_model_atomic(run.saveable(self.model), run.ckpt / last)
+        write_history(run.model_dir / HISTORY_FILE, run.history)
+        run.write_state(epoch + 1, last)
+        for old in run.ckpt.glob("last-e*.keras"):
+            if old.name != last:
+                old.unlink(missing_ok=True)
+        if seconds > 10:
+            plot_curves(run.history, run.model_dir / CURVES_FILE)
 
 
 def _is_number(v: Any) -> bool:
@@ -382,7 +387,24 @@ class _Run:
     train_images_per_epoch: int = 0
     export: Any = None
     nan_guard: Any = None
-    writer: bool = True  # process 0 of a distributed run (or the only process)
+    cluster: Any = None  # distribute.Cluster: which process this is, and its devices
+    shadow: Any = None  # distributed: a local copy of the training model that checkpoints are saved from
+
+    def saveable(self, model: keras.Model) -> keras.Model:
+        """What to save as the last checkpoint: the model itself, or (distributed) its local copy with the
+        same weights and optimizer state: saving variables that live on every process is collective."""
+        if self.shadow is None:
+            return model
+        src = [*model.trainable_variables, *model.non_trainable_variables, *model.optimizer.variables]
+        dst = [*self.shadow.trainable_variables, *self.shadow.non_trainable_variables,
+               *self.shadow.optimizer.variables]
+        for d, v in zip(dst, src):
+            d.assign(keras.ops.convert_to_numpy(v))
+        return self.shadow
+
+    @property
+    def writer(self) -> bool:
+        return self.cluster is None or self.cluster.is_writer
 
     @property
     def ckpt(self) -> Path:
@@ -510,7 +532,7 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
 
     policy = precision_policy(tc.mixed_precision)
     previous_policy = keras.config.dtype_policy().name
-    run = _Run(model_dir, mc, tc, monitor, mode, writer=cluster.is_writer)
+    run = _Run(model_dir, mc, tc, monitor, mode, cluster=cluster)
     run.history = list(history) if state else []
     initial_epoch = 0
     try:
@@ -530,6 +552,10 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
                 _compile(model, tc)
         else:
             model = _replicated_model(cluster, mc, tc, checkpoint)
+            if cluster.is_writer:
+                run.shadow = build_model(config=mc, load_weights=False)
+                _compile(run.shadow, tc, weighted=True)
+                run.shadow.optimizer.build(run.shadow.trainable_variables)
         keras.config.set_dtype_policy("float32")
         run.export = build_model(config=mc, load_weights=False)  # float32, uncompiled: best.keras, model.keras
         keras.config.set_dtype_policy(policy)
