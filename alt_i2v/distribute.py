@@ -532,11 +532,9 @@ class ProcessSlice(PyDataset):
         real = hi - lo
         w = np.zeros(rows, np.float32)
         w[:real] = 1.0
-        if real < rows:
-            s = self.ds.store.image_size
-            x = np.concatenate([x.reshape(real, s, s, 3), np.zeros((rows - real, s, s, 3), np.uint8)])
-            y = np.concatenate([y.reshape(real, -1), np.zeros((rows - real, y.shape[-1] if y.ndim == 2 else
-                                                                      self.ds.num_tags), np.float32)])
+        if real < rows:  # zero rows, weight 0: the same shape on every process, no effect on loss/metrics
+            x = np.concatenate([x, np.zeros((rows - real, *x.shape[1:]), x.dtype)])
+            y = np.concatenate([y, np.zeros((rows - real, *y.shape[1:]), y.dtype)])
         if self._log_path is not None:
             self._log(index, lo, hi)
         return x, y, w
@@ -582,8 +580,8 @@ def store_view(store: Path, *, timeout: float = 120.0) -> Path:
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise AltI2VError(f"{store}: the store stayed in use by another process (a build?) for "
-                                      f"{timeout:.0f} s; wait for it to finish") from None
+                    raise AltI2VError(f"{store}: the store stayed in use by another process (a build, an "
+                                      f"evaluation?) for {timeout:.0f} s; wait for it to finish") from None
                 time.sleep(0.2)
         try:
             view.mkdir()
