@@ -48,7 +48,7 @@ ACTION_OPTIONS: dict[str, set[str]] = {
                "login", "api_key"},
     "import_src": {"data", "mode", "workers"},
     "vocab": {"data", "size", "min_count", "categories"},
-    "build": {"data", "image_size", "resize", "workers", "max_pixels", "rebuild", "val_fraction",
+    "build": {"data", "image_size", "resize", "workers", "max_pixels", "rebuild", "prune", "val_fraction",
               "test_fraction"},
     "train": {"data", "model", "epochs", "batch_size", "lr", "backbone", "weights", "frozen", "image_size",
               "mixed_precision", "resume", "patience", "loss", "workers", "distribute", "devices", "coordinator",
@@ -62,6 +62,21 @@ ACTION_OPTIONS: dict[str, set[str]] = {
     "demo": {"quick"},
 }
 COMMON = {"quiet", "debug"}
+
+
+def _count(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``least`` (anything else is a usage error, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("common")
     g.add_argument("--data", metavar="DIR", help="dataset directory (posts.jsonl, images/, vocab.json, store/)")
     g.add_argument("--model", metavar="DIR", help="model directory")
-    g.add_argument("--workers", type=int, metavar="N", help="parallel workers (default: scrape 4, others cores)")
-    g.add_argument("--batch-size", type=int, metavar="N", help="batch size (train default 32, predict 64)")
+    g.add_argument("--workers", type=_count(0), metavar="N",
+                   help="parallel workers (default: scrape 4, others cores)")
+    g.add_argument("--batch-size", type=_count(1), metavar="N", help="batch size (train default 32, predict 64)")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summaries")
     g.add_argument("--debug", action="store_true", help="show tracebacks of failures")
 
@@ -120,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=int, metavar="PX", help="square side in pixels (default 150)")
     g.add_argument("--resize", choices=["pad", "stretch", "crop"], help="aspect handling (default pad)")
     g.add_argument("--max-pixels", type=int, metavar="N", help="refuse images with more pixels (bomb guard)")
-    g.add_argument("--rebuild", action="store_true", help="delete DATA/store and build it again")
+    g.add_argument("--rebuild", action="store_true",
+                   help="build DATA/store anew beside the old one, then swap it in (refused while it is in use)")
+    g.add_argument("--prune", action="store_true",
+                   help="allow removing more than 20%% of the store's records (posts gone from posts.jsonl)")
     g.add_argument("--val-fraction", type=float, metavar="F", help="validation share (default 0.1)")
     g.add_argument("--test-fraction", type=float, metavar="F", help="test share (default 0.1)")
 
@@ -258,7 +277,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     data = _need(args, "data", "build")
     kw = {k: getattr(args, k) for k in ("image_size", "resize", "workers", "max_pixels", "val_fraction",
                                          "test_fraction") if getattr(args, k) is not None}
-    result = build_store(data, rebuild=args.rebuild, quiet=args.quiet, **kw)
+    result = build_store(data, rebuild=args.rebuild, prune=args.prune, quiet=args.quiet, **kw)
     summary("build", {**result.summary(), "report": os.path.join(data, "reports", "build_report.json")},
             quiet=args.quiet)
     return 0
@@ -337,6 +356,11 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _again(action: str) -> str:
+    """How to pick up an interrupted command: training continues only with --resume."""
+    return "run the same command again with --resume" if action == "train" else "run the same command again"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m alt_i2v`` and ``alt-i2v``; returns the exit code."""
     try:
@@ -360,13 +384,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         if args.debug:
             raise
-        hint = (" (the disk is full: free space and run the same command again; finished work is kept)"
+        hint = (f" (the disk is full: free space and {_again(action)}; finished work is kept)"
                 if e.errno == errno.ENOSPC else "")
         print(f"alt-i2v: error: {e}{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("alt-i2v: interrupted; finished work is kept, run the same command again to resume",
-              file=sys.stderr)
+        print(f"alt-i2v: interrupted; finished work is kept, {_again(action)} to resume", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - last resort: a clear line, the traceback only on --debug
         if args.debug:

@@ -57,6 +57,11 @@ class JsonConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
+# The most pixels any call may allow (Pillow's own hard limit, twice its default): a config.json or
+# --max-pixels above it is capped per call, so no file can turn the decompression-bomb guard off.
+MAX_PIXELS_CAP = 2 * 178_956_970
+
+
 @dataclass(frozen=True)
 class ImageConfig(JsonConfig):
     """How a file becomes model input; shared by build and predict so they never disagree."""

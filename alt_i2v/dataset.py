@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from .fsutil import (IMAGE_SUFFIXES, atomic_write_bytes, fsync_dir, image_relpat
                      safe_join)
 
 POSTS_FILE = "posts.jsonl"
+POSTS_LOCK = ".scrape.lock"  # the name README documents; --import takes it too
 CATEGORIES = ("general", "character", "copyright", "artist", "meta")
 RATINGS = {"g": "g", "general": "g", "s": "s", "sensitive": "s", "q": "q", "questionable": "q",
            "e": "e", "explicit": "e"}
@@ -45,6 +47,14 @@ def posts_path(data_dir: str | os.PathLike) -> Path:
     return Path(data_dir) / POSTS_FILE
 
 
+def posts_lock(data_dir: str | os.PathLike):
+    """The lock every command that appends to posts.jsonl holds (--scrape, --import): one at a time."""
+    from .fsutil import lock_file
+
+    return lock_file(Path(data_dir) / POSTS_LOCK, f"{data_dir}: another --scrape or --import is writing into "
+                                                  "this data directory; wait for it to finish or stop it first")
+
+
 def normalize_tag(tag: str) -> str:
     """Danbooru style: lowercase, spaces to underscores, caption escapes ``\\(`` removed."""
     tag = tag.strip().replace("\\(", "(").replace("\\)", ")")
@@ -66,6 +76,24 @@ def _tag_list(value: Any) -> list[str] | None:
     return out
 
 
+MAX_ID_CHARS = 256
+
+
+def check_post_id(pid: Any) -> Any:
+    """``pid`` if it is a valid post id, else ValueError: an integer in the signed 64-bit range (what the
+    store's msgpack and every index can hold), or, for imported data, a non-empty string of at most
+    ``MAX_ID_CHARS`` characters."""
+    if isinstance(pid, int) and not isinstance(pid, bool):
+        if not -2 ** 63 <= pid < 2 ** 63:
+            raise ValueError(f"id {str(pid)[:40]} is outside the 64-bit integer range")
+        return pid
+    if isinstance(pid, str) and pid.strip():
+        if len(pid) > MAX_ID_CHARS:
+            raise ValueError(f"id string of {len(pid)} characters (at most {MAX_ID_CHARS})")
+        return pid
+    raise ValueError(f"missing or invalid id {str(pid)[:40]!r}")
+
+
 def validate_post(obj: Any, data_dir: str | os.PathLike) -> dict:
     """Check and normalise one post; raises ValueError (reason text) or UnsafePathError.
 
@@ -75,9 +103,7 @@ def validate_post(obj: Any, data_dir: str | os.PathLike) -> dict:
     """
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
-    pid = obj.get("id")
-    if isinstance(pid, bool) or not (isinstance(pid, int) or (isinstance(pid, str) and pid.strip())):
-        raise ValueError("missing or invalid id")
+    check_post_id(obj.get("id"))
     post = dict(obj)
     md5 = post.get("md5")
     if md5 is not None and not is_md5(md5):
@@ -128,6 +154,10 @@ def iter_posts(data_dir: str | os.PathLike, result: PostsRead | None = None) -> 
                 result.errors.append({"line": lineno, "reason": "torn last line" if torn else "malformed JSON",
                                       "detail": str(e)[:200]})
                 continue
+            except RecursionError:  # e.g. a line of a thousand '[': no post is nested that deep
+                result.errors.append({"line": lineno, "reason": "malformed JSON",
+                                      "detail": "nested too deeply to be a post"})
+                continue
             try:
                 post = validate_post(obj, data_dir)
             except UnsafePathError as e:
@@ -168,13 +198,16 @@ class PostsWriter:
         self.path = posts_path(data_dir)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.sync = sync
-        self.repaired = _repair_tail(self.path)
+        self.repaired, self.removed_tail = _repair_tail(self.path)  # bytes cut, and what they were
         self._f = open(self.path, "ab")
 
     def append(self, post: dict) -> None:
         self.append_many([post])
 
     def append_many(self, posts: Iterable[dict]) -> None:
+        posts = list(posts)
+        for p in posts:  # a bad id is never written: it would stop every later stage
+            check_post_id(p.get("id"))
         data = b"".join(json.dumps(p, ensure_ascii=False, separators=(",", ":")).encode() + b"\n" for p in posts)
         if not data:
             return
@@ -196,17 +229,18 @@ class PostsWriter:
         self.close()
 
 
-def _repair_tail(path: Path) -> int:
-    """Truncate bytes after the last newline (a line the previous run never finished); returns bytes cut."""
+def _repair_tail(path: Path) -> tuple[int, bytes]:
+    """Finish the last line of ``path`` when it has no newline: a line that parses is kept (its newline
+    added), one that does not (a write a crash cut short) is cut. Returns (bytes cut, the bytes cut)."""
     if not path.exists():
-        return 0
+        return 0, b""
     size = path.stat().st_size
     if size == 0:
-        return 0
+        return 0, b""
     with open(path, "rb+") as f:
         f.seek(-1, os.SEEK_END)
         if f.read(1) == b"\n":
-            return 0
+            return 0, b""
         pos, chunk = size, 65536
         while pos > 0:
             start = max(0, pos - chunk)
@@ -219,10 +253,29 @@ def _repair_tail(path: Path) -> int:
             pos = start
         else:
             keep = 0
-        f.truncate(keep)
+        f.seek(keep)
+        tail = f.read()
+        if _parses(tail):
+            f.seek(0, os.SEEK_END)
+            f.write(b"\n")
+            cut = b""
+        else:
+            f.truncate(keep)
+            cut = tail
         f.flush()
         os.fsync(f.fileno())
-    return size - keep
+    if cut:
+        warnings.warn(f"{path}: removed an unfinished last line ({len(cut)} bytes, {cut[:80]!r}) that an interrupted "
+                      "write left", UserWarning, stacklevel=3)
+    return len(cut), cut
+
+
+def _parses(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -273,9 +326,6 @@ def import_folder(src: str | os.PathLike, data_dir: str | os.PathLike, mode: str
     """Turn a folder into a dataset: class sub-folders become tags (``folders``), or images with
     same-named ``.txt`` captions of comma-separated tags (``captions``). Images are copied into
     ``DATA/images/<md5[:2]>/<md5>.<ext>``; posts already in the dataset (same md5) are not added again."""
-    from .imaging import identify
-    from .progress import bar, write_report
-
     src, data_dir = Path(src), Path(data_dir)
     if mode not in IMPORT_MODES:
         raise UsageError(f"--mode must be one of {', '.join(IMPORT_MODES)}")
@@ -284,6 +334,14 @@ def import_folder(src: str | os.PathLike, data_dir: str | os.PathLike, mode: str
     data_dir.mkdir(parents=True, exist_ok=True)
     if src.resolve() == data_dir.resolve() or data_dir.resolve() in src.resolve().parents:
         raise UsageError("the source folder must not be inside the data directory")
+    with posts_lock(data_dir):  # two imports (or an import and a scrape) would add the same posts twice
+        return _import_locked(src, data_dir, mode, workers, quiet)
+
+
+def _import_locked(src: Path, data_dir: Path, mode: str, workers: int, quiet: bool) -> ImportResult:
+    from .imaging import identify
+    from .progress import bar, write_report
+
     images = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     result = ImportResult(mode=_detect_mode(images, src) if mode == "auto" and images else mode)
     if mode == "auto" and not images:
@@ -340,10 +398,11 @@ def import_folder(src: str | os.PathLike, data_dir: str | os.PathLike, mode: str
     with PostsWriter(data_dir) as w:
         w.append_many(new_posts.values())
     result.added = len(new_posts)
-    write_report(data_dir, "import_report", {"source": str(src), **result.summary(), "skipped_files": result.skipped})
+    write_report(data_dir, "import_report", {"source": str(src), **result.summary(), "skipped_files": result.skipped,
+                                             "unfinished_last_line_removed": w.removed_tail.decode("utf-8", "replace")})
     return result
 
 
 __all__ = ["PostsRead", "PostsWriter", "ImportResult", "read_posts", "iter_posts", "validate_post",
            "post_image_path", "import_folder", "normalize_tag", "parse_caption", "id_key", "posts_path",
-           "normalize_ext"]
+           "check_post_id", "normalize_ext"]

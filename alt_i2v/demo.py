@@ -625,6 +625,7 @@ def _similar(tagger: Any, data: Path, index_path: Path, posts: dict, test_ids: l
                          quiet=quiet):
                 images, _ = store.get_batch(keys[s:s + 256])
                 embs.append(tagger.embed_arrays(images))
+            keys = [key for key in keys if key not in store.bad]  # records that did not decode are left out
         ids = [by_key[key] for key in keys]
         index = SimilarityIndex.build(np.concatenate(embs), ids,
                                       paths=[str(post_image_path(posts[i], data)) for i in ids],

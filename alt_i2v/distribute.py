@@ -27,7 +27,7 @@ import socket
 import sys
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -48,7 +48,7 @@ ENV_VARS: dict[str, tuple[str, ...]] = {
 KV = "alt_i2v/"
 BEAT_SECONDS = 1.0
 DEAD_AFTER_ERROR_SECONDS = 5.0  # a peer silent this long after a failed collective is taken as dead
-VIEW_PREFIX = ".store-view-"
+VIEWS_DIR = ".store-views"  # DATA/.store-views/<host>-<pid>/: one process's view of DATA/store
 
 
 class PeerError(AltI2VError):
@@ -129,6 +129,7 @@ class Cluster:
         self.devices = list(devices)
         self.distribution = distribution
         self._watchdog: _Watchdog | None = None
+        self._held = ExitStack()  # the store's shared lock, held for the run
 
     @property
     def is_writer(self) -> bool:
@@ -233,18 +234,21 @@ class Cluster:
     def open_store(self, data_dir: Path, **kw: Any) -> Any:
         """The store for this process: the store itself, or with several processes a private view of it
         (LevelDB lets one process open a database; processes sharing a host each read their own view)."""
-        from .store import STORE_DIR, Store
+        from .store import STORE_DIR, Store, store_lock
 
         if not self.multi_process:
             return Store(data_dir, **kw)
         path = Path(data_dir)
         path = path / STORE_DIR if (path / STORE_DIR).is_dir() else path
+        if not (path / "CURRENT").is_file():
+            raise AltI2VError(f"{path}: no store here; run `python -m alt_i2v --build --data DIR` first")
+        self._held.enter_context(store_lock(path, shared=True))  # no build swaps the store while we read it
         view = store_view(path, timeout=self.config.peer_timeout)
-        atexit.register(shutil.rmtree, view, True)
+        atexit.register(_remove_view, view)
         try:
             store = Store(view, **kw)
         except BaseException:
-            shutil.rmtree(view, ignore_errors=True)
+            _remove_view(view)
             raise
         store.path = path
         return store
@@ -265,6 +269,7 @@ class Cluster:
                     raise err from None
             raise
         finally:
+            self._held.close()
             if self._watchdog is not None:
                 self._watchdog.stop(done=True)
 
@@ -529,7 +534,7 @@ class ProcessSlice(PyDataset):
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         lo, hi, rows = self.part(index)
         x, y = self.ds.read(index, lo, hi)
-        real = hi - lo
+        real = len(x)  # fewer than hi - lo when the store left a bad record out
         w = np.zeros(rows, np.float32)
         w[:real] = 1.0
         if real < rows:  # zero rows, weight 0: the same shape on every process, no effect on loss/metrics
@@ -561,17 +566,18 @@ class ProcessSlice(PyDataset):
 
 def store_view(store: Path, *, timeout: float = 120.0) -> Path:
     """A private copy of the LevelDB at ``store`` that costs almost no disk: its table files (immutable in
-    LevelDB) are hard-linked, the few small files around them copied. Taken while holding LevelDB's own
-    lock, so no writer (a build) or other reader changes the folder meanwhile. Stale views of processes
-    that are gone are removed first."""
+    LevelDB) are hard-linked, the few small files around them copied, into ``DATA/.store-views/``. Taken
+    while holding LevelDB's own lock, so no writer or other reader changes the folder meanwhile. Views of
+    processes that are gone are removed first."""
     import fcntl
 
     store = Path(store)
-    if not (store / "CURRENT").exists():
+    if not (store / "CURRENT").is_file():
         raise AltI2VError(f"{store}: no store here; run `python -m alt_i2v --build --data DIR` first")
-    _remove_stale_views(store.parent)
-    view = store.parent / f"{VIEW_PREFIX}{socket.gethostname()}-{os.getpid()}"
-    shutil.rmtree(view, ignore_errors=True)
+    views = store.parent / VIEWS_DIR
+    _remove_stale_views(views)
+    view = views / f"{socket.gethostname()}-{os.getpid()}"
+    _remove_view(view)
     deadline = time.monotonic() + timeout
     with open(store / "LOCK", "a+b") as lock:
         while True:
@@ -584,7 +590,7 @@ def store_view(store: Path, *, timeout: float = 120.0) -> Path:
                                       f"evaluation?) for {timeout:.0f} s; wait for it to finish") from None
                 time.sleep(0.2)
         try:
-            view.mkdir()
+            view.mkdir(parents=True)
             for f in store.iterdir():
                 if f.name == "LOCK" or f.name.startswith("LOG") or not f.is_file():
                     continue
@@ -596,8 +602,8 @@ def store_view(store: Path, *, timeout: float = 120.0) -> Path:
                         pass  # another file system or no hard links there: copy instead
                 shutil.copy2(f, view / f.name)
         except OSError as e:
-            shutil.rmtree(view, ignore_errors=True)
-            raise AltI2VError(f"{store}: cannot make this process's view of the store in {store.parent} ({e}); "
+            _remove_view(view)
+            raise AltI2VError(f"{store}: cannot make this process's view of the store in {views} ({e}); "
                               "several processes on one host need a writable data directory, or give each "
                               "process its own copy of DATA") from None
         finally:
@@ -605,14 +611,18 @@ def store_view(store: Path, *, timeout: float = 120.0) -> Path:
     return view
 
 
-def _remove_stale_views(parent: Path) -> None:
-    host = socket.gethostname()
-    for v in parent.glob(f"{VIEW_PREFIX}{host}-*"):
+def _remove_view(view: Path) -> None:
+    """A view and the reader lock file that opening it left beside it."""
+    shutil.rmtree(view, ignore_errors=True)
+    Path(view.parent, f".{view.name}.lock").unlink(missing_ok=True)
+
+
+def _remove_stale_views(views: Path) -> None:
+    for v in views.glob(f"{socket.gethostname()}-*"):
         try:
-            pid = int(v.name.rsplit("-", 1)[-1])
-            os.kill(pid, 0)
+            os.kill(int(v.name.rsplit("-", 1)[-1]), 0)
         except ProcessLookupError:
-            shutil.rmtree(v, ignore_errors=True)
+            _remove_view(v)
         except (ValueError, PermissionError):
             continue
 

@@ -23,3 +23,7 @@ class UnsafePathError(AltI2VError):
 
 class StoreMismatchError(AltI2VError):
     """A store was opened with a vocabulary or image settings it was not built with."""
+
+
+class BadRecordError(AltI2VError):
+    """A store record that does not decode to what the store's meta promises (damaged or foreign)."""

@@ -111,11 +111,27 @@ def thresholds_vector(thresholds: dict[str, Any] | float | None, names: Sequence
     return np.array([float(tags.get(n, g)) for n in names], dtype=np.float32)
 
 
+def check_thresholds(doc: Any, where: str) -> dict[str, Any]:
+    """``doc`` if it is a usable thresholds.json record: the global and every per-tag value a finite
+    number in [0, 1] (a NaN, -3 or Inf would silently tag everything or nothing), else AltI2VError."""
+    if not isinstance(doc, dict):
+        raise AltI2VError(f"{where}: not a thresholds record (a JSON object)")
+    tags = doc.get("tags") or {}
+    if not isinstance(tags, dict):
+        raise AltI2VError(f"{where}: 'tags' must map tag names to numbers")
+    values = [("global", doc.get("global", 0.5))] + [(f"tag {k!r}", v) for k, v in tags.items()]
+    for what, v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:  # NaN fails too
+            raise AltI2VError(f"{where}: the {what} threshold must be a number in [0, 1], got {v!r}; "
+                              "retrain or fix the file")
+    return doc
+
+
 def load_thresholds(model_dir: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(model_dir) / THRESHOLDS_FILE
     if not path.exists():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    return check_thresholds(json.loads(path.read_text(encoding="utf-8")), str(path))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -276,7 +292,7 @@ def predict_split(model, store, split: str | None, *, batch_size: int = 64, work
 
     keys, labels = store.index(split)
     ds = StoreDataset(store, keys, labels, batch_size=batch_size, workers=1)
-    y_true = ds.labels_matrix()
+    y_true = np.zeros((len(keys), store.num_tags), dtype=np.float32)
     probs = np.zeros((len(keys), store.num_tags), dtype=np.float32)
     nworkers = max(1, resolve_workers(workers))
     out_pos = 0
@@ -287,7 +303,8 @@ def predict_split(model, store, split: str | None, *, batch_size: int = 64, work
             pending.append(ex.submit(ds.__getitem__, nxt))
             nxt += 1
         while pending:
-            x, _ = pending.popleft().result()
+            x, y = pending.popleft().result()
+            y_true[out_pos:out_pos + len(y)] = y
             if nxt < len(ds):
                 pending.append(ex.submit(ds.__getitem__, nxt))
                 nxt += 1
@@ -297,6 +314,9 @@ def predict_split(model, store, split: str | None, *, batch_size: int = 64, work
             probs[out_pos:out_pos + len(x)] = p
             out_pos += len(x)
             pbar.update(len(x))
+    if store.bad:  # records that did not decode were left out: drop their keys and unused rows
+        keys = [k for k in keys if k not in store.bad]
+        y_true, probs = y_true[:out_pos], probs[:out_pos]
     return keys, y_true, probs
 
 
@@ -316,6 +336,7 @@ class EvalResult:
     worst_images: list[dict[str, Any]] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    bad_records: list[dict] = field(default_factory=list)  # store records left out: they did not decode
 
     def summary(self) -> dict[str, Any]:
         m = self.metrics
@@ -331,6 +352,9 @@ class EvalResult:
         if self.per_tag:
             best = sorted(self.per_tag, key=lambda r: -r["f1"])[:3]
             rows["best tags (F1)"] = ", ".join(f"{r['tag']} {r['f1']:.2f}" for r in best)
+        if self.bad_records:
+            rows["bad store records"] = (f"{len(self.bad_records)} left out (first: {self.bad_records[0]['key']}: "
+                                         f"{self.bad_records[0]['reason'][:80]}); run --build --rebuild")
         rows["report"] = str(self.model_dir / "reports" / "report.md")
         rows["seconds"] = round(self.seconds, 1)
         return rows
@@ -372,6 +396,7 @@ def evaluate(data_dir: str | os.PathLike, model_dir: str | os.PathLike, split: s
         wrong = most_wrong(y_true, y_prob, thr, names, top=top)
         for w in wrong:
             w["id"] = store.get(keys[w.pop("index")])["id"]
+        bad = store.bad_report()
     finally:
         store.close()
     m = compute_metrics(y_true, y_prob, thr)
@@ -401,7 +426,7 @@ def evaluate(data_dir: str | os.PathLike, model_dir: str | os.PathLike, split: s
     reports = model_dir / "reports"
     written = []
     record = {**metrics, "per_tag_best": by_f1[:top], "per_tag_worst": by_f1[::-1][:top],
-              "most_wrong": wrong, "confusion_matrix": cm.tolist() if cm is not None and len(cm) <= 100 else None,
+              "most_wrong": wrong, "bad_store_records": bad, "confusion_matrix": cm.tolist() if cm is not None and len(cm) <= 100 else None,
               "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     written.append(str(atomic_write_json(reports / "metrics.json", record)))
     atomic_write_json(reports / "per_tag.json", by_f1)
@@ -411,7 +436,7 @@ def evaluate(data_dir: str | os.PathLike, model_dir: str | os.PathLike, split: s
     atomic_write_text(reports / "report.md", _report_md(model_dir, config, metrics, by_f1, wrong, pngs, top))
     written.append(str(reports / "report.md"))
     return EvalResult(model_dir=model_dir, split=split, images=int(len(keys)), metrics=metrics, per_tag=by_f1,
-                      worst_images=wrong, files=written, seconds=time.perf_counter() - t0)
+                      worst_images=wrong, files=written, seconds=time.perf_counter() - t0, bad_records=bad)
 
 
 def _post_files(data_dir: Path, ids: list) -> dict[str, str]:
@@ -558,5 +583,5 @@ def _fmt(v: Any) -> str:
 
 
 __all__ = ["evaluate", "EvalResult", "calibrate_thresholds", "thresholds_vector", "load_thresholds",
-           "compute_metrics", "prf_at", "average_precision", "roc_auc", "predict_split", "most_wrong",
+           "check_thresholds", "compute_metrics", "prf_at", "average_precision", "roc_auc", "predict_split", "most_wrong",
            "is_single_label", "confusion", "THRESHOLDS_FILE"]

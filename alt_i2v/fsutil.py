@@ -56,6 +56,31 @@ def atomic_path(path: str | os.PathLike, *, keep_suffix: bool = False) -> Iterat
     fsync_dir(path.parent)
 
 
+@contextmanager
+def lock_file(path: str | os.PathLike, busy: str, *, shared: bool = False) -> Iterator[None]:
+    """Hold an advisory lock on ``path`` (created if missing) for the ``with`` block, or raise
+    AltI2VError(``busy``) at once when another process holds it in a conflicting mode. ``shared`` locks
+    (readers) coexist; an exclusive one (a writer) excludes all others. The kernel releases it when the
+    process dies, so a SIGKILL never leaves a stale lock."""
+    from .errors import AltI2VError
+
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError:
+            raise AltI2VError(busy) from None
+        yield
+    finally:
+        f.close()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` so that ``path`` holds either the old content or all of the new, never a part."""
     with atomic_path(path) as tmp:

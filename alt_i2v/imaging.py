@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .config import RESIZE_MODES, ImageConfig
+from .config import MAX_PIXELS_CAP, RESIZE_MODES, ImageConfig
 from .errors import ImageLoadError
 
 DEFAULT_MAX_PIXELS = ImageConfig.max_pixels
@@ -107,6 +107,9 @@ def _open(source: ImageSource) -> Image.Image:
 
 
 def _check_size(img: Image.Image, max_pixels: int, name: str) -> None:
+    """The bomb guard, from the header: at most ``max_pixels``, never more than MAX_PIXELS_CAP (this call
+    only: Pillow's process-wide limit is never changed)."""
+    max_pixels = min(int(max_pixels), MAX_PIXELS_CAP)
     w, h = img.size
     if w <= 0 or h <= 0:
         raise ImageLoadError("corrupt", f"{name}: image has no pixels ({w}x{h})")
@@ -177,8 +180,6 @@ def load_image(source: ImageSource, image_size: int = 150, resize: str = "pad", 
     name = describe(source)
     img = _open(source)
     try:
-        if max_pixels > (Image.MAX_IMAGE_PIXELS or math.inf):
-            Image.MAX_IMAGE_PIXELS = max_pixels  # our check is the guard; let Pillow go as far as it
         _check_size(img, max_pixels, name)
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)

@@ -115,13 +115,15 @@ class StoreDataset(PyDataset):
         that each read their slice of a global batch together feed what one process would."""
         idx = self.batch_indices(index)
         lo, hi, _ = slice(lo, hi).indices(len(idx))
-        part = idx[lo:hi]
-        x, _ = self.store.get_batch([self.keys[i] for i in part])
-        y = multi_hot([self.labels[i] for i in part], self.num_tags)
-        if self.augment and len(part):
+        keys = [self.keys[i] for i in idx[lo:hi]]
+        x, labels = self.store.get_batch(keys)  # a bad record is left out of both
+        y = multi_hot(labels, self.num_tags)
+        if self.augment and len(x):
             rng = np.random.default_rng([self.seed, self.epoch, index, 1])
             rows, cols = augment_indices(rng, len(idx), x.shape[1], x.shape[2], zoom=self.zoom)
-            x = gather_rows_cols(x, rows[lo:hi], cols[lo:hi])
+            kept = (np.arange(lo, hi) if len(x) == len(keys) else
+                    np.array([lo + j for j, k in enumerate(keys) if k not in self.store.bad], np.int64))
+            x = gather_rows_cols(x, rows[kept], cols[kept])
         return x, y
 
     def set_epoch(self, epoch: int) -> None:

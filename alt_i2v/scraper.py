@@ -39,7 +39,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from . import __version__
-from .dataset import CATEGORIES, RATINGS, PostsWriter, id_key, iter_posts, normalize_tag
+from .dataset import CATEGORIES, RATINGS, PostsWriter, check_post_id, id_key, iter_posts, normalize_tag
 from .errors import AltI2VError, ImageLoadError, UnsafePathError, UsageError
 from .fsutil import file_digest, fsync_dir, image_relpath, is_md5, normalize_ext, remove_stale_temps, safe_join
 
@@ -184,6 +184,22 @@ class Download:
     size: int
 
 
+def _secret_forms(login: str | None, api_key: str | None) -> list[str]:
+    """Every form the credentials take on the wire or in a message: as given, as the base64 Basic-auth
+    token, and each of those URL-encoded (longest first, so a longer form is replaced before its parts)."""
+    import base64
+    from urllib.parse import quote, quote_plus
+
+    plain = [s for s in (login, api_key) if s and len(s) >= 2]
+    if login and api_key:
+        token = base64.b64encode(f"{login}:{api_key}".encode()).decode("ascii")
+        plain += [token, token.rstrip("="), f"{login}:{api_key}"]
+    forms = set(plain)
+    for s in plain:
+        forms.update((quote(s, safe=""), quote_plus(s), quote(quote(s, safe=""), safe="")))
+    return sorted(forms, key=len, reverse=True)
+
+
 class DanbooruClient:
     """The one object that talks to the server: session, User-Agent, rate limit, retries, credentials.
 
@@ -198,7 +214,7 @@ class DanbooruClient:
         self.base_url = normalize_base_url(base_url)
         self._host = urlsplit(self.base_url).netloc.lower()
         self._auth = (login, api_key) if login and api_key else None
-        self._secrets = sorted({s for s in (login, api_key) if s and len(s) >= 2}, key=len, reverse=True)
+        self._secrets = _secret_forms(login, api_key)
         self.tries = max(1, int(tries))
         self.backoff = max(0.0, float(backoff))
         self.max_backoff = max_backoff
@@ -366,7 +382,7 @@ class DanbooruClient:
         def decode(resp: requests.Response, body: bytes) -> Any:
             try:
                 return json.loads(body)
-            except (ValueError, UnicodeDecodeError) as e:
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:
                 raise _Retry("malformed_json", f"unparseable JSON ({str(e)[:80]})") from None
 
         return self._get_page(path_or_url, params, decode, parse)
@@ -478,6 +494,7 @@ def parse_api_post(obj: Any) -> PostInfo:
     pid = _int(obj.get("id")) if not isinstance(obj.get("id"), str) else None
     if pid is None:
         raise ValueError(f"post without an integer id: {str(obj.get('id'))[:40]!r}")
+    check_post_id(pid)  # a server's id outside 64 bits would block every later --build
     if any(f"tag_string_{c}" in obj for c in CATEGORIES):
         tags = {c: _tags(obj.get(f"tag_string_{c}") or "") for c in CATEGORIES}
     else:  # a server that only gives the flat tag_string
@@ -546,6 +563,10 @@ def parse_post_page(text: str, page_url: str, expected_id: int | None = None) ->
     pid = _int(box.get("data-id"))
     if pid is None or (expected_id is not None and pid != expected_id):
         raise PageFormatError(f"post page shows post {box.get('data-id')!r}, expected {expected_id}")
+    try:
+        check_post_id(pid)
+    except ValueError as e:
+        raise PageFormatError(str(e)) from None
 
     def attr(name: str) -> str | None:
         value = box.get(name)
@@ -779,6 +800,9 @@ class _Scrape:
             if isinstance(post.get("md5"), str):
                 self.existing_md5[post["md5"]] = post
         self.writer = PostsWriter(data_dir)
+        if self.writer.removed_tail:
+            result.notes.append(f"posts.jsonl: removed an unfinished last line an interrupted run left "
+                                f"({len(self.writer.removed_tail)} bytes: {self.writer.removed_tail[:80]!r})")
         self._dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
         self.bar = bar(total=limit, desc="scrape", unit="post", quiet=quiet)
@@ -1066,22 +1090,11 @@ def _sigint_stops(stop: threading.Event, client: DanbooruClient) -> Iterator[Non
 
 @contextmanager
 def _exclusive(data_dir: Path) -> Iterator[None]:
-    """One scrape per data directory at a time (an advisory lock that a SIGKILL releases)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
+    """One writer of posts.jsonl per data directory at a time (--scrape and --import share the lock)."""
+    from .dataset import posts_lock
+
+    with posts_lock(data_dir):
         yield
-        return
-    f = open(data_dir / ".scrape.lock", "a+")
-    try:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise AltI2VError(f"{data_dir}: another --scrape is writing into this data directory; "
-                              "wait for it to finish or stop it first") from None
-        yield
-    finally:
-        f.close()
 
 
 def scrape(data_dir: str | os.PathLike, queries: list[str] | str, *, limit: int | None = None,

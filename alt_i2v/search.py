@@ -725,13 +725,16 @@ def _index_images_from_data(tagger: Any, data: Path, args: argparse.Namespace, b
                     images, _ = store.get_batch(part)
                     embs.append(tagger.embed_arrays(images))
                     for k in part:
+                        if k in store.bad:  # left out of the batch: it did not decode
+                            continue
                         post = by_key[k]
                         ids.append(post["id"])
                         paths.append(str(post_image_path(post, data)))
                     progress.update(len(part))
                 progress.close()
                 return (np.concatenate(embs) if embs else np.empty((0, tagger.embedding_dim), np.float32),
-                        ids, paths, [])
+                        ids, paths, [{"file": b["key"], "reason": "bad_record", "error": f"store record {b['key']}: {b['reason']}"}
+                                     for b in store.bad_report()])
         finally:
             store.close()
     posts = list(iter_posts(data))

@@ -16,6 +16,7 @@ import hashlib
 import multiprocessing as mp
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -25,7 +26,7 @@ import msgpack_numpy
 import numpy as np
 
 from .config import BuildConfig, ImageConfig, resolve_workers
-from .errors import AltI2VError, ImageLoadError, StoreMismatchError
+from .errors import AltI2VError, BadRecordError, ImageLoadError, StoreMismatchError
 from .vocab import VOCAB_FILE, Vocab
 
 STORE_DIR = "store"
@@ -53,17 +54,60 @@ def pack(obj: Any) -> bytes:
 
 
 def unpack(data: bytes) -> Any:
-    """msgpack (+ msgpack-numpy arrays); object arrays are refused, nothing is ever unpickled."""
-    return msgpack.unpackb(data, object_hook=_decode_array, raw=False, strict_map_key=False)
+    """msgpack (+ msgpack-numpy arrays of plain numeric dtypes only); nothing is ever unpickled.
+
+    Anything else (object or structured dtypes, a shape that disagrees with the bytes, broken msgpack)
+    is a :class:`BadRecordError`, never a crash or a half-decoded array.
+    """
+    try:
+        return msgpack.unpackb(data, object_hook=_decode_array, raw=False, strict_map_key=False)
+    except BadRecordError:
+        raise
+    except (ValueError, TypeError, KeyError, msgpack.UnpackException) as e:
+        raise BadRecordError(f"undecodable msgpack ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+# The dtypes a store ever holds (images are uint8; counts and scalars are plain numbers). A dtype outside
+# this list, such as a structured one with an object field, would let the record's bytes become pointers.
+ALLOWED_DTYPES = frozenset(np.dtype(t).str for t in (
+    "|b1", "|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<u8", "<i8", "<f2", "<f4", "<f8",
+    ">u2", ">i2", ">u4", ">i4", ">u8", ">i8", ">f2", ">f4", ">f8"))
 
 
 def _decode_array(obj: dict) -> Any:
-    if b"nd" in obj or "nd" in obj:
-        kind = obj.get(b"kind", obj.get("kind", b""))
-        typ = obj.get(b"type", obj.get("type"))
-        if kind or (isinstance(typ, (bytes, str)) and "O" in (typ.decode() if isinstance(typ, bytes) else typ)):
-            raise AltI2VError("store record holds an object array; refusing to decode it")
-    return msgpack_numpy.decode(obj)
+    if b"nd" not in obj:
+        return obj
+    typ, kind, shape, data = obj.get(b"type"), obj.get(b"kind", b""), obj.get(b"shape", ()), obj.get(b"data")
+    typ = typ.decode("ascii", "replace") if isinstance(typ, bytes) else typ
+    if kind or not isinstance(typ, str) or typ not in ALLOWED_DTYPES or not isinstance(data, bytes):
+        raise BadRecordError(f"array of dtype {str(typ)[:60]} (kind {kind!r}) is not a plain numeric array; "
+                             "refusing to decode it")
+    dtype = np.dtype(typ)
+    if obj[b"nd"] is not True:
+        if len(data) != dtype.itemsize:
+            raise BadRecordError("numpy scalar with the wrong number of bytes")
+        return np.frombuffer(data, dtype=dtype)[0]
+    if not (isinstance(shape, (list, tuple)) and len(shape) <= 8
+            and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2 ** 31 for d in shape)):
+        raise BadRecordError(f"array shape {str(shape)[:60]} is not a list of sizes")
+    if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != len(data):
+        raise BadRecordError(f"array of shape {tuple(shape)} {typ} does not match its {len(data)} bytes")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def check_record(rec: Any, image_size: int, num_tags: int) -> dict:
+    """``rec`` if it is the record the store's meta promises (uint8 SxSx3 image, labels below num_tags),
+    else BadRecordError: a damaged or foreign record never reaches training as a wrong array."""
+    if not isinstance(rec, dict):
+        raise BadRecordError("record is not a map")
+    img, labels = rec.get("image"), rec.get("labels")
+    if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.shape != (image_size, image_size, 3):
+        what = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
+        raise BadRecordError(f"image is {what}, the store holds uint8 ({image_size}, {image_size}, 3)")
+    if not (isinstance(labels, list) and all(isinstance(x, int) and not isinstance(x, bool)
+                                             and 0 <= x < num_tags for x in labels)):
+        raise BadRecordError(f"labels are not tag indices below {num_tags}")
+    return rec
 
 
 def encode_record(pid: Any, image: np.ndarray, labels: Sequence[int], split: str) -> bytes:
@@ -101,17 +145,29 @@ class Store:
         if (path / STORE_DIR).is_dir():
             path = path / STORE_DIR
         self.path = path
-        self.db = _open_db(path, create=False)
-        raw = self.db.get(META_KEY)
-        if raw is None:
-            self.db.close()
-            raise AltI2VError(f"{path}: store has no meta record (not an alt-i2v store, or never built)")
-        self.meta: dict = unpack(raw)
-        if self.meta.get("version", 0) > STORE_VERSION:
+        self.bad: dict[bytes, str] = {}  # records skipped as undecodable: key -> reason
+        if not (path / "CURRENT").is_file():
+            raise AltI2VError(f"{path}: no store here; run `python -m alt_i2v --build --data DIR` first")
+        self._lock = ExitStack()
+        self._lock.enter_context(store_lock(path, shared=True))  # a build never swaps it away under us
+        self.db = None
+        try:
+            self.db = _open_db(path, create=False)
+            raw = self.db.get(META_KEY)
+            if raw is None:
+                raise AltI2VError(f"{path}: store has no meta record (not an alt-i2v store, or never built)")
+            try:
+                self.meta: dict = unpack(raw)
+            except BadRecordError as e:
+                raise AltI2VError(f"{path}: the store's meta record is damaged ({e}); run --build --rebuild") \
+                    from None
+            if self.meta.get("version", 0) > STORE_VERSION:
+                raise StoreMismatchError(f"{path}: store version {self.meta.get('version')} is newer than this "
+                                         "alt-i2v understands")
+            check_meta(self.meta, vocab=vocab, image_size=image_size, resize=resize, where=str(path))
+        except BaseException:
             self.close()
-            raise StoreMismatchError(f"{path}: store version {self.meta.get('version')} is newer than this "
-                                     "alt-i2v understands")
-        check_meta(self.meta, vocab=vocab, image_size=image_size, resize=resize, where=str(path))
+            raise
 
     @property
     def image_size(self) -> int:
@@ -159,24 +215,43 @@ class Store:
         raw = self.db.get(REC + key)
         if raw is None:
             raise KeyError(key.decode(errors="replace"))
-        return unpack(raw)
+        try:
+            return check_record(unpack(raw), self.image_size, self.num_tags)
+        except BadRecordError as e:
+            raise BadRecordError(f"{self.path}: record {key.decode(errors='replace')}: {e}") from None
+
+    def _decode(self, key: bytes, raw: bytes) -> dict | None:
+        """The checked record, or None after noting it in :attr:`bad` (a bad record costs one image)."""
+        try:
+            return check_record(unpack(raw), self.image_size, self.num_tags)
+        except BadRecordError as e:
+            self.bad[key] = str(e)
+            return None
+
+    def bad_report(self) -> list[dict]:
+        """The records skipped so far as undecodable, for summaries and reports."""
+        return [{"key": k.decode(errors="replace"), "reason": r} for k, r in sorted(self.bad.items())]
 
     def get_batch(self, keys: Sequence[bytes], out: np.ndarray | None = None
                   ) -> tuple[np.ndarray, list[list[int]]]:
-        """Images ``(N, H, W, 3)`` uint8 and label lists for ``keys``; ``out`` may be a reused buffer."""
+        """Images ``(N, H, W, 3)`` uint8 and label lists for ``keys``; ``out`` may be a reused buffer.
+
+        A record that fails to decode is left out (N is then smaller) and noted in :attr:`bad`."""
         n, s = len(keys), self.image_size
         if out is None or out.shape[0] < n:
             out = np.empty((n, s, s, 3), dtype=np.uint8)
         labels = []
         get = self.db.get
-        for i, key in enumerate(keys):
+        for key in keys:
             raw = get(REC + key)
             if raw is None:
                 raise KeyError(key.decode(errors="replace"))
-            rec = unpack(raw)
-            out[i] = rec["image"]
+            rec = self._decode(key, raw)
+            if rec is None:
+                continue
+            out[len(labels)] = rec["image"]
             labels.append(rec["labels"])
-        return out[:n], labels
+        return out[:len(labels)], labels
 
     def records(self, split: str | None = None) -> Iterator[dict]:
         """Iterate full records of a split (or all)."""
@@ -184,8 +259,9 @@ class Store:
             yield self.get(key)
 
     def close(self) -> None:
-        if not self.db.closed:
+        if self.db is not None and not self.db.closed:
             self.db.close()
+        self._lock.close()
 
     def __enter__(self) -> "Store":
         return self
@@ -279,21 +355,33 @@ def _load(path: str, cfg: tuple) -> np.ndarray:
     return load_image(path, size, resize, max_pixels=max_pixels)
 
 
+PRUNE_SHARE = 0.2  # a build that would remove more than this share of the store stops unless prune=True
+
+
+def store_lock(path: Path, *, shared: bool):
+    """The store's advisory lock, ``DATA/.store.lock``: readers (train, evaluate, index) share it, a build
+    holds it alone. It is taken before the store is touched, so a build never removes or swaps a store
+    that another process has open, and a reader never opens one that is being swapped."""
+    from .fsutil import lock_file
+
+    busy = (f"{path}: a --build is writing this store now; wait for it to finish" if shared else
+            f"{path}: the store is in use by another process (--build, --train, --evaluate or --index); wait "
+            "for it to finish or stop it")
+    return lock_file(path.parent / f".{path.name}.lock", busy, shared=shared)
+
+
 def build_store(data_dir: str | os.PathLike, image_size: int = 150, resize: str = "pad", *,
                 workers: int = 0, max_pixels: int = ImageConfig.max_pixels, batch_size: int = 64,
                 val_fraction: float = 0.1, test_fraction: float = 0.1, rebuild: bool = False,
-                quiet: bool = False) -> BuildResult:
+                prune: bool = False, quiet: bool = False) -> BuildResult:
     """Decode, resize and store every post's image of ``DATA`` into ``DATA/store`` (resumable).
 
-    Posts already stored are skipped; records whose post left posts.jsonl are removed; every skipped
-    post is listed with its reason in ``DATA/reports/build_report.json``.
+    Posts already stored are skipped; records whose post left posts.jsonl are removed (more than
+    ``PRUNE_SHARE`` of the store only with ``prune=True``); every skipped post is listed with its reason in
+    ``DATA/reports/build_report.json``. ``rebuild`` builds a new store beside the old one and swaps it in
+    with a rename once it is complete; the old one serves until then.
     """
-    import shutil
-
-    import plyvel
-
-    from .dataset import PostsRead, id_key, iter_posts, post_image_path
-    from .progress import bar, write_report
+    from .progress import write_report
 
     cfg = BuildConfig(image_size=image_size, resize=resize, max_pixels=max_pixels, workers=workers,
                       batch_size=batch_size, val_fraction=val_fraction, test_fraction=test_fraction)
@@ -302,8 +390,66 @@ def build_store(data_dir: str | os.PathLike, image_size: int = 150, resize: str 
     if len(vocab) == 0:
         raise AltI2VError(f"{data_dir / VOCAB_FILE} is empty: no tag reached --min-count")
     path = data_dir / STORE_DIR
-    if rebuild and path.exists():
+    with store_lock(path, shared=False):
+        _finish_swap(path)
+        if rebuild:
+            fresh = path.with_name(f".{path.name}.rebuild")
+            try:  # a rebuild that was interrupted resumes where it stopped
+                result = _build(data_dir, fresh, cfg, vocab, prune=True, quiet=quiet)
+            except StoreMismatchError:  # ... unless it was started with other settings
+                _rmtree(fresh)
+                result = _build(data_dir, fresh, cfg, vocab, prune=True, quiet=quiet)
+            _swap_in(fresh, path)
+            result.path = path
+        else:
+            result = _build(data_dir, path, cfg, vocab, prune=prune, quiet=quiet)
+    write_report(data_dir, "build_report", {
+        **result.summary(), "config": cfg.get_config(), "skipped_posts": result.skipped,
+        "posts_jsonl_errors": result.posts_errors})
+    return result
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    if path.exists():
         shutil.rmtree(path)
+
+
+def _swap_in(fresh: Path, path: Path) -> None:
+    """Replace ``path`` by the complete store ``fresh``: two renames, and the old one removed last (a kill
+    at any point leaves either store whole; :func:`_finish_swap` completes the step on the next build)."""
+    from .fsutil import fsync_dir
+
+    old = path.with_name(f".{path.name}.old")
+    _rmtree(old)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(fresh, path)
+    fsync_dir(path.parent)
+    _rmtree(old)
+
+
+def _finish_swap(path: Path) -> None:
+    """Complete a swap that a kill interrupted: the renamed-away old store goes once the new one is in."""
+    old, fresh = path.with_name(f".{path.name}.old"), path.with_name(f".{path.name}.rebuild")
+    if old.exists():
+        if not path.exists():
+            os.replace(fresh if fresh.exists() else old, path)
+        _rmtree(old)
+
+
+def _build(data_dir: Path, path: Path, cfg: BuildConfig, vocab: Vocab, *, prune: bool,
+           quiet: bool) -> BuildResult:
+    """The build itself, into ``path``, under the caller's store lock."""
+    import plyvel
+
+    from .dataset import PostsRead, id_key, iter_posts, post_image_path, posts_path
+    from .progress import bar
+
+    posts_file = posts_path(data_dir)
+    if not posts_file.is_file() or posts_file.stat().st_size == 0:
+        raise AltI2VError(f"{posts_file}: no posts; run --scrape or --import first (the store is left as it is)")
     t0 = time.perf_counter()
     want = {"version": STORE_VERSION, "image_size": cfg.image_size, "resize": cfg.resize,
             "vocab_sha256": vocab.sha256, "num_tags": len(vocab),
@@ -341,7 +487,10 @@ def build_store(data_dir: str | os.PathLike, image_size: int = 150, resize: str 
         info = {t[0]: (t[1], t[2], t[3], t[4]) for t in tasks}  # key -> (id, file, labels, split)
 
         counts = dict(meta.get("counts", {}))
-        result.removed = _prune(db, live, counts, meta)
+        if not live:
+            raise AltI2VError(f"{posts_file}: not one usable post in {read.lines} lines (see the bad lines in "
+                              "the build report); the store is left as it is")
+        result.removed = _prune(db, live, counts, meta, allow_all=prune)
 
         nworkers = min(resolve_workers(cfg.workers), max(1, len(tasks)))
         pool = None
@@ -381,9 +530,6 @@ def build_store(data_dir: str | os.PathLike, image_size: int = 150, resize: str 
     finally:
         db.close()
     result.seconds = time.perf_counter() - t0
-    write_report(data_dir, "build_report", {
-        **result.summary(), "config": cfg.get_config(), "skipped_posts": result.skipped,
-        "posts_jsonl_errors": result.posts_errors})
     return result
 
 
@@ -394,15 +540,21 @@ def _commit(batch, meta: dict, counts: dict) -> None:
     batch.write()
 
 
-def _prune(db, live: set, counts: dict, meta: dict) -> int:
-    """Remove records whose post is gone from posts.jsonl (the store mirrors the dataset)."""
-    stale = []
+def _prune(db, live: set, counts: dict, meta: dict, *, allow_all: bool) -> int:
+    """Remove records whose post is gone from posts.jsonl (the store mirrors the dataset); more than
+    ``PRUNE_SHARE`` of the store only when ``allow_all`` (a truncated posts.jsonl must not wipe it)."""
+    stale, total = [], 0
     for split in SPLITS:
         prefix = IDX + split.encode() + b"/"
         for k in db.iterator(prefix=prefix, include_value=False):
+            total += 1
             key = k[len(prefix):]
             if key not in live:
                 stale.append((split, key))
+    if stale and not allow_all and len(stale) > PRUNE_SHARE * total:
+        raise AltI2VError(f"{len(stale)} of the store's {total} records have no post in posts.jsonl any more "
+                          f"(more than {PRUNE_SHARE:.0%}); if posts were removed on purpose, run --build again "
+                          "with --prune to remove their records; otherwise restore posts.jsonl")
     if stale:
         wb = db.write_batch()
         for split, key in stale:
@@ -418,4 +570,4 @@ def open_store(path: str | os.PathLike, **kw: Any) -> Store:
 
 
 __all__ = ["Store", "open_store", "build_store", "BuildResult", "split_of", "multi_hot", "encode_record",
-           "pack", "unpack", "check_meta", "SPLITS"]
+           "pack", "unpack", "check_meta", "check_record", "SPLITS"]

@@ -164,13 +164,11 @@ class Tagger:
             warnings.warn(f"{self.model_dir}: no {THRESHOLDS_FILE} (training did not finish calibrating?); "
                           f"using {DEFAULT_THRESHOLD} for every tag", UserWarning, stacklevel=3)
             return np.full(len(self.vocab), DEFAULT_THRESHOLD, np.float32), DEFAULT_THRESHOLD, False
-        g = _check_prob(doc.get("global", DEFAULT_THRESHOLD), f"{THRESHOLDS_FILE} global")
-        per_tag = doc.get("tags") or {}
-        if not isinstance(per_tag, dict):
-            raise AltI2VError(f"{self.model_dir / THRESHOLDS_FILE}: 'tags' must map tag names to numbers")
-        from .evaluate import thresholds_vector
+        from .evaluate import check_thresholds, thresholds_vector
 
-        return thresholds_vector({"global": g, "tags": per_tag}, self.vocab.names), g, True
+        check_thresholds(doc, str(self.model_dir / THRESHOLDS_FILE))
+        g = float(doc.get("global", DEFAULT_THRESHOLD))
+        return thresholds_vector({"global": g, "tags": doc.get("tags") or {}}, self.vocab.names), g, True
 
     @property
     def embedding_dim(self) -> int:

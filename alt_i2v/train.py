@@ -80,6 +80,7 @@ class TrainResult:
     devices: str = "one device"
     process: int = 0  # this process's index in a distributed run (0 writes MODEL and prints the summary)
     seconds: float = 0.0
+    bad_records: list[dict] = field(default_factory=list)  # store records left out: they did not decode
 
     @property
     def epochs_completed(self) -> int:
@@ -116,6 +117,9 @@ class TrainResult:
                                   f"{self.thresholds.get('calibrated_on')}")
         if rates:
             rows["train speed"] = f"{np.median(rates):.1f} img/s"
+        if self.bad_records:
+            rows["bad store records"] = (f"{len(self.bad_records)} left out (first: {self.bad_records[0]['key']}: "
+                                         f"{self.bad_records[0]['reason'][:80]}); run --build --rebuild")
         rows["seconds"] = round(self.seconds, 1)
         rows["files"] = "model.keras, config.json, vocab.json, thresholds.json, history.csv, curves.png"
         return rows
@@ -504,8 +508,10 @@ def _train_on(cluster: Cluster, data_dir: Path, model_dir: Path, resume: bool, q
         elif int(mc.image_size) != store.image_size:
             raise AltI2VError(f"{model_dir} was trained on {mc.image_size}px images but the store now holds "
                               f"{store.image_size}px ones; rebuild the store at {mc.image_size}px to resume")
-        return _train(store, data_dir, model_dir, mc, tc, vocab, state if resumed else None, resumed, quiet,
-                      t_start, cluster, got["history"])
+        result = _train(store, data_dir, model_dir, mc, tc, vocab, state if resumed else None, resumed, quiet,
+                        t_start, cluster, got["history"])
+        result.bad_records = store.bad_report()
+        return result
     finally:
         store.close()
 

@@ -102,7 +102,7 @@ def make_posts(n: int, *, start_id: int = 1000, seed: int = 0, fmt: str = "PNG",
 
 @dataclass
 class Fault:
-    kind: str  # "429" | "503" | "truncate" | "malformed" | "reset" | "stall"
+    kind: str  # "429" | "503" | "truncate" | "malformed" | "reset" | "stall" | "echo_auth"
     path: str  # exact path, or a prefix ending in "*"
     page: str | None = None
     times: int = 1
@@ -450,6 +450,11 @@ class _Handler(BaseHTTPRequestHandler):
                 b"<html><body>503 Service Temporarily Unavailable</body></html>"
             return self._send(int(fault.kind), "application/json" if fault.kind == "429" else "text/html", msg,
                               headers)
+        if fault.kind == "echo_auth":  # a misconfigured proxy's error page that repeats the request's header
+            auth = self.headers.get("Authorization", "")
+            msg = json.dumps({"success": False, "message": f"bad request, got Authorization: {auth} "
+                                                           f"(url-encoded {quote(auth, safe='')})"})
+            return self._send(400, "application/json", msg.encode())
         if fault.kind == "malformed":
             bad = b'[{"id": 1, "md5": "0f3' if ctype.startswith("application/json") else b"<html><body><h1>Oops"
             return self._send(200, ctype, bad)

@@ -108,8 +108,8 @@ def test_store_views_are_private_hard_linked_and_wait_for_a_writer(built_data, t
 
     data = tmp_path / "data"
     shutil.copytree(built_data, data)
-    stale = data / f".store-view-{sock.gethostname()}-999999999"  # a view whose process is gone
-    stale.mkdir()
+    stale = data / ".store-views" / f"{sock.gethostname()}-999999999"  # a view whose process is gone
+    stale.mkdir(parents=True)
     view = store_view(data / "store")
     assert not stale.exists()
     assert any(os.stat(f).st_nlink > 1 for f in view.glob("*.ldb"))  # linked, not copied
@@ -238,7 +238,7 @@ def two_processes(runs):
 @pytest.mark.slow
 def test_two_processes_match_one_device(runs, two_processes):
     assert_same_run(runs["root"] / "one", two_processes[0])
-    assert not list(runs["data"].glob(".store-view-*"))  # the processes' store views are gone
+    assert not list((runs["data"] / ".store-views").iterdir())  # the processes' store views are gone
 
 
 @pytest.mark.slow
