@@ -157,6 +157,20 @@ class Cluster:
         """Where the training model is built and fitted (its variables live on the mesh)."""
         return self.distribution.scope() if self.distribution is not None else nullcontext()
 
+    def host_scope(self):
+        """Where process 0 keeps its local copy of the training model (the checkpoint source): host memory,
+        so that it takes nothing from the first accelerator."""
+        if self.distribution is None:
+            return nullcontext()
+        import jax
+        import keras
+
+        try:
+            jax.devices("cpu")
+        except RuntimeError:  # JAX_PLATFORMS without cpu
+            return nullcontext()
+        return keras.device("cpu:0")
+
     @contextmanager
     def local(self) -> Iterator[None]:
         """Inside :meth:`scope`, work on this process alone (process 0 saving a checkpoint): no distribution,
@@ -369,20 +383,35 @@ def _initialize(config: DistConfig) -> None:
             raise UsageError(f"this process already joined {_STARTED['key']}; one run per process")
         return
     timeout = int(math.ceil(float(config.peer_timeout)))
-    try:
-        jax.distributed.initialize(coordinator_address=config.coordinator, num_processes=config.num_processes,
-                                   process_id=config.process_id, initialization_timeout=max(timeout, 60),
-                                   # JAX's own verdict comes after ours, which names the process clearly
-                                   heartbeat_timeout_seconds=timeout + 30,
-                                   shutdown_timeout_seconds=24 * 3600)
-    except RuntimeError as e:
-        raise AltI2VError(f"process {config.process_id}: could not join the run at {config.coordinator} "
-                          f"within {max(timeout, 60)} s ({str(e).splitlines()[0][:300]}). Start every process "
-                          "with the same --coordinator (process 0's HOST:PORT, reachable from all) and "
-                          "--num-processes, each with its own --process-id") from None
+    join = max(timeout, 60)
+    if config.process_id != 0:
+        _wait_for_coordinator(config.coordinator, join, config.process_id)
+    print(f"alt-i2v: process {config.process_id} of {config.num_processes} joining the run at "
+          f"{config.coordinator} (waiting up to {join} s for every process)", file=sys.stderr, flush=True)
+    jax.distributed.initialize(coordinator_address=config.coordinator, num_processes=config.num_processes,
+                               process_id=config.process_id, initialization_timeout=join,
+                               # JAX's own verdict comes after ours, which names the process clearly
+                               heartbeat_timeout_seconds=timeout + 30,
+                               shutdown_timeout_seconds=24 * 3600)
     _STARTED["key"] = key
     atexit.register(_exit_without_shutdown_barrier)  # runs before JAX's own atexit shutdown (LIFO)
     _STARTED["watchdog"] = _Watchdog(config)
+
+
+def _wait_for_coordinator(address: str, seconds: float, me: int) -> None:
+    """Before JAX tries (and aborts the process when it cannot): is process 0 listening at ``address``?"""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except (OSError, ValueError) as e:
+            if time.monotonic() > deadline:
+                raise AltI2VError(f"process {me}: nothing answered at --coordinator {address} for {seconds:.0f} s "
+                                  f"({e}); start process 0 there, with the same --coordinator (HOST:PORT of "
+                                  "process 0, reachable from every host) and --num-processes") from None
+            time.sleep(0.5)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -488,7 +517,7 @@ class _Watchdog:
         host = self.host(p) if p != 0 or "reached" not in what else self.coordinator
         return (f"process {p} of {self.count} ({who}{host}) {what}. Training stopped on this process "
                 f"({self.me}) too; the epochs completed so far are kept in the model directory: start every "
-                "process again with --resume")
+                "process again, with --resume to continue")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -402,8 +402,9 @@ class _Run:
         src = [*model.trainable_variables, *model.non_trainable_variables, *model.optimizer.variables]
         dst = [*self.shadow.trainable_variables, *self.shadow.non_trainable_variables,
                *self.shadow.optimizer.variables]
-        for d, v in zip(dst, src):
-            d.assign(keras.ops.convert_to_numpy(v))
+        with self.cluster.host_scope():
+            for d, v in zip(dst, src):
+                d.assign(keras.ops.convert_to_numpy(v))
         return self.shadow
 
     @property
@@ -559,9 +560,10 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
         else:
             model = _replicated_model(cluster, mc, tc, checkpoint)
             if cluster.is_writer:
-                run.shadow = build_model(config=mc, load_weights=False)
-                _compile(run.shadow, tc, weighted=True)
-                run.shadow.optimizer.build(run.shadow.trainable_variables)
+                with cluster.host_scope():
+                    run.shadow = build_model(config=mc, load_weights=False)
+                    _compile(run.shadow, tc, weighted=True)
+                    run.shadow.optimizer.build(run.shadow.trainable_variables)
         keras.config.set_dtype_policy("float32")
         run.export = build_model(config=mc, load_weights=False)  # float32, uncompiled: best.keras, model.keras
         keras.config.set_dtype_policy(policy)

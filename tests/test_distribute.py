@@ -34,7 +34,7 @@ from alt_i2v.store import Store  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
 TRAIN_ARGS = ["--backbone", "tiny", "--weights", "none", "--batch-size", "16", "--workers", "1", "--quiet"]
-EPOCHS = 4
+EPOCHS = 3
 
 
 # ---------------------------------------------------------------------------------------------------------
