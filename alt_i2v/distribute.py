@@ -289,8 +289,8 @@ class Cluster:
 
     def explain(self, exc: BaseException) -> PeerError | None:
         """After a failed step: which other process died or failed (None when none did)."""
-        if self._watchdog is None or isinstance(exc, AltI2VError):
-            return None
+        if self._watchdog is None or isinstance(exc, AltI2VError) or not isinstance(exc, Exception):
+            return None  # our own clear error, or Ctrl-C: nothing to find out
         return self._watchdog.diagnose(wait=DEAD_AFTER_ERROR_SECONDS * 2 + 2)
 
     def _fail(self, message: str) -> None:
