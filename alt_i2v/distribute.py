@@ -378,10 +378,8 @@ def _initialize(config: DistConfig) -> None:
     import jax
 
     key = (config.coordinator, config.num_processes, config.process_id)
-    if _STARTED.get("key") is not None:
-        if _STARTED["key"] != key:
-            raise UsageError(f"this process already joined {_STARTED['key']}; one run per process")
-        return
+    if _STARTED.get("key") is not None:  # the heartbeats of the first run ended with it
+        raise UsageError("one distributed training per process: start new processes for another run")
     timeout = int(math.ceil(float(config.peer_timeout)))
     join = max(timeout, 60)
     if config.process_id != 0:
