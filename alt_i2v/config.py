@@ -18,10 +18,6 @@ from .errors import UsageError
 T = TypeVar("T", bound="JsonConfig")
 
 RESIZE_MODES = ("pad", "stretch", "crop")
-# The model directory's files (CONTRACTS section 4), named once for every stage that writes or reads them
-MODEL_FILE = "model.keras"
-CONFIG_FILE = "config.json"
-THRESHOLDS_FILE = "thresholds.json"
 DEFAULT_CATEGORIES = ("general", "character", "copyright")
 ALL_CATEGORIES = ("general", "character", "copyright", "artist", "meta", "rating")
 
@@ -42,8 +38,11 @@ class JsonConfig:
         kwargs = {}
         for k, v in config.items():
             if k in names:
-                default = names[k].default
-                kwargs[k] = tuple(v) if isinstance(default, tuple) and isinstance(v, list) else v
+                f = names[k]
+                # JSON has no tuples: a list goes back to a tuple where the field holds one (by its default
+                # or its annotation, e.g. ``tuple | None``)
+                tuple_field = isinstance(f.default, tuple) or "tuple" in str(f.type)
+                kwargs[k] = tuple(v) if tuple_field and isinstance(v, list) else v
         return cls(**kwargs)
 
     def to_json(self) -> str:

@@ -7,7 +7,6 @@ repairs a line torn by a crash, writes whole lines and fsyncs, so a SIGKILL neve
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -18,11 +17,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .errors import AltI2VError, ImageLoadError, UnsafePathError, UsageError
-from .fsutil import (IMAGE_SUFFIXES, atomic_write_bytes, fsync_dir, image_relpath, is_md5, normalize_ext,
+from .fsutil import (IMAGE_SUFFIXES, fsync_dir, image_relpath, is_md5, normalize_ext,
                      safe_join)
+from .layout import IMAGES_DIR, DataDir
 
-POSTS_FILE = "posts.jsonl"
-POSTS_LOCK = ".scrape.lock"  # the name README documents; --import takes it too
 CATEGORIES = ("general", "character", "copyright", "artist", "meta")
 RATINGS = {"g": "g", "general": "g", "s": "s", "sensitive": "s", "q": "q", "questionable": "q",
            "e": "e", "explicit": "e"}
@@ -44,14 +42,14 @@ class PostsRead:
 
 
 def posts_path(data_dir: str | os.PathLike) -> Path:
-    return Path(data_dir) / POSTS_FILE
+    return DataDir(data_dir).posts
 
 
 def posts_lock(data_dir: str | os.PathLike):
     """The lock every command that appends to posts.jsonl holds (--scrape, --import): one at a time."""
     from .fsutil import lock_file
 
-    return lock_file(Path(data_dir) / POSTS_LOCK, f"{data_dir}: another --scrape or --import is writing into "
+    return lock_file(DataDir(data_dir).posts_lock, f"{data_dir}: another --scrape or --import is writing into "
                                                   "this data directory; wait for it to finish or stop it first")
 
 
@@ -113,7 +111,7 @@ def validate_post(obj: Any, data_dir: str | os.PathLike) -> dict:
         if md5 is None or post.get("file_ext") is None:
             raise ValueError("no image: needs 'file' or 'md5' + 'file_ext'")
         rel = image_relpath(md5, post["file_ext"])
-    safe_join(data_dir, rel, inside="images")  # raises UnsafePathError
+    safe_join(data_dir, rel, inside=IMAGES_DIR)  # raises UnsafePathError
     post["file"] = rel
     tags = post.get("tags", {})
     if isinstance(tags, dict):
@@ -188,7 +186,7 @@ def id_key(pid: Any) -> str:
 
 def post_image_path(post: dict, data_dir: str | os.PathLike) -> Path:
     """Absolute path of a validated post's image (inside DATA/images, checked again)."""
-    return safe_join(data_dir, post["file"], inside="images")
+    return DataDir(data_dir).image_path(post["file"])
 
 
 class PostsWriter:
@@ -291,9 +289,9 @@ class ImportResult:
     mode: str = ""
 
     def summary(self) -> dict[str, Any]:
-        reasons: dict[str, int] = {}
-        for s in self.skipped:
-            reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
+        from .progress import count_reasons
+
+        reasons = count_reasons(self.skipped)
         return {"mode": self.mode, "added": self.added, "already present": self.already_present,
                 "merged duplicates": self.merged_duplicates, "skipped": len(self.skipped),
                 "skip reasons": reasons}
@@ -371,13 +369,9 @@ def _import_locked(src: Path, data_dir: Path, mode: str, workers: int, quiet: bo
             return path, None, {"path": rel, "reason": e.reason, "detail": str(e)}
         except OSError as e:
             return path, None, {"path": rel, "reason": "unreadable", "detail": str(e)}
-        md5 = hashlib.md5(data).hexdigest()
-        post = {"id": md5, "md5": md5, "file_ext": ext, "file": image_relpath(md5, ext),
+        md5, rel_file = DataDir(data_dir).save_image(data, ext)  # an identical file already there is kept
+        post = {"id": md5, "md5": md5, "file_ext": ext, "file": rel_file,
                 "tags": {"general": tags}, "width": w, "height": h, "source": "import", "original_path": rel}
-        if md5 not in existing:
-            target = data_dir / post["file"]
-            if not (target.exists() and target.stat().st_size == len(data)):
-                atomic_write_bytes(target, data)
         return path, post, None
 
     new_posts: dict[str, dict] = {}

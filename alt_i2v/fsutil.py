@@ -1,4 +1,5 @@
-"""Crash-safe file writes and path checks: temp file + fsync + rename, and no escape from DATA."""
+"""Crash-safe writes and path checks: the one way to write (a hidden temp name beside the target, fsync,
+rename, fsync the directory) for files, directories and streamed downloads, and no escape from DATA."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import json
 import os
 import re
 import secrets
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import UnsafePathError
+from .errors import AltI2VError, UnsafePathError
 
 MD5_RE = re.compile(r"^[0-9a-f]{32}$")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "gif", "webp", "bmp", "tif", "tiff")
@@ -33,27 +35,74 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def temp_path(path: str | os.PathLike, *, keep_suffix: bool = False) -> Path:
+    """A hidden, unique name beside ``path`` for writing it: ``.<name>.<pid>-<hex>.part`` (what
+    :func:`remove_stale_temps` clears after a kill). ``keep_suffix`` keeps the extension last (writers
+    such as Keras insist on ``.keras``)."""
+    path = Path(path)
+    tail = path.suffix if keep_suffix else ""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}{tail}")
+
+
+def commit(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Make a finished temp file durable and rename it over ``path`` (readers see the old file or all of
+    the new one, never a part); the rename itself is made durable too."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+    return Path(path)
+
+
+def _discard(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    except OSError:
+        pass
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, *, keep_suffix: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` to write; on success it is fsync'ed and renamed over
-    ``path`` (readers see the old file or all of the new, never a part), on failure it is removed.
-    ``keep_suffix`` keeps the extension last (writers such as Keras insist on ``.keras``)."""
+    """Yield a temporary path beside ``path`` to write; on success it is committed over ``path``
+    (:func:`commit`), on failure removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tail = path.suffix if keep_suffix else ""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}{tail}")
+    tmp = temp_path(path, keep_suffix=keep_suffix)
     try:
         yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        commit(tmp, path)
     finally:
-        if tmp.exists():
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-    fsync_dir(path.parent)
+        _discard(tmp)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new temporary directory beside ``path`` to fill; on success every file in it is made
+    durable and the directory replaces ``path`` in one rename (an old one is moved aside first, then
+    deleted), on failure it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        old = temp_path(path) if path.exists() else None
+        if old is not None:
+            os.replace(path, old)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        if old is not None:
+            _discard(old)
+    finally:
+        _discard(tmp)
 
 
 @contextmanager
@@ -100,6 +149,17 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def read_json_object(path: str | os.PathLike, what: str) -> dict:
+    """A JSON file that must hold an object; a damaged one is an AltI2VError naming ``what`` it is."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AltI2VError(f"{path}: damaged {what} ({e})") from None
+    if not isinstance(doc, dict):
+        raise AltI2VError(f"{path}: the {what} must be a JSON object")
+    return doc
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int = 16 << 20) -> str:

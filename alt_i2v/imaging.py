@@ -147,23 +147,31 @@ def _to_rgb(img: Image.Image, pad_color: Sequence[int]) -> Image.Image:
     return img.convert("RGB")
 
 
-def _fit(img: Image.Image, size: int, resize: str, pad_color: Sequence[int]) -> Image.Image:
-    w, h = img.size
+def fit_geometry(w: int, h: int, size: int, resize: str) -> tuple[int, int, int, int]:
+    """How a ``w`` x ``h`` picture becomes the ``size`` square: it is resized to ``(nw, nh)``, then, for
+    ``pad``, pasted at ``(dx, dy)`` of the square, for ``crop``, the square is cut at ``(dx, dy)`` of it.
+    Returns ``(nw, nh, dx, dy)``; heat maps use it to go back from the square to the picture."""
     sx, sy = _target_scale(w, h, size, resize)
     nw, nh = max(1, round(w * sx)), max(1, round(h * sy))
     if resize == "stretch":
-        nw = nh = size
+        return size, size, 0, 0
     if resize == "crop":
         nw, nh = max(nw, size), max(nh, size)
+        return nw, nh, (nw - size) // 2, (nh - size) // 2
+    return nw, nh, (size - nw) // 2, (size - nh) // 2
+
+
+def _fit(img: Image.Image, size: int, resize: str, pad_color: Sequence[int]) -> Image.Image:
+    w, h = img.size
+    nw, nh, dx, dy = fit_geometry(w, h, size, resize)
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.Resampling.LANCZOS, reducing_gap=3.0)
     if resize == "pad" and (nw, nh) != (size, size):
         canvas = Image.new("RGB", (size, size), tuple(pad_color))
-        canvas.paste(img, ((size - nw) // 2, (size - nh) // 2))
+        canvas.paste(img, (dx, dy))
         return canvas
     if resize == "crop" and (nw, nh) != (size, size):
-        left, top = (nw - size) // 2, (nh - size) // 2
-        return img.crop((left, top, left + size, top + size))
+        return img.crop((dx, dy, dx + size, dy + size))
     return img
 
 
@@ -177,29 +185,10 @@ def load_image(source: ImageSource, image_size: int = 150, resize: str = "pad", 
     """
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-    name = describe(source)
-    img = _open(source)
-    try:
-        _check_size(img, max_pixels, name)
-        if getattr(img, "n_frames", 1) > 1:
-            img.seek(0)
-        if img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
-            w, h = img.size
-            sx, sy = _target_scale(w, h, image_size, resize)
-            img.draft(None, (max(1, math.ceil(w * sx)), max(1, math.ceil(h * sy))))
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        img = _to_rgb(img, pad_color)
-        img = _fit(img, image_size, resize, pad_color)
-        arr = np.asarray(img, dtype=np.uint8)
-    except ImageLoadError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise ImageLoadError("too_large", f"{name}: refused, {e}") from None
-    except _DECODE_ERRORS as e:
-        raise _decode_error(name, e) from None
+    img = _decode(source, max_pixels, pad_color, (image_size, resize))
+    arr = np.asarray(img, dtype=np.uint8)
     if arr.shape != (image_size, image_size, 3):  # pragma: no cover - defensive
-        raise ImageLoadError("corrupt", f"{name}: decoded to unexpected shape {arr.shape}")
+        raise ImageLoadError("corrupt", f"{describe(source)}: decoded to unexpected shape {arr.shape}")
     return np.ascontiguousarray(arr)
 
 
@@ -212,6 +201,37 @@ def _decode_error(name: str, e: Exception) -> ImageLoadError:
     reason = "truncated" if ("truncated" in msg or "broken data stream" in msg or isinstance(e, EOFError)) \
         else "corrupt"
     return ImageLoadError(reason, f"{name}: {reason} image ({msg or type(e).__name__})")
+
+
+def open_rgb(source: ImageSource, config: ImageConfig) -> Image.Image:
+    """The whole picture as 8-bit RGB at its own size, oriented by EXIF, with the same checks and
+    errors as :func:`load_image` (for showing a result over the original, e.g. a heat map)."""
+    return _decode(source, config.max_pixels, config.pad_color)
+
+
+def _decode(source: ImageSource, max_pixels: int, pad_color: Sequence[int],
+            fit: tuple[int, str] | None = None) -> Image.Image:
+    """Open, check, decode, orient by EXIF and convert to RGB; with ``fit`` = (size, resize) also fit it
+    to the square, letting the JPEG decoder scale down on the way. Failures become ImageLoadError."""
+    name = describe(source)
+    img = _open(source)
+    try:
+        _check_size(img, max_pixels, name)
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)
+        if fit and img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
+            w, h = img.size
+            sx, sy = _target_scale(w, h, fit[0], fit[1])
+            img.draft(None, (max(1, math.ceil(w * sx)), max(1, math.ceil(h * sy))))
+        img.load()
+        img = _to_rgb(ImageOps.exif_transpose(img), pad_color)
+        return _fit(img, fit[0], fit[1], pad_color) if fit else img
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError("too_large", f"{name}: refused, {e}") from None
+    except _DECODE_ERRORS as e:
+        raise _decode_error(name, e) from None
 
 
 def load_image_config(source: ImageSource, config: ImageConfig) -> np.ndarray:

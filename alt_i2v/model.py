@@ -23,7 +23,8 @@ from typing import Any
 import keras
 from keras import layers, ops
 
-from .config import MODEL_FILE, ModelConfig
+from .config import ModelConfig
+from .layout import MODEL_FILE
 from .errors import AltI2VError, UsageError
 
 PACKAGE = "alt_i2v"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .fsutil import atomic_write_json
+from .layout import DataDir
 
 
 def bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it",
@@ -37,8 +39,13 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def count_reasons(skipped: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """How many skipped items (dicts with a ``reason``) there are of each reason, by reason name."""
+    return dict(sorted(Counter(s["reason"] for s in skipped).items()))
+
+
 def write_report(data_dir: str | Path, name: str, report: Mapping[str, Any]) -> Path:
     """Atomically write ``DATA/reports/<name>.json`` and return its path."""
-    path = Path(data_dir) / "reports" / f"{name}.json"
+    path = DataDir(data_dir).report(name)
     payload = {"written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **report}
     return atomic_write_json(path, payload)

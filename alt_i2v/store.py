@@ -27,9 +27,9 @@ import numpy as np
 
 from .config import BuildConfig, ImageConfig, resolve_workers
 from .errors import AltI2VError, BadRecordError, ImageLoadError, StoreMismatchError
+from .layout import STORE_DIR
 from .vocab import VOCAB_FILE, Vocab
 
-STORE_DIR = "store"
 STORE_VERSION = 1
 META_KEY = b"__meta__"
 REC = b"r/"
@@ -324,9 +324,9 @@ class BuildResult:
     seconds: float = 0.0
 
     def summary(self) -> dict[str, Any]:
-        reasons: dict[str, int] = {}
-        for s in self.skipped:
-            reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
+        from .progress import count_reasons
+
+        reasons = count_reasons(self.skipped)
         rate = self.stored / self.seconds if self.seconds > 0 else 0.0
         return {"store": str(self.path), "stored now": self.stored, "already stored": self.already,
                 "removed (no longer in posts)": self.removed, "skipped images": len(self.skipped),

@@ -1,5 +1,5 @@
-"""Using a trained model directory: tags with probabilities, embeddings, and the ``--pred`` / ``--embed``
-command lines (folder captioning included).
+"""Using a trained model directory: tags with probabilities and embeddings, one
+model directory loaded once.
 
 Every input goes through :func:`alt_i2v.imaging.load_image_config` with the image settings the model was
 trained with, so prediction sees exactly the pixels the build stored. Images are decoded on threads while
@@ -8,28 +8,24 @@ the previous batch is in the model; a bad image costs only its own result.
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import os
-import sys
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
-from .config import CONFIG_FILE, MODEL_FILE, THRESHOLDS_FILE, ImageConfig, resolve_workers
+from .config import resolve_workers
 from .errors import AltI2VError, ImageLoadError, UsageError
 from .fsutil import IMAGE_SUFFIXES, file_digest
 from .imaging import describe, load_image_config
-from .vocab import Vocab
+from .layout import ModelDir
+from .thresholds import DEFAULT_THRESHOLD, check_probability, parse_threshold, thresholds_vector
 
 DEFAULT_BATCH_SIZE = 64
-DEFAULT_THRESHOLD = 0.5  # only when a model directory has no thresholds.json
 
 
 class BatchImageError(AltI2VError):
@@ -81,66 +77,25 @@ def list_images(paths: Sequence[str | os.PathLike], recursive: bool = False) -> 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Thresholds
-
-
-def parse_threshold(text: Any) -> float | dict | None:
-    """``--threshold`` text: ``0.4`` or per category ``general=0.4,character=0.8`` (tag names work too)."""
-    if text is None or isinstance(text, (int, float, dict)):
-        return text
-    text = str(text).strip()
-    if "=" not in text:
-        try:
-            return float(text)
-        except ValueError:
-            raise UsageError(f"--threshold must be a number or 'category=value,...', got {text!r}") from None
-    out = {}
-    for part in text.split(","):
-        if not part.strip():
-            continue
-        key, sep, value = part.partition("=")
-        try:
-            out[key.strip()] = float(value)
-        except ValueError:
-            raise UsageError(f"--threshold: {part.strip()!r} is not 'name=number'") from None
-    return out
-
-
-def _check_prob(value: Any, what: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{what} must be a number in [0, 1], got {value!r}") from None
-    if not 0.0 <= v <= 1.0 or math.isnan(v):
-        raise UsageError(f"{what} must be in [0, 1], got {v}")
-    return v
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Tagger
 
 
 class Tagger:
     """A model directory loaded once: ``.predict_tags(images)``, ``.embed(images)``, ``.vocab``.
 
-    Loads ``model.keras`` with safe_mode (no pickle, no lambdas), ``vocab.json``, ``config.json`` (image
-    settings) and ``thresholds.json`` (per-tag thresholds calibrated on the validation split).
+    Loads ``model.keras`` with safe_mode (no pickle, no lambdas), and through :class:`ModelDir` the
+    ``vocab.json``, ``config.json`` (image settings) and ``thresholds.json`` (per-tag thresholds calibrated
+    on the validation split).
     """
 
     def __init__(self, model_dir: str | os.PathLike, *, batch_size: int | None = None, workers: int | None = None):
         from .model import load_model
 
         self.model_dir = Path(model_dir)
-        if not self.model_dir.is_dir():
-            raise AltI2VError(f"{self.model_dir}: no such model directory; train one with "
-                              "`alt-i2v --train --data DIR --model DIR`")
-        self.config = _read_json(self.model_dir / CONFIG_FILE, "model configuration", required=True)
-        self.vocab = Vocab.load(self.model_dir)
-        want = self.config.get("vocab_sha256")
-        if want and want != self.vocab.sha256:
-            raise AltI2VError(f"{self.model_dir}: vocab.json does not match the one the model was trained with "
-                              "(sha256 differs); restore the model directory's own vocab.json")
-        self.image_config = _image_config(self.config)
+        self.files = ModelDir(model_dir).read()
+        self.config = self.files.config
+        self.vocab = self.files.vocab
+        self.image_config = self.files.image
         self.batch_size = int(batch_size or DEFAULT_BATCH_SIZE)
         if self.batch_size < 1:
             raise UsageError("--batch-size must be >= 1")
@@ -152,24 +107,15 @@ class Tagger:
                               "tags; the directory mixes files of different runs")
         self._names = np.asarray(self.vocab.names, dtype=object)
         self._categories = np.asarray(self.vocab.tag_categories, dtype=object)
-        self.thresholds, self.global_threshold, self.calibrated = self._load_thresholds()
+        thresholds = self.files.thresholds
+        self.calibrated = thresholds is not None
+        self.global_threshold = thresholds["global"] if thresholds else DEFAULT_THRESHOLD
+        self.thresholds = thresholds_vector(thresholds, self.vocab.names)
         self._embed_model = None
         self._lock = threading.Lock()
         self._fingerprint: str | None = None
 
     # ------------------------------------------------------------------------------------------ metadata
-    def _load_thresholds(self) -> tuple[np.ndarray, float, bool]:
-        doc = _read_json(self.model_dir / THRESHOLDS_FILE, "thresholds", required=False)
-        if doc is None:
-            warnings.warn(f"{self.model_dir}: no {THRESHOLDS_FILE} (training did not finish calibrating?); "
-                          f"using {DEFAULT_THRESHOLD} for every tag", UserWarning, stacklevel=3)
-            return np.full(len(self.vocab), DEFAULT_THRESHOLD, np.float32), DEFAULT_THRESHOLD, False
-        from .evaluate import check_thresholds, thresholds_vector
-
-        check_thresholds(doc, str(self.model_dir / THRESHOLDS_FILE))
-        g = float(doc.get("global", DEFAULT_THRESHOLD))
-        return thresholds_vector({"global": g, "tags": doc.get("tags") or {}}, self.vocab.names), g, True
-
     @property
     def embedding_dim(self) -> int:
         from .model import embedding_dim
@@ -183,7 +129,7 @@ class Tagger:
     def fingerprint(self) -> str:
         """sha256 of model.keras: tells whether embeddings came from these exact weights."""
         if self._fingerprint is None:
-            self._fingerprint = file_digest(self.model_dir / MODEL_FILE)
+            self._fingerprint = file_digest(self.files.dir.model_file)
         return self._fingerprint
 
     def identity(self) -> dict[str, Any]:
@@ -200,7 +146,7 @@ class Tagger:
         if threshold is None:
             return self.thresholds.copy()
         if not isinstance(threshold, dict):
-            return np.full(len(self.vocab), _check_prob(threshold, "threshold"), np.float32)
+            return np.full(len(self.vocab), check_probability(threshold, "threshold"), np.float32)
         out = self.thresholds.copy()
         cats = set(self.vocab.tag_categories) | set(self.vocab.categories)
         index = self.vocab.index
@@ -210,13 +156,13 @@ class Tagger:
                              f"({', '.join(sorted(cats))}), a tag of its vocabulary, nor 'default'")
         for key in ("default", "*"):
             if key in threshold:
-                out[:] = _check_prob(threshold[key], f"threshold {key}")
+                out[:] = check_probability(threshold[key], f"threshold {key}")
         for key, value in threshold.items():
             if key in cats:
-                out[self._categories == key] = _check_prob(value, f"threshold {key}")
+                out[self._categories == key] = check_probability(value, f"threshold {key}")
         for key, value in threshold.items():
             if key in index and key not in cats:
-                out[index[key]] = _check_prob(value, f"threshold {key}")
+                out[index[key]] = check_probability(value, f"threshold {key}")
         return out
 
     # ------------------------------------------------------------------------------------------ forward
@@ -295,7 +241,7 @@ class Tagger:
                      ) -> Iterator[tuple[int, dict[str, float] | ImageLoadError]]:
         """Stream ``(position, tags or ImageLoadError)`` in input order, one batch at a time."""
         thr = self.thresholds_for(threshold)
-        top_k = _check_top_k(top_k)
+        top_k = check_top_k(top_k)
         for start, loaded, ok, probs in self.iter_batches(sources, lambda b: self._forward(self.model, b)):
             row = {i: r for r, i in enumerate(ok)}
             for i, x in enumerate(loaded):
@@ -384,35 +330,12 @@ def _check_errors(errors: str) -> None:
         raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
 
 
-def _check_top_k(top_k: Any) -> int | None:
+def check_top_k(top_k: Any) -> int | None:
     if top_k is None:
         return None
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
         raise UsageError(f"top_k must be a positive integer, got {top_k!r}")
     return int(top_k)
-
-
-def _read_json(path: Path, what: str, *, required: bool) -> Any:
-    if not path.is_file():
-        if required:
-            raise AltI2VError(f"{path}: missing {what}; this is not a complete model directory (train one with "
-                              "--train, or finish an interrupted run with --train --resume)")
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AltI2VError(f"{path}: damaged {what} ({e})") from None
-
-
-def _image_config(config: Mapping[str, Any]) -> ImageConfig:
-    image = config.get("image")
-    if isinstance(image, dict) and image.get("image_size"):
-        return ImageConfig.from_config(image)
-    model = config.get("model") or {}
-    size = model.get("image_size") or config.get("image_size")
-    if not size:
-        raise AltI2VError("config.json records no image size; the model directory is incomplete")
-    return ImageConfig(image_size=int(size), resize=str(config.get("resize", "pad")))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -435,7 +358,7 @@ def get_tagger(model: Any = None, *, batch_size: int | None = None, workers: int
             return cached
         path = Path(model)
         try:
-            stamp = (path / MODEL_FILE).stat().st_mtime_ns
+            stamp = ModelDir(path).model_file.stat().st_mtime_ns
         except OSError:
             stamp = None
         key = (str(path.resolve()), stamp)
@@ -468,144 +391,5 @@ def extract_embeddings(images: Any, model: Any = None, *, errors: str = "raise")
     return get_tagger(model).embed(images, errors=errors)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def _emit(progress: Any, text: str, file: Any = None) -> None:
-    """Print a line without breaking a progress bar drawn on stderr."""
-    file = file or sys.stdout
-    write = getattr(progress, "write", None)
-    if callable(write) and not getattr(progress, "disable", True):
-        write(text, file=file)
-    else:
-        print(text, file=file, flush=True)
-
-
-def run_pred(args: argparse.Namespace) -> int:
-    """``--pred FILES/DIRS --model DIR``: print tags (text/json/caption) and/or write caption files."""
-    from .captions import (DEFAULT_CAPTION_MODE, DEFAULT_TAG_STYLE, caption_conflicts, caption_path,
-                           format_caption, format_tag, parse_tag_list, select_tags, write_caption)
-    from .progress import bar, summary
-
-    if not args.model:
-        raise UsageError("--pred needs --model DIR (a trained model directory)")
-    if not args.write_captions:
-        for opt in ("caption_mode",):
-            if getattr(args, opt, None):
-                raise UsageError(f"--{opt.replace('_', '-')} applies only with --write-captions")
-    if args.max_tags is not None and args.max_tags < 0:
-        raise UsageError("--max-tags must be >= 0")
-    threshold = parse_threshold(args.threshold)
-    top_k = _check_top_k(args.top_k)
-    exclude = parse_tag_list(args.exclude)
-    style = args.tag_style or DEFAULT_TAG_STYLE
-    escape = not args.no_escape
-    mode = args.caption_mode or DEFAULT_CAPTION_MODE
-    fmt = args.format or ("text" if not args.write_captions else None)
-
-    folders = [p for p in args.pred if Path(p).is_dir()]
-    files = list_images(args.pred, recursive=bool(args.recursive))
-    if not files:
-        raise AltI2VError(f"no images found in {', '.join(args.pred)}" +
-                          ("" if args.recursive else " (use --recursive for sub-folders)"))
-    tagger = get_tagger(args.model, batch_size=args.batch_size, workers=args.workers)
-    tagger.thresholds_for(threshold)  # a bad --threshold fails before any work
-    categories = tagger.tag_categories
-    conflicts = {img for group in caption_conflicts(files).values() for img in group} \
-        if args.write_captions else set()
-
-    counts = {"tagged": 0, "failed": 0, "written": 0, "overwritten": 0, "appended": 0, "unchanged": 0,
-              "skipped": 0}
-    failed: list[str] = []
-    single_file = len(files) == 1 and not folders
-    progress = bar(total=len(files), desc="tag", unit="img", quiet=args.quiet or not folders)
-    try:
-        for i, result in tagger.iter_predict(files, threshold, top_k):
-            file = files[i]
-            progress.update(1)
-            if isinstance(result, ImageLoadError):
-                counts["failed"] += 1
-                failed.append(file)
-                if fmt == "json":
-                    _emit(progress, json.dumps({"file": file, "error": str(result), "reason": result.reason},
-                                               ensure_ascii=False))
-                _emit(progress, f"alt-i2v: skipped {result}", sys.stderr)
-                continue
-            counts["tagged"] += 1
-            if fmt == "json":
-                _emit(progress, json.dumps({"file": file, "tags": result}, ensure_ascii=False))
-            elif fmt == "caption":
-                line = format_caption(result, categories, style=style, escape=escape, exclude=exclude,
-                                      max_tags=args.max_tags)
-                _emit(progress, line if single_file else f"{file}\t{line}")
-            elif fmt == "text":
-                lines = [file] + [f"  {p:.3f}  {t}" for t, p in result.items()]
-                if not result:
-                    lines.append("  (no tag above its threshold)")
-                _emit(progress, "\n".join(lines))
-            if args.write_captions:
-                if file in conflicts:
-                    counts["failed"] += 1
-                    failed.append(file)
-                    _emit(progress, f"alt-i2v: not captioned {file}: another image would share "
-                                    f"{caption_path(file).name}; rename one of them", sys.stderr)
-                    continue
-                names = select_tags(result, categories, exclude=exclude, max_tags=args.max_tags)
-                try:
-                    what = write_caption(file, [format_tag(t, style, escape) for t in names], mode)
-                except OSError as e:
-                    counts["failed"] += 1
-                    failed.append(file)
-                    _emit(progress, f"alt-i2v: cannot write {caption_path(file)}: {e}", sys.stderr)
-                    continue
-                counts[what] += 1
-    finally:
-        progress.close()
-    if args.write_captions or folders:
-        rows = {"images": len(files), "tagged": counts["tagged"], "failed": counts["failed"]}
-        if args.write_captions:
-            rows.update({"captions written": counts["written"] + counts["overwritten"],
-                         "appended": counts["appended"], "unchanged": counts["unchanged"],
-                         "skipped (caption exists)": counts["skipped"], "caption mode": mode})
-            if counts["skipped"] and mode == "skip":
-                rows["hint"] = "--caption-mode append adds new tags, overwrite replaces the file"
-        summary("pred", rows, quiet=args.quiet, file=sys.stderr if fmt else None)
-    return 1 if failed else 0
-
-
-def run_embed(args: argparse.Namespace) -> int:
-    """``--embed FILES/DIRS --model DIR --out FILE.npy``: embeddings plus ``FILE.ids.json`` (the paths)."""
-    import io
-
-    from .fsutil import atomic_write_bytes, atomic_write_json
-    from .progress import summary
-
-    if not args.model:
-        raise UsageError("--embed needs --model DIR")
-    if not args.out:
-        raise UsageError("--embed needs --out FILE.npy")
-    out = Path(args.out)
-    if out.suffix.lower() != ".npy":
-        out = out.with_name(out.name + ".npy")
-    ids_file = out.with_name(out.name[:-4] + ".ids.json")
-    files = list_images(args.embed, recursive=bool(args.recursive))
-    if not files:
-        raise AltI2VError(f"no images found in {', '.join(args.embed)}")
-    tagger = get_tagger(args.model, batch_size=args.batch_size, workers=args.workers)
-    emb, ok, failures = tagger.embed_files(files, quiet=args.quiet)
-    for f in failures:
-        print(f"alt-i2v: skipped {f['error']}", file=sys.stderr)
-    buf = io.BytesIO()
-    np.save(buf, emb.astype(np.float32), allow_pickle=False)
-    atomic_write_bytes(out, buf.getvalue())
-    atomic_write_json(ids_file, {"version": 1, "count": int(len(emb)), "dim": int(emb.shape[1]),
-                                 "normalized": True, "model": str(tagger.model_dir.resolve()),
-                                 "ids": [files[i] for i in ok], "failed": failures})
-    summary("embed", {"embeddings": f"{len(emb)} x {emb.shape[1]} float32 (L2-normalised)", "file": str(out),
-                      "ids": str(ids_file), "failed": len(failures)}, quiet=args.quiet)
-    return 1 if failures else 0
-
-
 __all__ = ["Tagger", "predict_tags", "extract_embeddings", "get_tagger", "clear_cache", "BatchImageError",
-           "list_images", "parse_threshold", "as_list", "run_pred", "run_embed", "IMAGE_SUFFIXES"]
+           "list_images", "parse_threshold", "as_list", "IMAGE_SUFFIXES"]

@@ -33,21 +33,21 @@ from typing import Any
 import keras
 import numpy as np
 
-from .config import CONFIG_FILE, ImageConfig, ModelConfig, TrainConfig, resolve_workers
+from .config import ImageConfig, ModelConfig, TrainConfig, resolve_workers
 from .distribute import Cluster, DistConfig, start
 from .errors import AltI2VError, UsageError
-from .evaluate import THRESHOLDS_FILE, calibrate_thresholds, predict_split, prf_at, thresholds_vector
+from .evaluate import predict_split
 from .fsutil import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, remove_stale_temps
-from .model import (MODEL_FILE, build_model, count_params, embedding_dim, get_backbone, get_loss,
-                    resolve_config)
+from .layout import CHECKPOINTS_DIR as CKPT_DIR
+from .layout import CONFIG_FILE, CURVES_FILE, HISTORY_FILE, MODEL_FILE, THRESHOLDS_FILE, ModelDir
+from .metrics import prf_at
+from .model import build_model, count_params, embedding_dim, get_backbone, get_loss, resolve_config
 from .pipeline import EpochSetter, StoreDataset
 from .store import Store
+from .thresholds import calibrate_thresholds, thresholds_vector
 from .vocab import VOCAB_FILE, Vocab
 
 CONFIG_VERSION = 1
-HISTORY_FILE = "history.csv"
-CURVES_FILE = "curves.png"
-CKPT_DIR = "checkpoints"
 STATE_FILE = "state.json"
 BEST_FILE = "best.keras"
 MODEL_FIELDS = {f.name for f in fields(ModelConfig)} - {"num_tags"}
@@ -470,8 +470,8 @@ def _train_on(cluster: Cluster, data_dir: Path, model_dir: Path, resume: bool, q
         raise AltI2VError(f"{data_dir / VOCAB_FILE} has no tags")
 
     def read_run() -> dict[str, Any]:  # process 0 reads MODEL; the others get what it read
-        cfg_path, state_path = model_dir / CONFIG_FILE, model_dir / CKPT_DIR / STATE_FILE
-        saved = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else None
+        state_path = model_dir / CKPT_DIR / STATE_FILE
+        saved = ModelDir(model_dir).read_config(required=False)
         state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else None
         if saved is not None and not resume:
             raise UsageError(f"{model_dir} already holds a training run; continue it with --resume, or train "

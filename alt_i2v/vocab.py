@@ -14,8 +14,8 @@ from typing import Any, Iterable, Sequence
 from .config import DEFAULT_CATEGORIES, VocabConfig
 from .errors import AltI2VError
 from .fsutil import atomic_write_json
+from .layout import VOCAB_FILE
 
-VOCAB_FILE = "vocab.json"
 VOCAB_VERSION = 1
 
 

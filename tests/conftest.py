@@ -72,6 +72,13 @@ def make_dataset(data_dir: Path, n: int = 120, seed: int = 0, size: int = 64, fm
     return posts
 
 
+def temp_files(root: Path) -> list[Path]:
+    """Temporary files of interrupted atomic writes under ``root`` (fsutil.temp_path names them)."""
+    from alt_i2v.fsutil import TMP_SUFFIX
+
+    return [p for p in Path(root).rglob(".*") if TMP_SUFFIX in p.name]
+
+
 @pytest.fixture
 def dataset_dir(tmp_path: Path) -> Path:
     """A fresh 120-post shapes dataset (no vocab, no store)."""

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from alt_i2v.cli import ACTIONS, main
 from conftest import make_dataset
 
+ROOT = Path(__file__).resolve().parents[1]
 ACTION_FLAGS = ["--scrape", "--import", "--vocab", "--maeshori", "--build", "--train", "--evaluate", "--pred",
                 "--embed", "--index", "--similar", "--demo"]
 
@@ -33,6 +36,23 @@ def test_import_and_help_do_not_load_tensorflow_or_keras():
             "print(rc, heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "0 []"
+
+
+def test_framework_start_up_chatter_stays_off_stderr_unless_debug(tmp_path):
+    """A command that loads TensorFlow prints only its own line on stderr; --debug shows everything."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user's shell has it
+    env["KERAS_BACKEND"] = "tensorflow"
+    argv = ["--evaluate", "--data", str(tmp_path / "data"), "--model", str(tmp_path / "model")]
+    code = ("import sys, alt_i2v.cli\n"
+            f"rc = alt_i2v.cli.main({argv!r} + sys.argv[1:])\n"
+            "print(rc, 'tensorflow' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.stdout.split() == ["1", "True"]  # it failed cleanly, after TensorFlow was loaded
+    assert done.stderr.splitlines() == [f"alt-i2v: error: {tmp_path / 'model'}: no such model directory; "
+                                        "train one with `alt-i2v --train --data DIR --model DIR`"]
+    debug = subprocess.run([sys.executable, "-c", code, "--debug"], capture_output=True, text=True, env=env,
+                           cwd=ROOT)
+    assert "Traceback" in debug.stderr and "no such model directory" in debug.stderr
 
 
 def test_module_entry_point_runs():

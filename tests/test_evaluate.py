@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alt_i2v.evaluate import (average_precision, calibrate_thresholds, compute_metrics, confusion,
-                              is_single_label, most_wrong, prf_at, roc_auc, thresholds_vector)
+from alt_i2v.metrics import (average_precision, compute_metrics, confusion, is_single_label, most_wrong, prf_at,
+                             roc_auc)
+from alt_i2v.thresholds import calibrate_thresholds, thresholds_vector
 
 
 def test_auc_and_average_precision_match_hand_computed_values():
@@ -133,6 +134,15 @@ def test_evaluate_writes_metrics_report_and_plots(built_data, tmp_path):
     assert result.summary()["mAP"] == metrics["map"]
     with pytest.raises(Exception, match="split"):
         evaluate(built_data, out, split="holdout", quiet=True)
+
+    # a model trained on padded pictures is not scored on a store of cropped ones (its pixels differ)
+    from alt_i2v.errors import StoreMismatchError
+
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["image"]["resize"] = "crop"
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(StoreMismatchError, match="resize mode"):
+        evaluate(built_data, out, split="test", quiet=True)
 
 
 def test_single_label_dataset_gets_top1_and_a_confusion_matrix(tmp_path):

@@ -284,7 +284,7 @@ def test_per_tag_thresholds_are_validated_like_the_global_one(bad, built_data, t
 
     from _inference_model import trained_model
 
-    from alt_i2v.evaluate import load_thresholds
+    from alt_i2v.layout import ModelDir
     from alt_i2v.tagger import Tagger
 
     model = tmp_path_factory.mktemp("thr") / "model"
@@ -293,7 +293,7 @@ def test_per_tag_thresholds_are_validated_like_the_global_one(bad, built_data, t
     doc["tags"][next(iter(doc["tags"]))] = bad
     (model / "thresholds.json").write_text(json.dumps(doc))  # json writes NaN / Infinity literally
     with pytest.raises(AltI2VError, match="threshold must be a number in"):
-        load_thresholds(model)
+        ModelDir(model).read()
     with pytest.raises(AltI2VError, match="threshold must be a number in"):
         Tagger(model)
 

@@ -23,6 +23,7 @@ VGG16_FROZEN = ["input_layer", "block1_conv1", "block1_conv2", "block1_pool", "b
                 "block2_pool", "block3_conv1", "block3_conv2", "block3_conv3", "block3_pool", "block4_conv1"]
 
 
+@pytest.mark.slow  # builds the full 150-million-parameter network (about 600 MB)
 def test_reference_vgg16_architecture_and_parameter_count():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # frozen=12 with random weights warns; asserted below
@@ -190,6 +191,7 @@ print(json.dumps({"backend": keras.backend.backend(), "losses": [h["loss"] for h
 """
 
 
+@pytest.mark.slow  # a JAX subprocess: importing JAX and compiling take 20-70 s on 2 cores
 def test_jax_backend_smoke_trains_and_saves_a_portable_model(built_data, tmp_path):
     """The same code trains under KERAS_BACKEND=jax; its model.keras loads and agrees under TensorFlow."""
     pytest.importorskip("jax")

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from _inference_model import near_duplicate, shapes, trained_model
-from alt_i2v import search
+from alt_i2v.search import files as search_files
+from alt_i2v.search import index as search_index
 from alt_i2v.cli import main
 from alt_i2v.search import IndexFileError, SimilarityIndex, faiss_available
 
@@ -33,7 +34,7 @@ def clustered(n: int, dim: int = 32, clusters: int = 20, seed: int = 0) -> np.nd
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_exact_search_matches_brute_force_across_chunks_and_blocks(dtype, monkeypatch):
-    monkeypatch.setattr(search, "_CHUNK_BYTES", 4096)  # many small chunks: exercises the running top-k
+    monkeypatch.setattr(search_index, "_CHUNK_BYTES", 4096)  # many small chunks: exercises the running top-k
     x = clustered(700, seed=1)
     q = clustered(9, seed=2)
     index = SimilarityIndex.build(x[:300], [f"a{i}" for i in range(300)], dtype=dtype)
@@ -46,6 +47,33 @@ def test_exact_search_matches_brute_force_across_chunks_and_blocks(dtype, monkey
         assert np.mean([len(set(a) & set(b)) for a, b in zip(pos, want)]) >= 9.5
     assert (np.diff(scores, axis=1) <= 1e-6).all() and scores.dtype == np.float32
     assert index.vectors().dtype == np.dtype(dtype)
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["relu", "signed"])
+def test_float16_kernel_equals_a_plain_float32_product(signed):
+    """The integer-widening float16 scan (threads and all) scores exactly what NumPy's own float16 ->
+    float32 conversion followed by a float32 matrix product scores, zeros and subnormals included."""
+    from alt_i2v.search.kernels import _F16_SCALE, _f16_topk, normalize_rows
+
+    rng = np.random.default_rng(5)
+    n, dim, k = 20_000, 48, 7  # more rows than one thread's span: the threaded path runs
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    x = x if signed else np.abs(x)
+    x[:50, :10] = 0.0  # exact zeros
+    x[50:60, 0] = 1e-6 * np.linalg.norm(x[50:60], axis=1)  # subnormal in float16 after normalising
+    block = normalize_rows(x).astype(np.float16)
+    q = normalize_rows(rng.standard_normal((5, dim)).astype(np.float32))
+
+    want = block.astype(np.float32) @ q.T  # (n, Q) the plain way
+    scores, pos = _f16_topk(block, np.ascontiguousarray(q.T * np.float32(_F16_SCALE)), k, 0, not signed)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    scores, pos = np.take_along_axis(scores, order, 1)[:, :k], np.take_along_axis(pos, order, 1)[:, :k]
+    np.testing.assert_allclose(scores, np.take_along_axis(want.T, pos, 1), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(scores, -np.sort(-want.T, axis=1)[:, :k], rtol=1e-6, atol=1e-7)
+
+    index = SimilarityIndex.build(block, dtype="float16")  # the same through the index
+    got, where = index.search_positions(q, k)
+    np.testing.assert_allclose(got, -np.sort(-want.T, axis=1)[:, :k], rtol=1e-6, atol=1e-7)
 
 
 def test_results_ids_scores_and_shapes():
@@ -149,7 +177,7 @@ def test_approximate_backend_recall_and_round_trip(tmp_path, monkeypatch):
     back.add(x[:1] * 3, [4000])  # positional ids continue; the approximate index grows too
     assert back.search(x[0] * 3, 2, approx=True)[0][1] == pytest.approx(1.0, abs=1e-4)
 
-    monkeypatch.setattr(search, "faiss_available", lambda: False)  # faiss gone: exact search, with a note
+    monkeypatch.setattr(search_files, "faiss_available", lambda: False)  # faiss gone: exact search, with a note
     plain = SimilarityIndex.load(path)
     assert not plain.has_approx and (plain.search_positions(q, 10)[1] == exact).all()
 
@@ -217,10 +245,11 @@ def test_cli_index_and_similar(model_dir, gallery, tmp_path, capsys):
     capsys.readouterr()
     assert main(["--similar", str(originals[1]), "--index", str(out), "--top-k", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert "nearest to" in lines[0] and len(lines) == 4
-    rank, score, name = lines[1].split()
+    assert "nearest to" in lines[0] and len(lines) == 5
+    assert lines[1].split() == ["rank", "cosine", "file"]  # every column is labelled
+    rank, score, name = lines[2].split()
     assert rank == "1" and float(score) == pytest.approx(1.0, abs=1e-3) and Path(name).name == "img01.png"
-    assert Path(lines[2].split()[2]).name == "dup01.jpg"
+    assert Path(lines[3].split()[2]).name == "dup01.jpg"
 
 
 def test_cli_index_from_a_dataset_store(model_dir, built_data, tmp_path, capsys):
@@ -234,7 +263,9 @@ def test_cli_index_from_a_dataset_store(model_dir, built_data, tmp_path, capsys)
     query = post_image_path(posts[3], built_data)
     capsys.readouterr()
     assert main(["--similar", str(query), "--index", str(out), "--top-k", "2"]) == 0
-    first = capsys.readouterr().out.splitlines()[1].split()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["rank", "cosine", "id", "file"]  # post ids are labelled as such
+    first = lines[2].split()
     assert first[2] == str(posts[3]["id"]) and first[3] == str(query)
 
 

@@ -18,6 +18,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
+from conftest import temp_files  # noqa: E402
 from alt_i2v.errors import AltI2VError, UsageError  # noqa: E402
 from alt_i2v.train import precision_policy, read_history, train  # noqa: E402
 
@@ -44,7 +45,7 @@ def test_model_directory_has_every_contract_file(trained):
         assert (out / name).is_file(), name
     assert len(list((out / "checkpoints").glob("last-e*.keras"))) == 1
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(out.rglob(".*.tmp-*")), "temporary files left behind"
+    assert not temp_files(out), "temporary files left behind"
     assert (out / "vocab.json").read_text() == (data / "vocab.json").read_text()
 
 
@@ -169,7 +170,7 @@ def test_resume_after_kill_9_mid_training(built_data, tmp_path):
     assert [r["epoch"] for r in rows] == list(range(1, done + 3))
     assert result.initial_epoch == done
     assert (out / "model.keras").is_file() and (out / "thresholds.json").is_file()
-    assert not list(out.rglob(".*.tmp-*"))
+    assert not temp_files(out)
 
 
 def test_nan_loss_stops_training_with_a_clear_message(built_data, tmp_path, monkeypatch):

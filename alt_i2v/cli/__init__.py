@@ -1,5 +1,8 @@
 """Command line: one action flag per call, options after it; a thin layer over the library.
 
+All argument handling lives in this package (the library takes plain parameters): the parser and the
+data-stage handlers here, the handlers of a trained model in :mod:`.infer`.
+
 Nothing heavy is imported here: each handler imports its stage when it runs, so ``--help`` is instant.
 Exit codes: 0 ok, 1 failed, 2 usage error.
 """
@@ -10,11 +13,15 @@ import argparse
 import errno
 import logging
 import os
+import tempfile
 import sys
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
-from . import __version__
-from .errors import AltI2VError, UsageError
+from .. import __version__
+from ..errors import AltI2VError, UsageError
+from ..layout import DataDir
+from .infer import cmd_embed, cmd_explain, cmd_index, cmd_pred, cmd_similar
 
 ACTIONS: dict[str, tuple[str, str]] = {
     # dest: (help, example)
@@ -38,6 +45,8 @@ ACTIONS: dict[str, tuple[str, str]] = {
               "alt-i2v --index --model model --images folder/ --out folder.index"),
     "similar": ("print the nearest images to one image",
                 "alt-i2v --similar query.jpg --index folder.index --top-k 10"),
+    "explain": ("write Grad-CAM heat maps: where in each image the evidence for a tag lies",
+                "alt-i2v --explain img.jpg folder/ --model model --tag blonde_hair,hat --out maps/"),
     "demo": ("run the whole pipeline on generated data (offline)",
              "alt-i2v --demo demo_run --quick"),
 }
@@ -59,9 +68,12 @@ ACTION_OPTIONS: dict[str, set[str]] = {
     "embed": {"model", "out", "recursive", "batch_size", "workers"},
     "index": {"model", "data", "images", "out", "recursive", "approx", "batch_size", "workers"},
     "similar": {"index", "top_k", "model"},
+    "explain": {"model", "tag", "top_k", "out", "recursive"},
     "demo": {"quick"},
 }
 COMMON = {"quiet", "debug"}
+# Actions that load Keras (and, with the default backend, TensorFlow)
+KERAS_ACTIONS = {"train", "evaluate", "pred", "embed", "index", "similar", "explain", "demo"}
 
 
 def _count(least: int) -> Callable[[str], int]:
@@ -100,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--embed", nargs="+", metavar="FILE_OR_DIR", help=ACTIONS["embed"][0])
     act.add_argument("--index", dest="index_action", action="store_true", help=ACTIONS["index"][0])
     act.add_argument("--similar", metavar="FILE", help=ACTIONS["similar"][0])
+    act.add_argument("--explain", nargs="+", metavar="FILE_OR_DIR", help=ACTIONS["explain"][0])
     act.add_argument("--demo", nargs="?", const="alt-i2v-demo", metavar="DIR", help=ACTIONS["demo"][0] +
                      " (default DIR: ./alt-i2v-demo)")
 
@@ -186,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--approx", action="store_true", help="--index: also build an approximate (faiss) index")
     g.add_argument("--index-path", dest="index", metavar="INDEX", help=argparse.SUPPRESS)
 
+    g = p.add_argument_group("--explain")
+    g.add_argument("--tag", action="append", metavar="TAGS",
+                   help="tags to explain, repeatable or comma-separated (default: the --top-k most probable, 3)")
+
     g = p.add_argument_group("--demo")
     g.add_argument("--quick", action="store_true", help="a sub-minute version")
     return p
@@ -207,6 +224,47 @@ def _parse(argv: Sequence[str] | None) -> tuple[str, argparse.Namespace]:
             flag = "--" + dest.replace("_", "-")
             parser.error(f"{flag} does not apply to --{action.replace('_src', '')}")
     return action, args
+
+
+def quiet_frameworks(*, load_keras: bool) -> None:
+    """Keep the frameworks' start-up chatter off stderr (``--debug`` skips this and shows it all).
+
+    ``TF_CPP_MIN_LOG_LEVEL=3``, set before TensorFlow is imported, hides its C++ log lines (cuInit and
+    CUDA errors on machines without a GPU, CPU-feature notes) and Python-side loggers are set to ERROR
+    (TensorFlow's tf.function retracing notes, absl and JAX warnings). TensorFlow 2.19+ also logs while
+    its shared libraries load (oneDNN, "Could not find cuda drivers", absl's InitializeLog notice), before
+    it reads any setting (tensorflow/tensorflow#100442), so Keras is imported here with stderr's file
+    descriptor pointed at a temporary file; if that import fails, what was written is shown.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    for name in ("tensorflow", "absl", "jax"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if load_keras and "keras" not in sys.modules:
+        with _stderr_held():
+            import keras  # noqa: F401
+
+
+@contextmanager
+def _stderr_held() -> Iterator[None]:
+    """Point file descriptor 2 at a temporary file for the block; replay it if the block raises."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable stderr descriptor: nothing to hold
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode("utf-8", "replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _given(value: Any) -> bool:
@@ -233,8 +291,8 @@ def cmd_scrape(args: argparse.Namespace) -> int:
     data = _need(args, "data", "scrape")
     if not args.query:
         raise UsageError("--scrape needs at least one --query")
-    from .progress import summary
-    from .scraper import scrape
+    from ..progress import summary
+    from ..scraper import scrape
 
     kw = {k: getattr(args, k) for k in ("limit", "base_url", "source", "rate", "workers", "file_size",
                                          "max_bytes", "login", "api_key") if getattr(args, k) is not None}
@@ -244,48 +302,48 @@ def cmd_scrape(args: argparse.Namespace) -> int:
 
 
 def cmd_import_src(args: argparse.Namespace) -> int:
-    from .config import resolve_workers
-    from .dataset import import_folder
-    from .progress import summary
+    from ..config import resolve_workers
+    from ..dataset import import_folder
+    from ..progress import summary
 
     data = _need(args, "data", "import")
     result = import_folder(args.import_src, data, mode=_opt(args, "mode", "auto"),
                            workers=resolve_workers(args.workers) * 2, quiet=args.quiet)
-    summary("import", {**result.summary(), "report": os.path.join(data, "reports", "import_report.json")},
+    summary("import", {**result.summary(), "report": str(DataDir(data).report("import_report"))},
             quiet=args.quiet)
     return 0
 
 
 def cmd_vocab(args: argparse.Namespace) -> int:
-    from .config import DEFAULT_CATEGORIES
-    from .progress import summary
-    from .vocab import build_vocab
+    from ..config import DEFAULT_CATEGORIES
+    from ..progress import summary
+    from ..vocab import build_vocab
 
     data = _need(args, "data", "vocab")
     cats = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else DEFAULT_CATEGORIES
     vocab = build_vocab(data, size=_opt(args, "size", 4096), min_count=_opt(args, "min_count", 1), categories=cats)
     top = ", ".join(f"{t['name']} ({t['count']})" for t in vocab.tags[:8])
     summary("vocab", {"tags": len(vocab), "from posts": vocab.built_from, "categories": ",".join(vocab.categories),
-                      "most common": top or "-", "written": os.path.join(data, "vocab.json")}, quiet=args.quiet)
+                      "most common": top or "-", "written": str(DataDir(data).vocab)}, quiet=args.quiet)
     return 0
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .progress import summary
-    from .store import build_store
+    from ..progress import summary
+    from ..store import build_store
 
     data = _need(args, "data", "build")
     kw = {k: getattr(args, k) for k in ("image_size", "resize", "workers", "max_pixels", "val_fraction",
                                          "test_fraction") if getattr(args, k) is not None}
     result = build_store(data, rebuild=args.rebuild, prune=args.prune, quiet=args.quiet, **kw)
-    summary("build", {**result.summary(), "report": os.path.join(data, "reports", "build_report.json")},
+    summary("build", {**result.summary(), "report": str(DataDir(data).report("build_report"))},
             quiet=args.quiet)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .progress import summary
-    from .train import train
+    from ..progress import summary
+    from ..train import train
 
     data = _need(args, "data", "train")
     model = _need(args, "model", "train")
@@ -299,7 +357,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _dist_config(args: argparse.Namespace) -> Any:
     """--distribute/--devices/--coordinator/... over the cluster launcher's environment variables."""
-    from .distribute import DistConfig, settings_from_env
+    from ..distribute import DistConfig, settings_from_env
 
     kw = settings_from_env(os.environ)
     kw.update({k: getattr(args, k) for k in ("distribute", "devices", "coordinator", "num_processes",
@@ -309,8 +367,8 @@ def _dist_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
-    from .progress import summary
+    from ..evaluate import evaluate
+    from ..progress import summary
 
     result = evaluate(_need(args, "data", "evaluate"), _need(args, "model", "evaluate"),
                       split=_opt(args, "split", "test"), batch_size=args.batch_size, quiet=args.quiet)
@@ -318,32 +376,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pred(args: argparse.Namespace) -> int:
-    from .tagger import run_pred
-
-    return run_pred(args)
-
-
-def cmd_embed(args: argparse.Namespace) -> int:
-    from .tagger import run_embed
-
-    return run_embed(args)
-
-
-def cmd_index(args: argparse.Namespace) -> int:
-    from .search import run_index
-
-    return run_index(args)
-
-
-def cmd_similar(args: argparse.Namespace) -> int:
-    from .search import run_similar
-
-    return run_similar(args)
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     run_demo(args.demo, quick=args.quick, quiet=args.quiet)
     return 0
@@ -352,7 +386,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "scrape": cmd_scrape, "import_src": cmd_import_src, "vocab": cmd_vocab, "build": cmd_build,
     "train": cmd_train, "evaluate": cmd_evaluate, "pred": cmd_pred, "embed": cmd_embed, "index": cmd_index,
-    "similar": cmd_similar, "demo": cmd_demo,
+    "similar": cmd_similar, "explain": cmd_explain, "demo": cmd_demo,
 }
 
 
@@ -367,11 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         action, args = _parse(argv)
     except SystemExit as e:  # argparse: --help/--version exit 0, errors exit 2
         return int(e.code or 0) if isinstance(e.code, int) else 2
-    if not args.debug:
-        # TensorFlow warns about tf.function retracing each time a new model (tagger, embedder, evaluator)
-        # makes its first prediction in one process; harmless here, so keep it off the user's screen
-        logging.getLogger("tensorflow").setLevel(logging.ERROR)
     try:
+        if not args.debug:
+            quiet_frameworks(load_keras=action in KERAS_ACTIONS)
         return int(HANDLERS[action](args) or 0)
     except UsageError as e:
         print(f"alt-i2v: usage error: {e}", file=sys.stderr)

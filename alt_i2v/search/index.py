@@ -1,0 +1,372 @@
+"""Similar-image search: an index of L2-normalised embeddings, exact by default, approximate with faiss.
+
+Exact search is a matrix product of the stored vectors (float32, or float16 for half the memory) with the
+queries, done chunk by chunk with a running top-k (:mod:`.kernels`), so 1M x 2048 never needs a full-size
+temporary. The optional approximate backend (``pip install alt-i2v[faiss]``) is an IVF index with 8-bit
+scalar quantisation (L2 on the unit vectors, which ranks like cosine) whose candidates are re-ranked with
+the exact vectors. :mod:`.files` writes and reads the index directory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import AltI2VError
+from .files import DTYPES, IndexFileError, _import_faiss, load_index, save_index
+from .kernels import _F16_SCALE, _as_f32, _f16_topk, _topk, normalize_rows
+
+_CHUNK_BYTES = 64 << 20  # largest temporary of an exact search (scores, or float16 rows made float32)
+
+
+def _check_id(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"ids must be strings or integers (JSON), got {type(value).__name__}: {value!r}")
+    return value
+
+
+class SimilarityIndex:
+    """Nearest neighbours by cosine similarity over L2-normalised vectors.
+
+    ``dtype`` "float32" (default, fastest exact search) or "float16" (half the memory; the exact search
+    converts chunk by chunk). ``info`` is free JSON kept in the header (the CLI records the model there).
+    """
+
+    def __init__(self, dim: int, *, dtype: str = "float32", info: dict | None = None):
+        if str(np.dtype(dtype)) not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        if int(dim) < 1:
+            raise ValueError("dim must be >= 1")
+        self.dim = int(dim)
+        self.dtype = np.dtype(dtype)
+        self.info: dict = dict(info or {})
+        self._blocks: list[np.ndarray] = []
+        self._ids: list | None = []  # None: ids are positions 0..count-1
+        self._paths: list | None = None
+        self._id_pos: dict | None = None
+        self._approx = None  # faiss index or None
+        self.approx_params: dict | None = None
+        self.count = 0
+
+    # ---------------------------------------------------------------------------------------------- build
+    @classmethod
+    def build(cls, embeddings: np.ndarray, ids: Sequence | None = None, *, paths: Sequence[str] | None = None,
+              dtype: str = "float32", approx: bool = False, info: dict | None = None,
+              **approx_kw: Any) -> "SimilarityIndex":
+        """A new index of ``embeddings`` (N, D); ``ids`` default to 0..N-1. ``approx=True`` also trains the
+        faiss backend (``nlist``, ``nprobe``, ``refine`` may be given)."""
+        emb = np.asarray(embeddings)
+        if emb.ndim != 2 or emb.shape[0] == 0:
+            raise ValueError(f"embeddings must be a non-empty (N, D) array, got shape {emb.shape}")
+        index = cls(emb.shape[1], dtype=dtype, info=info)
+        if ids is None:
+            index._ids = None
+        index.add(emb, ids, paths=paths)
+        if approx:
+            index.build_approx(**approx_kw)
+        return index
+
+    def add(self, embeddings: np.ndarray, ids: Sequence | None = None, *,
+            paths: Sequence[str] | None = None) -> None:
+        """Append vectors (normalised here); ids must be new. An index built without ids keeps positions."""
+        emb = np.asarray(embeddings)
+        if emb.ndim == 1:
+            emb = emb[None, :]
+        if emb.ndim != 2 or emb.shape[1] != self.dim:
+            raise ValueError(f"embeddings must have shape (N, {self.dim}), got {emb.shape}")
+        n = emb.shape[0]
+        if n == 0:
+            return
+        positional = (self._ids is None) if self.count else ids is None
+        if ids is None:
+            if not positional:
+                raise ValueError("this index has explicit ids; give ids for the new vectors too")
+        else:
+            ids = [_check_id(i) for i in ids]
+            if len(ids) != n:
+                raise ValueError(f"{len(ids)} ids for {n} embeddings")
+            if positional:
+                if ids != list(range(self.count, self.count + n)):
+                    raise ValueError(f"this index uses positions as ids; add without ids (or with "
+                                     f"{self.count}..{self.count + n - 1})")
+                ids = None
+            else:
+                pos = self._positions()
+                dup = [i for i in ids if i in pos]
+                if dup or len(set(ids)) != len(ids):
+                    raise ValueError(f"duplicate ids: {(dup or [i for i in ids if ids.count(i) > 1])[:5]}")
+        if paths is not None:
+            paths = [str(p) for p in paths]
+            if len(paths) != n:
+                raise ValueError(f"{len(paths)} paths for {n} embeddings")
+        if (paths is None) != (self._paths is None) and self.count:
+            raise ValueError("give paths for every vector or for none")
+        # normalise and store in chunks, so a float16 index never holds a float32 copy of everything
+        block = np.empty((n, self.dim), dtype=self.dtype)
+        step = max(1, _CHUNK_BYTES // (4 * self.dim))
+        for s in range(0, n, step):
+            block[s:s + step] = normalize_rows(emb[s:s + step])
+        if self._approx is not None:
+            for s in range(0, n, step):
+                self._approx.add(np.ascontiguousarray(block[s:s + step], dtype=np.float32))
+        self._blocks.append(block)
+        if positional:
+            self._ids = None
+        else:
+            start = self.count
+            if self._ids is None:
+                self._ids = []
+            self._ids.extend(ids)
+            if self._id_pos is not None:
+                self._id_pos.update((i, start + k) for k, i in enumerate(ids))
+        if paths is not None:
+            self._paths = (self._paths or []) + paths
+        self.count += n
+
+    def _positions(self) -> dict:
+        if self._id_pos is None:
+            self._id_pos = {i: k for k, i in enumerate(self._ids or [])}
+        return self._id_pos
+
+    # ---------------------------------------------------------------------------------------------- access
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def ids(self) -> list:
+        return list(range(self.count)) if self._ids is None else list(self._ids)
+
+    @property
+    def paths(self) -> list[str] | None:
+        return None if self._paths is None else list(self._paths)
+
+    def id_at(self, position: int) -> Any:
+        return position if self._ids is None else self._ids[position]
+
+    def path_at(self, position: int) -> str | None:
+        return None if self._paths is None else self._paths[position]
+
+    def position(self, id_: Any) -> int:
+        """Row of an id (KeyError if absent)."""
+        if self._ids is None:
+            if isinstance(id_, int) and 0 <= id_ < self.count:
+                return id_
+            raise KeyError(id_)
+        return self._positions()[id_]
+
+    def vectors(self) -> np.ndarray:
+        """All stored vectors as one (count, dim) array (concatenates blocks: a full-size copy)."""
+        if len(self._blocks) != 1:
+            self._blocks = [np.concatenate(self._blocks)] if self._blocks else [np.empty((0, self.dim),
+                                                                                         self.dtype)]
+        return self._blocks[0]
+
+    def _rows(self, positions: np.ndarray) -> np.ndarray:
+        """float32 rows at global ``positions`` (any shape of ints)."""
+        flat = np.asarray(positions, dtype=np.int64).ravel()
+        out = np.empty((flat.size, self.dim), dtype=np.float32)
+        starts = np.cumsum([0] + [len(b) for b in self._blocks])
+        which = np.searchsorted(starts, flat, side="right") - 1
+        for b in np.unique(which):
+            sel = which == b
+            out[sel] = _as_f32(self._blocks[b][flat[sel] - starts[b]])
+        return out.reshape(*np.shape(positions), self.dim)
+
+    @property
+    def has_approx(self) -> bool:
+        return self._approx is not None
+
+    # ---------------------------------------------------------------------------------------------- search
+    def search(self, query: np.ndarray, k: int = 10, *, approx: bool | None = None
+               ) -> list[tuple[Any, float]] | list[list[tuple[Any, float]]]:
+        """Nearest ``k`` as ``[(id, cosine), ...]`` best first for one query (D,), or a list of such lists
+        for a batch (Q, D). ``approx`` None uses the approximate backend when the index has one."""
+        q = np.asarray(query)
+        single = q.ndim == 1
+        scores, pos = self.search_positions(q[None, :] if single else q, k, approx=approx)
+        out = [[(self.id_at(int(p)), float(s)) for s, p in zip(srow, prow) if p >= 0]
+               for srow, prow in zip(scores, pos)]
+        return out[0] if single else out
+
+    def search_positions(self, queries: np.ndarray, k: int = 10, *, approx: bool | None = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """Low level: ``(scores, positions)`` both (Q, k'), k' = min(k, count), best first."""
+        q = np.asarray(queries)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise IndexFileError(f"queries must have shape (Q, {self.dim}) to match this index, got {q.shape}; "
+                                 "was the index built with a different model?")
+        if k < 1:
+            raise ValueError("k must be >= 1")
+        q = normalize_rows(q, what="queries")
+        k = min(int(k), self.count)
+        if k == 0:
+            return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
+        use_approx = self._approx is not None if approx is None else bool(approx)
+        if use_approx:
+            if self._approx is None:
+                raise AltI2VError("this index has no approximate backend; build it with approx=True "
+                                  "(--approx) or search with approx=False")
+            scores, pos = self._search_approx(q, k)
+        else:
+            scores, pos = self._search_exact(q, k)
+        np.clip(scores, -1.0, 1.0, out=scores)  # rounding can put a self-match a hair above 1
+        return scores, pos
+
+    def _search_exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        nq = len(q)
+        best_s = np.full((nq, 0), -np.inf, dtype=np.float32)
+        best_p = np.full((nq, 0), -1, dtype=np.int64)
+        if self.dtype == np.float16:
+            qt = np.ascontiguousarray(q.T * np.float32(_F16_SCALE))  # undoes the 2^-112 of the bit trick
+            parts = []
+            offset = 0
+            for b, block in enumerate(self._blocks):
+                parts.append(_f16_topk(block, qt, k, offset, self._block_nonneg(b)))
+                offset += len(block)
+            return _topk(np.concatenate([p[0] for p in parts], axis=1),
+                         np.concatenate([p[1] for p in parts], axis=1), k, sort=True)
+        qt = np.ascontiguousarray(q.T)  # (D, Q)
+        rows = max(256, _CHUNK_BYTES // (4 * nq))  # bounded scores temporary (rows x Q)
+        offset = 0
+        for block in self._blocks:
+            for s in range(0, len(block), rows):
+                part = block[s:s + rows]  # a view of the block, no copy of it
+                scores = (part @ qt[:, 0])[:, None] if nq == 1 else part @ qt  # (n, Q); gemv for one query
+                cand_s, cand_p = _topk(scores.T, np.arange(len(scores)) + offset + s, k)
+                best_s = np.concatenate([best_s, cand_s], axis=1)
+                best_p = np.concatenate([best_p, cand_p], axis=1)
+                if best_s.shape[1] > 4 * k:
+                    best_s, best_p = _topk(best_s, best_p, k)
+            offset += len(block)
+        return _topk(best_s, best_p, k, sort=True)
+
+    def _block_nonneg(self, b: int) -> bool:
+        """Whether block ``b`` has no negative value (ReLU embeddings): its scan skips the sign bits."""
+        cache = getattr(self, "_nonneg", None)
+        if cache is None or len(cache) != len(self._blocks):
+            cache = self._nonneg = [None] * len(self._blocks)
+        if cache[b] is None:
+            block = self._blocks[b]
+            cache[b] = bool(len(block) == 0 or block.view(np.int16).min() >= 0)
+        return cache[b]
+
+    def _search_approx(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        refine = int((self.approx_params or {}).get("refine", 4))
+        kk = min(self.count, max(k * refine, k))
+        step = max(1, _CHUNK_BYTES // (4 * kk * self.dim))  # queries per group: bounded re-rank rows
+        if len(q) > step:
+            parts = [self._search_approx(q[s:s + step], k) for s in range(0, len(q), step)]
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        _, cand = self._approx.search(np.ascontiguousarray(q, dtype=np.float32), kk)
+        cand = np.asarray(cand, dtype=np.int64)
+        valid = cand >= 0
+        safe = np.where(valid, cand, 0)
+        rows = self._rows(safe)  # (Q, kk, D) exact vectors: re-rank the candidates
+        scores = np.einsum("qkd,qd->qk", rows, q).astype(np.float32)
+        scores[~valid] = -np.inf
+        s, p = _topk(scores, safe, k, sort=True)
+        p[~np.isfinite(s)] = -1
+        return s, p
+
+    # ---------------------------------------------------------------------------------------------- approx
+    def build_approx(self, nlist: int | None = None, nprobe: int | None = None, refine: int = 4,
+                     train_size: int | None = None, target_recall: float = 0.95, seed: int = 0) -> None:
+        """Train and fill a faiss IVF index with 8-bit scalar quantisation, then measure its recall.
+
+        ``nlist`` inverted lists (default ~sqrt(N)/4); ``nprobe`` lists visited per query (default: the
+        smallest that reaches ``target_recall`` recall@10 against exact search, measured on stored vectors
+        used as queries, see :meth:`calibrate`); ``refine``: candidates per wanted neighbour re-ranked
+        with the exact vectors. The measured recall is kept in ``approx_params["recall10"]``.
+        """
+        faiss = _import_faiss()
+        n = self.count
+        if n == 0:
+            raise ValueError("add vectors before building the approximate index")
+        nlist = int(nlist or max(1, min(4096, round(math.sqrt(n) / 4))))
+        nlist = max(1, min(nlist, n // 8 or 1))
+        # L2 on unit vectors ranks like cosine, and its k-means cells keep neighbours together better
+        # than inner-product cells (measured: recall@10 0.99 vs 0.91 at the same nprobe)
+        quantizer = faiss.IndexFlatL2(self.dim)
+        index = faiss.IndexIVFScalarQuantizer(quantizer, self.dim, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                              faiss.METRIC_L2)
+        index.cp.niter = 12
+        index.cp.seed = seed
+        index.cp.max_points_per_centroid = 128
+        m = min(n, int(train_size or max(nlist * 128, 20_000)))
+        rng = np.random.default_rng(seed)
+        sample = np.sort(rng.choice(n, size=m, replace=False)) if m < n else np.arange(n)
+        index.train(np.ascontiguousarray(self._rows(sample)))
+        step = max(1, _CHUNK_BYTES // (4 * self.dim))
+        for block in self._blocks:
+            for s in range(0, len(block), step):
+                index.add(_as_f32(block[s:s + step]))
+        self._approx = index
+        self.approx_params = {"backend": "faiss", "kind": "IVF-SQ8", "nlist": nlist, "nprobe": 1,
+                              "refine": int(refine), "metric": "l2"}
+        self.calibrate(target_recall=target_recall, nprobe=nprobe, seed=seed)
+
+    def calibrate(self, target_recall: float = 0.95, nprobe: int | None = None, k: int = 10,
+                  queries: int = 64, seed: int = 0) -> float:
+        """Measure the approximate recall@k against exact search, using ``queries`` stored vectors as
+        queries (their own row left out of both answers). With ``nprobe`` None, pick the smallest nprobe
+        of a 1, 2, 3, 4, 6, 8, 12, ... ladder that reaches ``target_recall``. Returns the recall."""
+        if self._approx is None:
+            raise AltI2VError("this index has no approximate backend")
+        n = self.count
+        m = min(queries, n)
+        rows = np.sort(np.random.default_rng(seed + 1).choice(n, size=m, replace=False))
+        q = self._rows(rows)
+        kk = min(k + 1, n)
+        _, truth = self._search_exact(q, kk)
+        want = [[p for p in t if p != r][:k] for t, r in zip(truth, rows)]
+
+        def recall(probe: int) -> float:
+            self._approx.nprobe = probe
+            _, found = self._search_approx(q, kk)
+            got = [[p for p in f if p != r][:k] for f, r in zip(found, rows)]
+            return float(np.mean([len(set(g) & set(w)) / max(1, len(w)) for g, w in zip(got, want)]))
+
+        nlist = int(self._approx.nlist)
+        if nprobe is not None:
+            chosen, measured = min(int(nprobe), nlist), None
+        else:
+            ladder = sorted({min(nlist, v) for e in range(0, 24) for v in (2 ** e, 3 * 2 ** e // 2)} | {nlist})
+            chosen, measured = nlist, None
+            for probe in ladder:
+                measured = recall(probe)
+                if measured >= target_recall:
+                    chosen = probe
+                    break
+        if measured is None or self._approx.nprobe != chosen:
+            measured = recall(chosen)
+        self._approx.nprobe = chosen
+        self.approx_params.update(nprobe=chosen, recall10=round(measured, 4), recall_queries=m)
+        return measured
+
+    def set_nprobe(self, nprobe: int) -> None:
+        """Lists visited per approximate query: higher is slower and more accurate."""
+        if self._approx is None:
+            raise AltI2VError("this index has no approximate backend")
+        self._approx.nprobe = int(nprobe)
+        self.approx_params["nprobe"] = int(nprobe)
+
+    def drop_approx(self) -> None:
+        self._approx = None
+        self.approx_params = None
+
+    # ---------------------------------------------------------------------------------------------- disk
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the index directory atomically (a temp directory renamed into place)."""
+        return save_index(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, verify: bool = True, mmap: bool = False) -> "SimilarityIndex":
+        """Read an index directory. ``verify`` checks every file's sha256 (one pass over the data);
+        ``mmap`` maps the vectors read-only instead of reading them into memory."""
+        return load_index(cls, path, verify=verify, mmap=mmap)
