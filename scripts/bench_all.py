@@ -136,16 +136,16 @@ def main() -> int:
             failed.append(script.name)
             rows.append((script.stem, "timed out", "-", "-"))
             continue
-        results = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
         for ln in done.stdout.splitlines():
             if not ln.startswith("RESULT "):
                 print("   ", ln)
-        if done.returncode != 0 or not results:
+        if done.returncode != 0 or not lines:
             failed.append(script.name)
             rows.append((script.stem, f"failed (exit {done.returncode})", "-", "-"))
             print(done.stderr[-2000:], file=sys.stderr)
             continue
-        for ln in results:
+        for ln in lines:
             name, kv = parse_result(ln)
             ratio, target = kv.pop("ratio", "-"), kv.pop("target", "-")
             detail = ", ".join(f"{k}={v}" for k, v in kv.items())

@@ -213,7 +213,8 @@ def print_scaling(r: dict, label: str) -> None:
     print(f"  {'1':<12} {r['one']['img_s']:>9.1f} {r['one']['epoch_s']:>9.2f}")
     print(f"  {k:<12} {r['many']['img_s']:>9.1f} {r['many']['epoch_s']:>9.2f}")
     print(f"  efficiency {r['efficiency']:.2f} (img/s with {k} / ({k} x img/s with 1))")
-    print(f"RESULT train_scaling workers={k} img_s_1={r['one']['img_s']:.1f} img_s_{k}={r['many']['img_s']:.1f} "
+    name = "train_scaling_gpu" if "devices" in label else "train_scaling"
+    print(f"RESULT {name} workers={k} img_s_1={r['one']['img_s']:.1f} img_s_{k}={r['many']['img_s']:.1f} "
           f"epoch_s_1={r['one']['epoch_s']:.2f} epoch_s_{k}={r['many']['epoch_s']:.2f} "
           f"ratio={r['efficiency']:.2f} target=0.9")
 
