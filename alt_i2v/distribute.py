@@ -254,8 +254,6 @@ class Cluster:
             return Store(data_dir, **kw)
         path = Path(data_dir)
         path = path / STORE_DIR if (path / STORE_DIR).is_dir() else path
-        if not (path / "CURRENT").is_file():
-            raise AltI2VError(f"{path}: no store here; run `python -m alt_i2v --build --data DIR` first")
         self._held.enter_context(store_lock(path, shared=True))  # no build swaps the store while we read it
         view = store_view(path, timeout=self.config.peer_timeout)
         atexit.register(_remove_view, view)
@@ -592,49 +590,55 @@ class ProcessSlice(PyDataset):
 
 
 def store_view(store: Path, *, timeout: float = 120.0) -> Path:
-    """A private copy of the LevelDB at ``store`` that costs almost no disk: its table files (immutable in
-    LevelDB) are hard-linked, the few small files around them copied, into ``DATA/.store-views/``. Taken
-    while holding LevelDB's own lock, so no writer or other reader changes the folder meanwhile. Views of
-    processes that are gone are removed first."""
+    """A private copy of the store at ``store`` (one LevelDB, or a sharded store's folder of them) that
+    costs almost no disk: LevelDB's table files (immutable) are hard-linked, the few small files around them
+    copied, into ``DATA/.store-views/``. Taken while holding every database's own LevelDB lock, so no
+    writer or other reader changes them meanwhile. Views of processes that are gone are removed first."""
     import fcntl
 
     store = Path(store)
-    if not (store / "CURRENT").is_file():
+    dbs = sorted({f.parent for f in store.rglob("CURRENT")})
+    if not dbs:
         raise AltI2VError(f"{store}: no store here; run `python -m alt_i2v --build --data DIR` first")
     views = store.parent / VIEWS_DIR
     _remove_stale_views(views)
     view = views / f"{socket.gethostname()}-{os.getpid()}"
     _remove_view(view)
     deadline = time.monotonic() + timeout
-    with open(store / "LOCK", "a+b") as lock:
-        while True:
-            try:
-                fcntl.lockf(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise AltI2VError(f"{store}: the store stayed in use by another process (a build, an "
-                                      f"evaluation?) for {timeout:.0f} s; wait for it to finish") from None
-                time.sleep(0.2)
+    with ExitStack() as held:
+        for db in dbs:
+            lock = held.enter_context(open(db / "LOCK", "a+b"))
+            while True:
+                try:
+                    fcntl.lockf(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    held.callback(fcntl.lockf, lock.fileno(), fcntl.LOCK_UN)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise AltI2VError(f"{db}: the store stayed in use by another process (a build, an "
+                                          f"evaluation?) for {timeout:.0f} s; wait for it to finish") from None
+                    time.sleep(0.2)
         try:
-            view.mkdir(parents=True)
-            for f in store.iterdir():
+            for f in sorted(store.rglob("*")):
+                target = view / f.relative_to(store)
+                if f.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
                 if f.name == "LOCK" or f.name.startswith("LOG") or not f.is_file():
                     continue
+                target.parent.mkdir(parents=True, exist_ok=True)
                 if f.suffix in (".ldb", ".sst"):
                     try:
-                        os.link(f, view / f.name)
+                        os.link(f, target)
                         continue
                     except OSError:
                         pass  # another file system or no hard links there: copy instead
-                shutil.copy2(f, view / f.name)
+                shutil.copy2(f, target)
         except OSError as e:
             _remove_view(view)
             raise AltI2VError(f"{store}: cannot make this process's view of the store in {views} ({e}); "
                               "several processes on one host need a writable data directory, or give each "
                               "process its own copy of DATA") from None
-        finally:
-            fcntl.lockf(lock.fileno(), fcntl.LOCK_UN)
     return view
 
 
