@@ -233,15 +233,34 @@ def test_two_devices_in_one_process_match_one_device(runs):
 
 @pytest.fixture(scope="module")
 def two_processes(runs):
-    model, log = runs["root"] / "two_processes", runs["root"] / "records"
-    _finish(_processes(runs["data"], model, "--epochs", str(EPOCHS), "--record-log", str(log)))
-    return model, log
+    """Two 2-process runs at once: one uninterrupted, with a record log, and one whose process 1 gets
+    SIGKILL after the first epoch (its process 0 must then stop by itself)."""
+    root, data = runs["root"], runs["data"]
+    whole = _processes(data, root / "two_processes", "--epochs", str(EPOCHS), "--record-log", str(root / "records"))
+    killed = _processes(data, root / "killed", "--epochs", str(EPOCHS), "--peer-timeout", "30")
+    state = root / "killed" / "checkpoints" / "state.json"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and not (state.exists() and json.loads(state.read_text())["epoch"] >= 1):
+            assert killed[0].poll() is None, killed[0].communicate()[0][-3000:]
+            time.sleep(0.05)
+        os.kill(killed[1].pid, signal.SIGKILL)
+        killed_at = time.time()
+        out0, _ = killed[0].communicate(timeout=120)
+        stopped_after = time.time() - killed_at
+    finally:
+        for p in killed:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    _finish(whole)
+    return {"model": root / "two_processes", "log": root / "records", "killed": root / "killed",
+            "killed_rc": killed[0].returncode, "killed_out": out0, "stopped_after": stopped_after}
 
 
 @pytest.mark.slow
 def test_two_processes_match_one_device(runs, two_processes):
-    assert_same_run(runs["root"] / "one", two_processes[0])
-    assert not list((runs["data"] / ".store-views").iterdir())  # the processes' store views are gone
+    assert_same_run(runs["root"] / "one", two_processes["model"])
 
 
 @pytest.mark.slow
@@ -250,7 +269,7 @@ def test_two_processes_see_every_training_record_once_per_epoch(runs, two_proces
         train_keys = sorted(k.decode() for k in s.ids("train"))
     per_process = []
     for p in (0, 1):
-        lines = (two_processes[1] / f"records-p{p}.txt").read_text().split("\n")
+        lines = (two_processes["log"] / f"records-p{p}.txt").read_text().split("\n")
         per_process.append([line.split() for line in lines if line])
     for epoch in range(EPOCHS):
         mine = [{key for e, _, key in rows if int(e) == epoch} for rows in per_process]
@@ -261,31 +280,14 @@ def test_two_processes_see_every_training_record_once_per_epoch(runs, two_proces
 
 @pytest.mark.slow
 def test_kill_9_of_one_process_stops_the_other_then_resume_gives_the_same_model_directory(runs, two_processes):
-    model = runs["root"] / "killed"
-    procs = _processes(runs["data"], model, "--epochs", str(EPOCHS), "--peer-timeout", "30")
-    state = model / "checkpoints" / "state.json"
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and not (state.exists() and json.loads(state.read_text())["epoch"] >= 1):
-            assert procs[0].poll() is None, procs[0].communicate()[0][-3000:]
-            time.sleep(0.05)
-        os.kill(procs[1].pid, signal.SIGKILL)
-        killed_at = time.time()
-        out0, _ = procs[0].communicate(timeout=120)
-        stopped_after = time.time() - killed_at
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.communicate()
-    assert procs[0].returncode == 1, out0[-3000:]
+    out0 = two_processes["killed_out"]
+    assert two_processes["killed_rc"] == 1, out0[-3000:]
     assert "process 1 of 2" in out0 and "--resume" in out0, out0[-3000:]
-    assert stopped_after < 30 + 15, stopped_after  # within the peer timeout, not a hang
-    print(f"stopped {stopped_after:.1f} s after the kill", file=sys.stderr)
-    epoch = json.loads(state.read_text())["epoch"]
-    assert 1 <= epoch < EPOCHS and not json.loads(state.read_text())["finished"]
+    assert two_processes["stopped_after"] < 30 + 15  # within the peer timeout, not a hang
+    model = two_processes["killed"]
+    state = json.loads((model / "checkpoints" / "state.json").read_text())
+    assert 1 <= state["epoch"] < EPOCHS and not state["finished"]
 
-    t0 = time.time()
     _finish(_processes(runs["data"], model, "--epochs", str(EPOCHS), "--resume"))
-    print(f"resumed in {time.time() - t0:.1f} s, killed at {killed_at - t0:.1f}", file=sys.stderr)
-    assert_same_run(two_processes[0], model)
+    assert_same_run(two_processes["model"], model)
+    assert not list((runs["data"] / ".store-views").iterdir())  # every process's store view is gone
