@@ -15,7 +15,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     # inference and search
     "predict_tags": "tagger", "extract_embeddings": "tagger", "Tagger": "tagger",
-    "SimilarityIndex": "search", "explain": "explain",
+    "SimilarityIndex": "search", "explain": "explain", "screen": "screen",
+    # web page and JSON API (needs the serve extra)
+    "create_app": "serve", "run_server": "serve",
     # model and training
     "build_model": "model", "train": "train", "evaluate": "evaluate", "load_model": "model",
     "embedding_model": "model", "ModelConfig": "config", "TrainConfig": "config", "DistConfig": "distribute",
@@ -32,7 +34,7 @@ __all__ = ["__version__", *_EXPORTS]
 # Functions that share their module's name: ``alt_i2v.explain`` is always the module, and the module is
 # callable as its function, so ``from alt_i2v import explain; explain(...)`` and ``alt_i2v.explain.render``
 # both work whatever was imported first.
-_CALLABLE_MODULES = {"explain"}
+_CALLABLE_MODULES = {"explain", "screen"}
 
 
 def __getattr__(name: str) -> Any:

@@ -210,8 +210,36 @@ class TrainConfig(JsonConfig):
             raise UsageError("steps_per_epoch must be >= 1")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Web page and JSON API (serve/)
+
+
+@dataclass(frozen=True)
+class ServeConfig(JsonConfig):
+    """``--serve``: where to listen and what an upload may be. Binds 127.0.0.1 unless told otherwise."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_bytes: int = 32 << 20  # an upload over this gets 413, before it is read into memory
+    max_pixels: int | None = None  # None: the model's own decompression-bomb limit (ImageConfig.max_pixels)
+    top_k: int = 12  # similar images shown per query
+    max_batch: int = 32  # uploads answered by one forward pass at most
+
+    def __post_init__(self):
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise UsageError(f"port must be an integer in 0..65535, got {self.port!r}")
+        if not isinstance(self.max_bytes, int) or self.max_bytes < 1:
+            raise UsageError(f"max bytes must be a positive integer, got {self.max_bytes!r}")
+        if self.max_pixels is not None and (not isinstance(self.max_pixels, int) or self.max_pixels < 1):
+            raise UsageError(f"max pixels must be a positive integer, got {self.max_pixels!r}")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= 100:
+            raise UsageError(f"top k must be an integer in 1..100, got {self.top_k!r}")
+        if not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise UsageError(f"max batch must be >= 1, got {self.max_batch!r}")
+
+
 __all__ = [
     "JsonConfig", "ImageConfig", "VocabConfig", "BuildConfig", "RESIZE_MODES", "DEFAULT_CATEGORIES",
     "ALL_CATEGORIES", "resolve_workers", "load_config", "field", "ModelConfig", "TrainConfig", "LOSSES",
-    "MIXED_PRECISION",
+    "MIXED_PRECISION", "ServeConfig",
 ]

@@ -10,15 +10,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .errors import AltI2VError, ImageLoadError, UnsafePathError, UsageError
-from .fsutil import (IMAGE_SUFFIXES, fsync_dir, image_relpath, is_md5, normalize_ext,
-                     safe_join)
+from .fsutil import IMAGE_SUFFIXES, JsonlWriter, fsync_dir, image_relpath, is_md5, normalize_ext, safe_join
 from .layout import IMAGES_DIR, DataDir
 
 CATEGORIES = ("general", "character", "copyright", "artist", "meta")
@@ -189,91 +187,17 @@ def post_image_path(post: dict, data_dir: str | os.PathLike) -> Path:
     return DataDir(data_dir).image_path(post["file"])
 
 
-class PostsWriter:
-    """Appends whole lines to posts.jsonl; on open it cuts a torn last line left by a crash."""
+class PostsWriter(JsonlWriter):
+    """Appends whole lines to posts.jsonl; on open it finishes or cuts a last line a crash left."""
 
     def __init__(self, data_dir: str | os.PathLike, *, sync: bool = True):
-        self.path = posts_path(data_dir)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.sync = sync
-        self.repaired, self.removed_tail = _repair_tail(self.path)  # bytes cut, and what they were
-        self._f = open(self.path, "ab")
-
-    def append(self, post: dict) -> None:
-        self.append_many([post])
+        super().__init__(posts_path(data_dir), sync=sync)
 
     def append_many(self, posts: Iterable[dict]) -> None:
         posts = list(posts)
         for p in posts:  # a bad id is never written: it would stop every later stage
             check_post_id(p.get("id"))
-        data = b"".join(json.dumps(p, ensure_ascii=False, separators=(",", ":")).encode() + b"\n" for p in posts)
-        if not data:
-            return
-        self._f.write(data)
-        self._f.flush()
-        if self.sync:
-            os.fsync(self._f.fileno())
-
-    def close(self) -> None:
-        if not self._f.closed:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-
-    def __enter__(self) -> "PostsWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _repair_tail(path: Path) -> tuple[int, bytes]:
-    """Finish the last line of ``path`` when it has no newline: a line that parses is kept (its newline
-    added), one that does not (a write a crash cut short) is cut. Returns (bytes cut, the bytes cut)."""
-    if not path.exists():
-        return 0, b""
-    size = path.stat().st_size
-    if size == 0:
-        return 0, b""
-    with open(path, "rb+") as f:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) == b"\n":
-            return 0, b""
-        pos, chunk = size, 65536
-        while pos > 0:
-            start = max(0, pos - chunk)
-            f.seek(start)
-            buf = f.read(pos - start)
-            i = buf.rfind(b"\n")
-            if i >= 0:
-                keep = start + i + 1
-                break
-            pos = start
-        else:
-            keep = 0
-        f.seek(keep)
-        tail = f.read()
-        if _parses(tail):
-            f.seek(0, os.SEEK_END)
-            f.write(b"\n")
-            cut = b""
-        else:
-            f.truncate(keep)
-            cut = tail
-        f.flush()
-        os.fsync(f.fileno())
-    if cut:
-        warnings.warn(f"{path}: removed an unfinished last line ({len(cut)} bytes, {cut[:80]!r}) that an interrupted "
-                      "write left", UserWarning, stacklevel=3)
-    return len(cut), cut
-
-
-def _parses(line: bytes) -> bool:
-    try:
-        json.loads(line)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return False
-    return True
+        super().append_many(posts)
 
 
 # ---------------------------------------------------------------------------------------------------------

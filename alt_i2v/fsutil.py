@@ -44,13 +44,15 @@ def temp_path(path: str | os.PathLike, *, keep_suffix: bool = False) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}{tail}")
 
 
-def commit(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
+def commit(tmp: str | os.PathLike, path: str | os.PathLike, *, sync_dir: bool = True) -> Path:
     """Make a finished temp file durable and rename it over ``path`` (readers see the old file or all of
-    the new one, never a part); the rename itself is made durable too."""
+    the new one, never a part); the rename itself is made durable too, unless ``sync_dir=False`` leaves
+    that directory fsync to a caller that batches it."""
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(Path(path).parent)
+    if sync_dir:
+        fsync_dir(Path(path).parent)
     return Path(path)
 
 
@@ -65,7 +67,7 @@ def _discard(path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, *, keep_suffix: bool = False) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, keep_suffix: bool = False, sync_dir: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; on success it is committed over ``path``
     (:func:`commit`), on failure removed."""
     path = Path(path)
@@ -73,7 +75,7 @@ def atomic_path(path: str | os.PathLike, *, keep_suffix: bool = False) -> Iterat
     tmp = temp_path(path, keep_suffix=keep_suffix)
     try:
         yield tmp
-        commit(tmp, path)
+        commit(tmp, path, sync_dir=sync_dir)
     finally:
         _discard(tmp)
 
@@ -144,6 +146,111 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike, *, sync_dir: bool = True) -> Path:
+    """Copy ``src`` to ``dst`` with the guarantees of :func:`atomic_path` (all of it or nothing)."""
+    with atomic_path(dst, sync_dir=sync_dir) as tmp:
+        shutil.copyfile(src, tmp)
+    return Path(dst)
+
+
+class JsonlWriter:
+    """Appends whole JSON lines to a file, flushed and (with ``sync``) fsync'ed per call; on open it
+    finishes or cuts a last line a crash left (:func:`repair_tail`), so readers see only complete records:
+    a crash-safe journal. ``repaired``/``removed_tail``: bytes cut on open, and what they were."""
+
+    def __init__(self, path: str | os.PathLike, *, sync: bool = True):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.sync = sync
+        self.repaired, self.removed_tail = repair_tail(self.path)
+        self._f = open(self.path, "ab")
+
+    def append(self, record: Any) -> None:
+        self.append_many([record])
+
+    def append_many(self, records: Any) -> None:
+        data = b"".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode() + b"\n" for r in records)
+        if not data:
+            return
+        self._f.write(data)
+        self._f.flush()
+        if self.sync:
+            os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+
+    def __enter__(self) -> "JsonlWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def repair_tail(path: str | os.PathLike) -> tuple[int, bytes]:
+    """Finish the last line of ``path`` when it has no newline: a line that parses is kept (its newline
+    added), one that does not (a write a crash cut short) is cut. Returns (bytes cut, the bytes cut)."""
+    import warnings
+
+    path = Path(path)
+    if not path.exists():
+        return 0, b""
+    size = path.stat().st_size
+    if size == 0:
+        return 0, b""
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return 0, b""
+        pos, chunk = size, 65536
+        while pos > 0:
+            start = max(0, pos - chunk)
+            f.seek(start)
+            buf = f.read(pos - start)
+            i = buf.rfind(b"\n")
+            if i >= 0:
+                keep = start + i + 1
+                break
+            pos = start
+        else:
+            keep = 0
+        f.seek(keep)
+        tail = f.read()
+        if _parses(tail):
+            f.seek(0, os.SEEK_END)
+            f.write(b"\n")
+            cut = b""
+        else:
+            f.truncate(keep)
+            cut = tail
+        f.flush()
+        os.fsync(f.fileno())
+    if cut:
+        warnings.warn(f"{path}: removed an unfinished last line ({len(cut)} bytes, {cut[:80]!r}) that an interrupted "
+                      "write left", UserWarning, stacklevel=4)
+    return len(cut), cut
+
+
+def _parses(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False
+    return True
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    """The complete records of a JSON-lines file (a torn last line is ignored); [] when it is missing."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in raw.split(b"\n")[:-1] if line.strip()]
 
 
 def read_json(path: str | os.PathLike) -> Any:

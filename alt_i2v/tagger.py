@@ -221,12 +221,17 @@ class Tagger:
         """Raw sigmoid outputs (N, T) float32 of a batch that must load (an ImageLoadError otherwise)."""
         sources, single = as_list(images)
         out = np.empty((len(sources), len(self.vocab)), np.float32)
-        for start, loaded, ok, probs in self.iter_batches(sources, lambda b: self._forward(self.model, b)):
+        for start, loaded, ok, probs in self.iter_probabilities(sources):
             for x in loaded:
                 if isinstance(x, ImageLoadError):
                     raise x
             out[start:start + len(loaded)] = probs
         return out[0] if single else out
+
+    def probabilities_of_arrays(self, images: np.ndarray) -> np.ndarray:
+        """Raw sigmoid outputs (N, T) float32 of already loaded uint8 images (N, S, S, 3): the forward
+        pass of :meth:`probabilities` without the loading (the web server decodes uploads itself)."""
+        return np.asarray(self._forward(self.model, np.asarray(images)), dtype=np.float32)
 
     def tags_from_probs(self, probs: np.ndarray, thresholds: np.ndarray, top_k: int | None = None
                         ) -> dict[str, float]:
@@ -237,12 +242,16 @@ class Tagger:
             idx = idx[:top_k]
         return {str(self._names[i]): float(probs[i]) for i in idx}
 
+    def iter_probabilities(self, sources: Sequence[Any]) -> Iterator[tuple[int, list, list[int], np.ndarray]]:
+        """:meth:`iter_batches` with the model's probabilities (len(ok), T) as the outputs."""
+        return self.iter_batches(sources, lambda b: self._forward(self.model, b))
+
     def iter_predict(self, sources: Sequence[Any], threshold: Any = None, top_k: int | None = None
                      ) -> Iterator[tuple[int, dict[str, float] | ImageLoadError]]:
         """Stream ``(position, tags or ImageLoadError)`` in input order, one batch at a time."""
         thr = self.thresholds_for(threshold)
         top_k = check_top_k(top_k)
-        for start, loaded, ok, probs in self.iter_batches(sources, lambda b: self._forward(self.model, b)):
+        for start, loaded, ok, probs in self.iter_probabilities(sources):
             row = {i: r for r, i in enumerate(ok)}
             for i, x in enumerate(loaded):
                 yield start + i, (x if i not in row else self.tags_from_probs(probs[row[i]], thr, top_k))

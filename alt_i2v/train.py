@@ -22,7 +22,6 @@ import io
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -37,7 +36,8 @@ from .config import ImageConfig, ModelConfig, TrainConfig, resolve_workers
 from .distribute import Cluster, DistConfig, start
 from .errors import AltI2VError, UsageError
 from .evaluate import predict_split
-from .fsutil import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, remove_stale_temps
+from .fsutil import (atomic_copy, atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                     remove_stale_temps)
 from .layout import CHECKPOINTS_DIR as CKPT_DIR
 from .layout import CONFIG_FILE, CURVES_FILE, HISTORY_FILE, MODEL_FILE, THRESHOLDS_FILE, ModelDir
 from .metrics import prf_at
@@ -134,12 +134,6 @@ def save_model_atomic(model: keras.Model, path: Path) -> Path:
     with atomic_path(path, keep_suffix=True) as tmp:
         model.save(tmp)
     return Path(path)
-
-
-def copy_atomic(src: Path, dst: Path) -> Path:
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
-    return Path(dst)
 
 
 def _remove_temps(model_dir: Path) -> None:
@@ -535,7 +529,7 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
         model_dir.mkdir(parents=True, exist_ok=True)
         (model_dir / CKPT_DIR).mkdir(exist_ok=True)
         _remove_temps(model_dir)
-        copy_atomic(data_dir / VOCAB_FILE, model_dir / VOCAB_FILE)
+        atomic_copy(data_dir / VOCAB_FILE, model_dir / VOCAB_FILE)
 
     policy = precision_policy(tc.mixed_precision)
     previous_policy = keras.config.dtype_policy().name
@@ -651,7 +645,7 @@ def _finish(run: _Run, store: Store, model_dir: Path, mc: ModelConfig, tc: Train
                   "micro_f1_at_0.5": half["micro_f1"], "macro_f1_at_0.5": half["macro_f1"]}
     atomic_write_json(model_dir / THRESHOLDS_FILE, thresholds)
     plot_curves(run.history, model_dir / CURVES_FILE)
-    copy_atomic(best, model_dir / MODEL_FILE)
+    atomic_copy(best, model_dir / MODEL_FILE)
     atomic_write_json(model_dir / CONFIG_FILE, _config_record(mc, tc, image, vocab, dim, {
         "precision_policy": policy, "finished": True, "epochs_completed": run.history[-1]["epoch"],
         "best_epoch": run.best_epoch, "monitor": run.monitor, "best_value": run.best_value,

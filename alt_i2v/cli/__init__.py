@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 from .. import __version__
 from ..errors import AltI2VError, UsageError
 from ..layout import DataDir
-from .infer import cmd_embed, cmd_explain, cmd_index, cmd_pred, cmd_similar
+from .infer import cmd_embed, cmd_explain, cmd_index, cmd_pred, cmd_screen, cmd_similar
 
 ACTIONS: dict[str, tuple[str, str]] = {
     # dest: (help, example)
@@ -47,8 +47,12 @@ ACTIONS: dict[str, tuple[str, str]] = {
                 "alt-i2v --similar query.jpg --index folder.index --top-k 10"),
     "explain": ("write Grad-CAM heat maps: where in each image the evidence for a tag lies",
                 "alt-i2v --explain img.jpg folder/ --model model --tag blonde_hair,hat --out maps/"),
+    "screen": ("sort a folder into OUT/ok and OUT/ng by tags (resumable; a move never loses a file)",
+               'alt-i2v --screen raw/ --model model --keep "1girl,solo" --reject lowres --out sorted/ --move'),
     "demo": ("run the whole pipeline on generated data (offline)",
              "alt-i2v --demo demo_run --quick"),
+    "serve": ("a web page and JSON API: drop an image, see its tags, why, and similar images",
+              "alt-i2v --serve --model model --index folder.index --port 8000"),
 }
 
 # Options each action accepts (besides --quiet/--debug); anything else given is a usage error.
@@ -69,11 +73,13 @@ ACTION_OPTIONS: dict[str, set[str]] = {
     "index": {"model", "data", "images", "out", "recursive", "approx", "batch_size", "workers"},
     "similar": {"index", "top_k", "model"},
     "explain": {"model", "tag", "top_k", "out", "recursive"},
+    "screen": {"model", "keep", "reject", "threshold", "out", "copy", "move", "dry_run", "batch_size", "workers"},
     "demo": {"quick"},
+    "serve": {"model", "index", "host", "port", "max_bytes", "max_pixels", "top_k", "batch_size"},
 }
 COMMON = {"quiet", "debug"}
 # Actions that load Keras (and, with the default backend, TensorFlow)
-KERAS_ACTIONS = {"train", "evaluate", "pred", "embed", "index", "similar", "explain", "demo"}
+KERAS_ACTIONS = {"train", "evaluate", "pred", "embed", "index", "similar", "explain", "screen", "demo", "serve"}
 
 
 def _count(least: int) -> Callable[[str], int]:
@@ -113,8 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--index", dest="index_action", action="store_true", help=ACTIONS["index"][0])
     act.add_argument("--similar", metavar="FILE", help=ACTIONS["similar"][0])
     act.add_argument("--explain", nargs="+", metavar="FILE_OR_DIR", help=ACTIONS["explain"][0])
+    act.add_argument("--screen", metavar="SRC", help=ACTIONS["screen"][0])
     act.add_argument("--demo", nargs="?", const="alt-i2v-demo", metavar="DIR", help=ACTIONS["demo"][0] +
                      " (default DIR: ./alt-i2v-demo)")
+    act.add_argument("--serve", action="store_true", help=ACTIONS["serve"][0])
 
     g = p.add_argument_group("common")
     g.add_argument("--data", metavar="DIR", help="dataset directory (posts.jsonl, images/, vocab.json, store/)")
@@ -132,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--source", choices=["api", "html"], help="JSON API (default) or HTML pages")
     g.add_argument("--rate", type=float, metavar="R", help="requests per second (default 1)")
     g.add_argument("--file-size", choices=["original", "sample"], help="original file or the large sample")
-    g.add_argument("--max-bytes", type=int, metavar="B", help="skip files larger than B bytes")
+    g.add_argument("--max-bytes", type=int, metavar="B",
+                   help="skip files larger than B bytes (--serve: refuse larger uploads with 413, default 32 MiB)")
     g.add_argument("--login", metavar="USER", help="Danbooru login (default $DANBOORU_LOGIN)")
     g.add_argument("--api-key", metavar="KEY", help="Danbooru API key (default $DANBOORU_API_KEY)")
 
@@ -194,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-tags", type=int, metavar="N", help="at most N tags per caption")
     g.add_argument("--tag-style", choices=["underscores", "spaces"], help="caption tag style (default spaces)")
     g.add_argument("--no-escape", action="store_true", help="do not escape parentheses in captions")
-    g.add_argument("--out", metavar="PATH", help="output file (.npy for --embed, index path for --index)")
+    g.add_argument("--out", metavar="PATH",
+                   help="output: .npy file (--embed), index path (--index), folder (--explain, --screen)")
     g.add_argument("--images", metavar="DIR", help="--index: an image folder instead of --data")
     g.add_argument("--approx", action="store_true", help="--index: also build an approximate (faiss) index")
     g.add_argument("--index-path", dest="index", metavar="INDEX", help=argparse.SUPPRESS)
@@ -203,16 +213,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tag", action="append", metavar="TAGS",
                    help="tags to explain, repeatable or comma-separated (default: the --top-k most probable, 3)")
 
+    g = p.add_argument_group("--screen")
+    g.add_argument("--keep", action="append", metavar="TAGS", help="ok needs one of these tags (comma-separated)")
+    g.add_argument("--reject", action="append", metavar="TAGS", help="any of these tags makes an image ng")
+    how = g.add_mutually_exclusive_group()
+    how.add_argument("--copy", action="store_true", help="copy into OUT (default)")
+    how.add_argument("--move", action="store_true", help="move into OUT: copy, fsync, verify, then remove")
+    g.add_argument("--dry-run", action="store_true", help="write only OUT/screen_report.csv")
+
     g = p.add_argument_group("--demo")
     g.add_argument("--quick", action="store_true", help="a sub-minute version")
+
+    g = p.add_argument_group("--serve (also --model, --index INDEX, --top-k, --max-bytes, --max-pixels)")
+    g.add_argument("--host", metavar="HOST", help="address to listen on (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, metavar="PORT", help="port to listen on (default 8000; 0 picks a free one)")
     return p
 
 
 def _parse(argv: Sequence[str] | None) -> tuple[str, argparse.Namespace]:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    # --index is both an action flag and the --similar option; disambiguate before argparse sees it.
-    if "--similar" in argv and "--index" in argv:
+    # --index is both an action flag and the --similar/--serve option; disambiguate before argparse sees it.
+    if ("--similar" in argv or "--serve" in argv) and "--index" in argv:
         argv[argv.index("--index")] = "--index-path"
     args = parser.parse_args(argv)
     action = next(a for a in ACTIONS if _given(getattr(args, "index_action" if a == "index" else a, None)))
@@ -383,10 +405,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..config import ServeConfig
+    from ..serve import require_extra, run_server
+
+    require_extra()
+    if not args.model and not args.index:
+        raise UsageError("--serve needs --model DIR (a trained model directory), or an --index that names its model")
+    kw = {"host": args.host, "port": args.port, "max_bytes": args.max_bytes, "max_pixels": args.max_pixels,
+          "top_k": args.top_k, "max_batch": args.batch_size}
+    config = ServeConfig(**{k: v for k, v in kw.items() if v is not None})
+    run_server(args.model, args.index, config, quiet=args.quiet)
+    return 0
+
+
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "scrape": cmd_scrape, "import_src": cmd_import_src, "vocab": cmd_vocab, "build": cmd_build,
     "train": cmd_train, "evaluate": cmd_evaluate, "pred": cmd_pred, "embed": cmd_embed, "index": cmd_index,
-    "similar": cmd_similar, "explain": cmd_explain, "demo": cmd_demo,
+    "similar": cmd_similar, "explain": cmd_explain, "screen": cmd_screen,
+    "demo": cmd_demo, "serve": cmd_serve,
 }
 
 

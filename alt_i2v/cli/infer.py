@@ -1,5 +1,5 @@
-"""Command lines of a trained model: ``--pred`` (tags, captions), ``--embed``, ``--index``, ``--similar`` and
-``--explain``.
+"""Command lines of a trained model: ``--pred`` (tags, captions), ``--embed``, ``--index``, ``--similar``,
+``--explain`` and ``--screen``.
 
 Each handler checks its arguments, calls the library (tagger, search) and prints what it did.
 """
@@ -233,3 +233,26 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"alt-i2v: skipped {f['error']}", file=sys.stderr)
     summary("explain", result.summary(), quiet=args.quiet)
     return 1 if result.failed else 0
+
+
+def cmd_screen(args: argparse.Namespace) -> int:
+    """``--screen SRC --model DIR --keep T,... [--reject T,...] --out DIR [--move] [--dry-run]``."""
+    from ..progress import summary
+    from ..screen import screen
+    from ..tagger import parse_threshold
+
+    if not args.model:
+        raise UsageError("--screen needs --model DIR (a trained model directory)")
+    if not args.out:
+        raise UsageError("--screen needs --out DIR (where ok/, ng/ and the report go)")
+    keep, reject = _tag_list(args.keep), _tag_list(args.reject)
+    if not keep and not reject:
+        raise UsageError("--screen needs --keep TAGS (and/or --reject TAGS)")
+    result = screen(args.screen, args.model, args.out, keep=keep, reject=reject,
+                    threshold=parse_threshold(args.threshold), move=args.move, dry_run=args.dry_run,
+                    quiet=args.quiet, batch_size=args.batch_size, workers=args.workers)
+    for f in result.unreadable:
+        print(f"alt-i2v: left in place, cannot read {f['error']}", file=sys.stderr)
+    summary("screen", result.summary(), quiet=args.quiet)
+    return 1 if result.unreadable else 0
+
