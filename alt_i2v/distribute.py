@@ -521,22 +521,24 @@ class _Watchdog:
 
 
 class ProcessSlice(PyDataset):
-    """This process's rows of every global batch of a ``StoreDataset``, with sample weights.
+    """This process's rows of every global batch of a ``StoreDataset``.
 
-    Global batch ``b`` (the rows one process would read) is padded to a multiple of the device count and
-    cut into ``process_count`` equal parts; process ``p`` reads part ``p`` only. Padding rows are zero
-    images with weight 0, so they count neither in the loss (the loss is a weighted mean) nor in the
-    metrics. ``record_log`` (a folder) gets ``records-p<P>.txt`` lines ``epoch batch key``.
+    Every global batch has ``batch_size`` rows (the last one padded with rows of weight 0); process ``p``
+    of ``P`` reads rows ``p * batch_size / P`` to ``(p + 1) * batch_size / P`` only, with the augmentation,
+    labels and weights they have in the whole batch. ``record_log`` (a folder) gets ``records-p<P>.txt``
+    lines ``epoch batch key`` of the real records this process fed.
     """
 
     def __init__(self, ds: Any, process_index: int, process_count: int, replicas: int, *,
                  record_log: str | None = None):
         super().__init__(workers=ds.workers, use_multiprocessing=False,
-                              max_queue_size=getattr(ds, "max_queue_size", 8))
-        if replicas % process_count:
-            raise AltI2VError(f"{replicas} devices cannot be split evenly over {process_count} processes")
+                         max_queue_size=getattr(ds, "max_queue_size", 8))
+        if ds.batch_size % replicas:
+            raise UsageError(f"--batch-size {ds.batch_size} cannot be split evenly over {replicas} devices; "
+                             f"use a multiple of {replicas}")
         self.ds = ds
         self.process_index, self.process_count, self.replicas = process_index, process_count, replicas
+        self.rows = ds.batch_size // process_count
         self._log_path = (Path(record_log) / f"records-p{process_index}.txt") if record_log else None
         self._logged: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
@@ -548,26 +550,19 @@ class ProcessSlice(PyDataset):
     def num_images(self) -> int:
         return self.ds.num_images
 
-    def part(self, index: int) -> tuple[int, int, int]:
-        """``(lo, hi, rows)``: this process reads rows ``lo:hi`` of global batch ``index`` and returns
-        ``rows`` (the rest are padding)."""
-        n = len(self.ds.batch_indices(index))
-        rows = math.ceil(n / self.replicas) * self.replicas // self.process_count
-        lo = min(n, self.process_index * rows)
-        return lo, min(n, lo + rows), rows
+    def part(self, index: int) -> tuple[int, int]:
+        """``(lo, hi)``: the rows of global batch ``index`` this process reads."""
+        if index < 0 or index >= len(self):
+            raise IndexError(index)
+        lo = self.process_index * self.rows
+        return lo, lo + self.rows
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        lo, hi, rows = self.part(index)
-        x, y = self.ds.read(index, lo, hi)
-        real = len(x)  # fewer than hi - lo when the store left a bad record out
-        w = np.zeros(rows, np.float32)
-        w[:real] = 1.0
-        if real < rows:  # zero rows, weight 0: the same shape on every process, no effect on loss/metrics
-            x = np.concatenate([x, np.zeros((rows - real, *x.shape[1:]), x.dtype)])
-            y = np.concatenate([y, np.zeros((rows - real, *y.shape[1:]), y.dtype)])
+    def __getitem__(self, index: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        lo, hi = self.part(index)
+        batch = self.ds.read(index, lo, hi)
         if self._log_path is not None:
             self._log(index, lo, hi)
-        return x, y, w
+        return batch
 
     def _log(self, index: int, lo: int, hi: int) -> None:
         epoch = int(self.ds.epoch)
@@ -575,14 +570,17 @@ class ProcessSlice(PyDataset):
             if (epoch, index) in self._logged:
                 return
             self._logged.add((epoch, index))
-            idx = self.ds.batch_indices(index)[lo:hi]
-            lines = "".join(f"{epoch} {index} {self.ds.keys[i].decode()}\n" for i in idx)
+            idx, n = self.ds.padded_indices(index)
+            lines = "".join(f"{epoch} {index} {self.ds.keys[i].decode()}\n" for i in idx[lo:min(hi, n)])
             self._log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self._log_path, "a", encoding="utf-8") as f:
                 f.write(lines)
 
     def on_epoch_end(self) -> None:
         self.ds.on_epoch_end()
+
+    def close(self) -> None:
+        self.ds.close()
 
 
 # ---------------------------------------------------------------------------------------------------------

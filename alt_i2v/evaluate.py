@@ -31,10 +31,13 @@ METRICS_VERSION = 1
 
 
 def predict_split(model, store, split: str | None, *, batch_size: int = 64, workers: int = 0,
-                  quiet: bool = True, desc: str = "predict") -> tuple[list[bytes], np.ndarray, np.ndarray]:
+                  quiet: bool = True, desc: str = "predict", readers: Any = None
+                  ) -> tuple[list[bytes], np.ndarray, np.ndarray]:
     """Probabilities of every image of a split: ``(keys, y_true (N, T), y_prob (N, T))``, store order.
 
-    Batches are read ahead by threads while the model runs.
+    Batches all have ``batch_size`` images (the last one padded), so predict compiles once; they are
+    read ahead by threads, or by the reader processes of ``readers`` (a sharded store). A record that
+    does not decode is left out (keys and rows) and noted in ``store.bad``.
     """
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
@@ -45,33 +48,35 @@ def predict_split(model, store, split: str | None, *, batch_size: int = 64, work
     from .progress import bar
 
     keys, labels = store.index(split)
-    ds = StoreDataset(store, keys, labels, batch_size=batch_size, workers=1)
+    ds = StoreDataset(store, keys, labels, batch_size=batch_size, workers=1, readers=readers)
     y_true = np.zeros((len(keys), store.num_tags), dtype=np.float32)
     probs = np.zeros((len(keys), store.num_tags), dtype=np.float32)
-    nworkers = max(1, resolve_workers(workers))
-    out_pos = 0
+    kept: list[bytes] = []
+    nworkers = 1 if readers is not None else max(1, resolve_workers(workers))
     with ThreadPoolExecutor(nworkers) as ex, bar(total=len(keys), desc=desc, unit="img", quiet=quiet) as pbar:
         pending: deque = deque()
         nxt = 0
         while nxt < len(ds) and len(pending) < nworkers * 2:
-            pending.append(ex.submit(ds.__getitem__, nxt))
+            pending.append((nxt, ex.submit(ds.__getitem__, nxt)))
             nxt += 1
         while pending:
-            x, y = pending.popleft().result()
-            y_true[out_pos:out_pos + len(y)] = y
+            index, future = pending.popleft()
+            x, y, w = future.result()
             if nxt < len(ds):
-                pending.append(ex.submit(ds.__getitem__, nxt))
+                pending.append((nxt, ex.submit(ds.__getitem__, nxt)))
                 nxt += 1
-            p = predict_batch(model, x, batch_size)
+            p = predict_batch(model, x["image"], batch_size)
             if isinstance(p, list):
                 p = p[0]
-            probs[out_pos:out_pos + len(x)] = p
-            out_pos += len(x)
-            pbar.update(len(x))
-    if store.bad:  # records that did not decode were left out: drop their keys and unused rows
-        keys = [k for k in keys if k not in store.bad]
-        y_true, probs = y_true[:out_pos], probs[:out_pos]
-    return keys, y_true, probs
+            real = ds.batch_indices(index)
+            good = np.flatnonzero(w[:len(real)] > 0)
+            pos = len(kept)
+            probs[pos:pos + len(good)] = p[good]
+            y_true[pos:pos + len(good)] = y[good]
+            kept += [keys[real[i]] for i in good]
+            pbar.update(len(real))
+    ds.close()
+    return kept, y_true[:len(kept)], probs[:len(kept)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -120,6 +125,7 @@ def evaluate(data_dir: str | os.PathLike, model_dir: str | os.PathLike, split: s
     PNGs). Uses the calibrated thresholds of thresholds.json, and also reports everything at 0.5."""
     from .fsutil import atomic_write_json, atomic_write_text
     from .model import load_model
+    from .readers import ReaderPool
     from .store import SPLITS, Store
 
     t0 = time.perf_counter()
@@ -137,8 +143,13 @@ def evaluate(data_dir: str | os.PathLike, model_dir: str | os.PathLike, split: s
     try:
         if store.count(split) == 0:
             raise AltI2VError(f"the {split} split of {store.path} has no images; evaluate another --split")
-        keys, y_true, y_prob = predict_split(model, store, split, batch_size=batch_size or 64, workers=workers,
-                                             quiet=quiet, desc=f"evaluate {split}")
+        readers = ReaderPool(store) if store.num_shards > 1 else None
+        try:
+            keys, y_true, y_prob = predict_split(model, store, split, batch_size=batch_size or 64, workers=workers,
+                                                 quiet=quiet, desc=f"evaluate {split}", readers=readers)
+        finally:
+            if readers is not None:
+                readers.close()
         wrong = most_wrong(y_true, y_prob, thr, names, top=top)
         for w in wrong:
             w["id"] = store.get(keys[w.pop("index")])["id"]

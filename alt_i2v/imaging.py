@@ -258,6 +258,77 @@ def load_many(sources: Iterable[ImageSource], config: ImageConfig, workers: int 
         return list(ex.map(one, sources))
 
 
+def decode_files(paths: Sequence[str], config: ImageConfig) -> tuple[np.ndarray, list[tuple[int, str, str]]]:
+    """Load ``paths`` (one task of a :class:`DecodePool` process): the images that loaded, stacked in
+    order, and ``(position, reason, message)`` of the others."""
+    out = np.empty((len(paths), config.image_size, config.image_size, 3), np.uint8)
+    bad: list[tuple[int, str, str]] = []
+    n = 0
+    for i, path in enumerate(paths):
+        try:
+            out[n] = load_image_config(path, config)
+            n += 1
+        except ImageLoadError as e:
+            bad.append((i, e.reason, str(e)))
+        except Exception as e:  # noqa: BLE001 - a decoder bug costs this image, never the batch
+            bad.append((i, "error", f"{describe(path)}: {type(e).__name__}: {e}"))
+    return out[:n], bad
+
+
+class DecodePool:
+    """Image files decoded by ``processes`` worker processes, batch after batch in order, with ``ahead``
+    batches in flight: JPEG/PNG decoding holds the GIL long enough that threads stop scaling, processes
+    do not. Workers import only this module (no Keras), so they start in about a second."""
+
+    def __init__(self, config: ImageConfig, processes: int):
+        import multiprocessing as mp
+
+        self.config = config
+        self.processes = max(1, int(processes))
+        self._pool = mp.get_context("spawn").Pool(self.processes)
+
+    def batches(self, files: Sequence[str], batch_size: int, ahead: int = 2
+                ) -> Iterable[list[np.ndarray | ImageLoadError]]:
+        """Per batch of ``files``: each file's array or ImageLoadError, in order."""
+        from collections import deque
+
+        step = max(1, math.ceil(batch_size / self.processes))
+        starts = iter(range(0, len(files), batch_size))
+        pending: deque = deque()
+
+        def submit() -> None:
+            start = next(starts, None)
+            if start is not None:
+                part = [str(f) for f in files[start:start + batch_size]]
+                pending.append((len(part), [self._pool.apply_async(decode_files, (part[i:i + step], self.config))
+                                            for i in range(0, len(part), step)]))
+
+        for _ in range(ahead + 1):
+            submit()
+        while pending:
+            n, chunks = pending.popleft()
+            submit()
+            batch: list[np.ndarray | ImageLoadError] = []
+            for chunk in chunks:
+                images, bad = chunk.get()
+                failed = {i: ImageLoadError(reason, msg) for i, reason, msg in bad}
+                it = iter(images)
+                size = len(images) + len(bad)
+                batch += [failed[i] if i in failed else next(it) for i in range(size)]
+            assert len(batch) == n
+            yield batch
+
+    def close(self) -> None:
+        self._pool.terminate()
+        self._pool.join()
+
+    def __enter__(self) -> "DecodePool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def identify(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, int, int]:
     """``(extension, width, height)`` of an image from its content, not its name; fully decodes it once
     so a broken file is caught here. Raises ImageLoadError."""

@@ -191,14 +191,16 @@ class AsymmetricLoss(keras.losses.Loss):
 
 
 def get_loss(name: str = "bce", **params: Any) -> keras.losses.Loss:
-    """``bce`` (binary cross-entropy, the reference), ``focal`` or ``asl``."""
+    """``bce`` (binary cross-entropy, the reference), ``focal`` or ``asl``. The batch loss is the mean
+    over the images with a non-zero sample weight, so padding (weight 0) changes nothing."""
+    red = "mean_with_sample_weight"
     if name == "bce":
-        return keras.losses.BinaryCrossentropy(name="bce")
+        return keras.losses.BinaryCrossentropy(name="bce", reduction=red)
     if name == "focal":
-        return FocalLoss(gamma=params.get("focal_gamma", 2.0))
+        return FocalLoss(gamma=params.get("focal_gamma", 2.0), reduction=red)
     if name == "asl":
-        return AsymmetricLoss(gamma_neg=params.get("asl_gamma_neg", 4.0),
-                              gamma_pos=params.get("asl_gamma_pos", 0.0), clip=params.get("asl_clip", 0.05))
+        return AsymmetricLoss(gamma_neg=params.get("asl_gamma_neg", 4.0), gamma_pos=params.get("asl_gamma_pos", 0.0),
+                              clip=params.get("asl_clip", 0.05), reduction=red)
     raise UsageError(f"unknown loss {name!r}; choose bce, focal or asl")
 
 

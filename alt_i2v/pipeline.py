@@ -1,91 +1,77 @@
-"""The input pipeline: a ``keras.utils.PyDataset`` over the store, fed by threads.
+"""The input pipeline: a ``keras.utils.PyDataset`` of fixed-shape batches over the store.
 
-LevelDB allows one process, so batches are read by a thread pool sharing one open :class:`Store`
-(plyvel reads are thread-safe; msgpack decoding and numpy copies are quick). Batches are uint8
-``(N, S, S, 3)`` images (the model normalises them itself) and float32 multi-hot labels. Train-time
-augmentation is numpy on the whole batch: horizontal flips and a small random crop/zoom. The order and
-the augmentation are functions of (seed, epoch, batch index), so threads never share a random state and
-a resumed run sees the same epochs it would have seen.
+Every batch has the same shape, so a run compiles its train, eval and predict steps once each: the
+last, partial batch is padded with the first images of the epoch's order and those get sample weight
+0, as does a record that fails to decode, so neither counts in the loss (``mean_with_sample_weight``)
+nor in the metrics. A batch is ``({"image": uint8 (B, S, S, 3), "augment": int32 (B, 5)}, multi-hot
+float32 (B, T), weights float32 (B,))``; the images are raw (the model normalises them) and the flip
+and crop/zoom run on the accelerator (:mod:`alt_i2v.augment`): the host only reads records.
+
+Records are read by threads of this process (a one-shard store) or, with a :class:`ReaderPool`, by
+reader processes that own the shards of a sharded store and write into shared memory (LevelDB allows
+one process per database; threads stop scaling at the GIL). A record that does not decode is noted in
+``store.bad`` and weighted 0. The order and the augmentation are
+functions of (seed, epoch, batch index), so a resumed run sees the same batches, whichever reads them.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from typing import Sequence
 
 import numpy as np
-
-from .store import Store, multi_hot
-
 from keras.callbacks import Callback
 from keras.utils import PyDataset
 
-
-def augment_batch(x: np.ndarray, rng: np.random.Generator, *, flip: bool = True, zoom: float = 0.15
-                  ) -> np.ndarray:
-    """Random horizontal flip and crop/zoom (nearest neighbour, up to ``1 + zoom``) of a uint8 batch.
-
-    Each image is cropped to a random ``S / z`` square (``z`` in ``[1, 1 + zoom]``) at a random place and
-    scaled back to ``S``: one fancy-indexing gather for the whole batch.
-    """
-    n, h, w = x.shape[:3]
-    if n == 0:
-        return x
-    rows, cols = augment_indices(rng, n, h, w, flip=flip, zoom=zoom)
-    return gather_rows_cols(x, rows, cols)
-
-
-def augment_indices(rng: np.random.Generator, n: int, h: int, w: int, *, flip: bool = True,
-                    zoom: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
-    """The source rows ``(n, h)`` and columns ``(n, w)`` of :func:`augment_batch` for a batch of ``n``:
-    drawn for the whole batch, so any slice of it can be augmented exactly as in the whole."""
-    ar_h, ar_w = np.arange(h), np.arange(w)
-    z = rng.uniform(1.0, 1.0 + zoom, n) if zoom > 0 else np.ones(n)
-    ch = np.maximum(1, np.round(h / z)).astype(np.int64)
-    cw = np.maximum(1, np.round(w / z)).astype(np.int64)
-    oy = (rng.random(n) * (h - ch + 1)).astype(np.int64)
-    ox = (rng.random(n) * (w - cw + 1)).astype(np.int64)
-    rows = oy[:, None] + (ar_h[None, :] * ch[:, None]) // h  # (n, h)
-    cols = ox[:, None] + (ar_w[None, :] * cw[:, None]) // w  # (n, w)
-    if flip:
-        flipped = rng.random(n) < 0.5
-        cols = np.where(flipped[:, None], cols[:, ::-1], cols)
-    return rows, cols
-
-
-def gather_rows_cols(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    return x[np.arange(len(x))[:, None, None], rows[:, :, None], cols[:, None, :]]
+from .augment import augment_params, identity_params
+from .readers import ReaderPool, SharedBatches
+from .store import Store, multi_hot
 
 
 class StoreDataset(PyDataset):
-    """Batches of one split of the store: ``(uint8 images, float32 multi-hot labels)``.
+    """Fixed-shape batches of one split of the store (see the module docstring for their layout).
 
-    ``shuffle`` reorders every epoch, ``augment`` flips and crops; ``workers`` threads read ahead
-    (``use_multiprocessing`` is always False: LevelDB is single-process). ``epoch`` is the epoch the
-    next pass is, so a resumed run continues the same sequence of shuffles.
+    ``shuffle`` reorders every epoch, ``augment`` draws flip/crop parameters per batch; ``workers``
+    threads read ahead, or the processes of ``readers`` do. ``epoch`` is the epoch the next pass is,
+    so a resumed run continues the same sequence of shuffles.
     """
 
     def __init__(self, store: Store, keys: Sequence[bytes], labels: Sequence[Sequence[int]], *,
                  num_tags: int | None = None, batch_size: int = 32, shuffle: bool = False,
                  augment: bool = False, zoom: float = 0.15, seed: int = 0, epoch: int = 0,
-                 workers: int = 1, max_queue_size: int = 8, steps: int | None = None):
-        super().__init__(workers=max(1, int(workers)), use_multiprocessing=False,
+                 workers: int = 1, max_queue_size: int = 8, steps: int | None = None,
+                 readers: ReaderPool | None = None):
+        super().__init__(workers=1 if readers is not None else max(1, int(workers)), use_multiprocessing=False,
                          max_queue_size=max_queue_size)
         if len(keys) != len(labels):
             raise ValueError("keys and labels differ in length")
         self.store = store
         self.keys = list(keys)
-        self.labels = [list(x) for x in labels]
+        self.labels = list(labels)
         self.num_tags = int(num_tags if num_tags is not None else store.num_tags)
         self.batch_size = int(batch_size)
+        self.image_size = store.image_size
         self.shuffle, self.augment, self.zoom = shuffle, augment, float(zoom)
         self.seed, self.epoch = int(seed), int(epoch)
         self.steps = steps
+        self.readers = readers
         self._order = self._make_order()
+        self._lock = threading.Lock()
+        self._buffer: SharedBatches | None = None
+        self._scheduled: dict[int, tuple[int, int]] = {}  # batch index -> (slot, job)
+        self._free: list[int] = []
+        self._next = 0
 
     @classmethod
-    def from_split(cls, store: Store, split: str, **kw) -> "StoreDataset":
+    def from_split(cls, store: Store, split: str, *, shards: Sequence[int] | None = None, **kw) -> "StoreDataset":
+        """The records of ``split``; with ``shards``, only those in these shards (one training process's
+        own part of a sharded store, :func:`alt_i2v.store.shards_for_process`)."""
         keys, labels = store.index(split)
+        if shards is not None:
+            mine = set(int(s) for s in shards)
+            keep = [i for i, k in enumerate(keys) if store.shard_of(k) in mine]
+            keys, labels = [keys[i] for i in keep], [labels[i] for i in keep]
         return cls(store, keys, labels, **kw)
 
     def __len__(self) -> int:
@@ -102,35 +88,117 @@ class StoreDataset(PyDataset):
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.keys))
 
     def batch_indices(self, index: int) -> np.ndarray:
+        """Positions (in ``keys``) of the real images of batch ``index``, without the padding."""
         if index < 0 or index >= len(self):
             raise IndexError(index)
         idx = self._order[index * self.batch_size:(index + 1) * self.batch_size]
         return np.sort(idx) if self.shuffle else idx  # sorted keys read LevelDB in order
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def padded_indices(self, index: int) -> tuple[np.ndarray, int]:
+        """``(positions of all batch_size images, how many are real)``: the padding repeats the start of
+        the epoch's order (real images, so BatchNorm statistics stay sane) and gets weight 0."""
+        idx = self.batch_indices(index)
+        n = len(idx)
+        if n < self.batch_size:
+            idx = np.concatenate([idx, np.resize(self._order, self.batch_size - n)])
+        return idx, n
+
+    def __getitem__(self, index: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         return self.read(index)
 
-    def read(self, index: int, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Rows ``lo:hi`` of batch ``index``, augmented exactly as they are in the whole batch: processes
-        that each read their slice of a global batch together feed what one process would."""
-        idx = self.batch_indices(index)
+    def read(self, index: int, lo: int = 0, hi: int | None = None
+             ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """Rows ``lo:hi`` of batch ``index`` exactly as they are in the whole batch (images, augmentation,
+        labels, weights): the processes of a distributed run each read their slice of every batch and
+        together feed what one process would."""
+        idx, n = self.padded_indices(index)
         lo, hi, _ = slice(lo, hi).indices(len(idx))
         keys = [self.keys[i] for i in idx[lo:hi]]
-        x, labels = self.store.get_batch(keys)  # a bad record is left out of both
-        y = multi_hot(labels, self.num_tags)
-        if self.augment and len(x):
-            rng = np.random.default_rng([self.seed, self.epoch, index, 1])
-            rows, cols = augment_indices(rng, len(idx), x.shape[1], x.shape[2], zoom=self.zoom)
-            kept = (np.arange(lo, hi) if len(x) == len(keys) else
-                    np.array([lo + j for j, k in enumerate(keys) if k not in self.store.bad], np.int64))
-            x = gather_rows_cols(x, rows[kept], cols[kept])
-        return x, y
+        if self.readers is None or (lo, hi) != (0, len(idx)):
+            x = np.empty((hi - lo, self.image_size, self.image_size, 3), np.uint8)
+            ok = self.store.read_into(keys, x)
+        else:
+            x, ok = self._from_readers(index, keys)
+        y = multi_hot([self.labels[i] for i in idx[lo:hi]], self.num_tags)
+        w = (np.arange(lo, hi) < n).astype(np.float32)
+        w[~ok] = 0.0
+        if self.augment:
+            p = augment_params(self.batch_size, self.image_size, seed=self.seed, epoch=self.epoch, index=index,
+                               zoom=self.zoom)[lo:hi]
+        else:
+            p = identity_params(hi - lo, self.image_size)
+        return {"image": x, "augment": p}, y, w
 
+    # ------------------------------------------------------------------------------ reader processes
+    def _from_readers(self, index: int, keys: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """Batch ``index`` from the shared-memory slot the reader processes filled; batches after it are
+        already being read (up to the number of slots)."""
+        with self._lock:
+            if self._buffer is None:
+                slots = max(1, min(len(self), max(4, 2 * self.readers.processes)))
+                self._buffer = SharedBatches(slots, self.batch_size, self.image_size)
+                self._free = list(range(slots))
+            if index not in self._scheduled:
+                self._cancel()
+                self._next = index
+            if index not in self._scheduled:
+                self._schedule(index, keys)
+            self._fill()
+            slot, job = self._scheduled.pop(index)
+            bad = self.readers.wait(job)
+            x = self._buffer.array[slot].copy()
+            self._free.append(slot)
+            self._fill()
+        ok = np.ones(self.batch_size, bool)
+        for pos, why in bad:  # noted here as if this process had read them
+            ok[pos] = False
+            self.store.bad[keys[pos]] = why
+        return x, ok
+
+    def _schedule(self, index: int, keys: list[bytes] | None = None) -> None:
+        if keys is None:
+            keys = [self.keys[i] for i in self.padded_indices(index)[0]]
+        slot = self._free.pop()
+        self._scheduled[index] = (slot, self.readers.submit(self._buffer, slot, keys))
+
+    def _fill(self) -> None:
+        while self._free and self._next < len(self):
+            if self._next not in self._scheduled:
+                self._schedule(self._next)
+            self._next += 1
+
+    def _cancel(self) -> None:
+        """Forget the batches read ahead (another epoch, or an out-of-order request): wait for the
+        readers to finish writing them, then free their slots."""
+        for slot, job in self._scheduled.values():
+            self.readers.wait(job)
+            self._free.append(slot)
+        self._scheduled.clear()
+
+    def close(self) -> None:
+        """Free the shared-memory slots (reader processes mode)."""
+        with self._lock:
+            if self._buffer is not None:
+                self._cancel()
+                self.readers.forget(self._buffer)
+                self._buffer.close()
+                self._buffer = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    # ------------------------------------------------------------------------------ epochs
     def set_epoch(self, epoch: int) -> None:
         """Select the order and augmentation of ``epoch`` (:class:`EpochSetter` calls this)."""
         if int(epoch) != self.epoch:
-            self.epoch = int(epoch)
-            self._order = self._make_order()
+            with self._lock:
+                if self.readers is not None:
+                    self._cancel()
+                self.epoch = int(epoch)
+                self._order = self._make_order()
 
     def labels_matrix(self) -> np.ndarray:
         """All labels of the split in dataset order as an ``(N, T)`` 0/1 matrix (for evaluation)."""
@@ -151,17 +219,22 @@ class EpochSetter(Callback):
 
 
 def measure_pipeline(dataset: StoreDataset, batches: int | None = None) -> float:
-    """Images per second the dataset produces with its own threads (no model): for the benchmark."""
+    """Images per second the dataset produces on its own (no model), with its threads or its reader
+    processes: for the benchmark."""
     import time
     from concurrent.futures import ThreadPoolExecutor
 
     n = min(len(dataset), batches or len(dataset))
     t0 = time.perf_counter()
     images = 0
-    with ThreadPoolExecutor(max(1, dataset.workers)) as ex:
-        for x, _ in ex.map(dataset.__getitem__, range(n)):
-            images += len(x)
+    if dataset.readers is not None:
+        for i in range(n):
+            images += len(dataset[i][1])
+    else:
+        with ThreadPoolExecutor(max(1, dataset.workers)) as ex:
+            for _, y, _ in ex.map(dataset.__getitem__, range(n)):
+                images += len(y)
     return images / max(time.perf_counter() - t0, 1e-9)
 
 
-__all__ = ["StoreDataset", "EpochSetter", "augment_batch", "augment_indices", "measure_pipeline"]
+__all__ = ["StoreDataset", "EpochSetter", "measure_pipeline"]

@@ -2,12 +2,14 @@
 model directory loaded once.
 
 Every input goes through :func:`alt_i2v.imaging.load_image_config` with the image settings the model was
-trained with, so prediction sees exactly the pixels the build stored. Images are decoded on threads while
-the previous batch is in the model; a bad image costs only its own result.
+trained with, so prediction sees exactly the pixels the build stored. Images are decoded while the previous
+batch is in the model (by worker processes for many files, else threads); a bad image costs only its own
+result.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import warnings
@@ -21,11 +23,13 @@ from PIL import Image
 from .config import resolve_workers
 from .errors import AltI2VError, ImageLoadError, UsageError
 from .fsutil import IMAGE_SUFFIXES, file_digest
-from .imaging import describe, load_image_config
+from .imaging import DecodePool, describe, load_image_config
 from .layout import ModelDir
 from .thresholds import DEFAULT_THRESHOLD, check_probability, parse_threshold, thresholds_vector
 
 DEFAULT_BATCH_SIZE = 64
+PROCESS_DECODE_MIN = 256  # files from which --pred / predict_tags decode in worker processes, not threads,
+PROCESS_DECODE_WORKERS = 4  # ... given this many workers: on 2-3 cores threads decode faster (bench_predict)
 
 
 class BatchImageError(AltI2VError):
@@ -193,9 +197,26 @@ class Tagger:
                      ) -> Iterator[tuple[int, list, list[int], Any]]:
         """Yield ``(start, loaded, ok, outputs)`` per batch: ``loaded`` holds arrays or ImageLoadError,
         ``ok`` the positions (in the batch) that reached the model, ``outputs`` = ``fn(stacked ok images)``.
-        The next batch is decoded on threads while ``fn`` runs."""
+        The next batches are decoded while ``fn`` runs: by worker processes for many files
+        (:class:`~alt_i2v.imaging.DecodePool`), else on threads."""
         n, bs = len(sources), self.batch_size
         if n == 0:
+            return
+        if n > bs:  # many batches: pad the short ones (the last, or with failures) so the step compiles once
+            run = fn
+
+            def fn(batch: np.ndarray) -> Any:
+                k = len(batch)
+                if k == bs:
+                    return run(batch)
+                return run(np.concatenate([batch, np.zeros((bs - k,) + batch.shape[1:], batch.dtype)]))[:k]
+
+        if self.workers >= PROCESS_DECODE_WORKERS and n >= PROCESS_DECODE_MIN and \
+                all(isinstance(s, (str, os.PathLike)) for s in sources):
+            with DecodePool(self.image_config, min(self.workers, math.ceil(n / 8))) as pool:
+                for start, loaded in zip(range(0, n, bs), pool.batches(sources, bs)):
+                    ok = [i for i, x in enumerate(loaded) if isinstance(x, np.ndarray)]
+                    yield start, loaded, ok, (fn(np.stack([loaded[i] for i in ok])) if ok else None)
             return
         loader = ThreadPoolExecutor(max_workers=max(1, self.workers))
         prefetch = ThreadPoolExecutor(max_workers=1)

@@ -32,6 +32,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from .augment import tagger_of, training_model
 from .config import ImageConfig, ModelConfig, TrainConfig, resolve_workers
 from .distribute import Cluster, DistConfig, start
 from .errors import AltI2VError, UsageError
@@ -43,6 +44,7 @@ from .layout import CONFIG_FILE, CURVES_FILE, HISTORY_FILE, MODEL_FILE, THRESHOL
 from .metrics import prf_at
 from .model import build_model, count_params, embedding_dim, get_backbone, get_loss, resolve_config
 from .pipeline import EpochSetter, StoreDataset
+from .readers import ReaderPool
 from .store import Store
 from .thresholds import calibrate_thresholds, thresholds_vector
 from .vocab import VOCAB_FILE, Vocab
@@ -89,7 +91,8 @@ class TrainResult:
     def summary(self) -> dict[str, Any]:
         mc, tc = self.model_config, self.train_config
         last = self.history[-1] if self.history else {}
-        rates = [r.get("img_per_s") for r in self.history[self.initial_epoch:] if r.get("img_per_s")]
+        ran = self.history[self.initial_epoch:]
+        steady = [r.get("steady_img_per_s") for r in (ran[1:] or ran) if r.get("steady_img_per_s")]
         rows: dict[str, Any] = {
             "model": str(self.model_dir),
             "backbone": f"{mc.backbone} {mc.image_size}px, weights={mc.weights or 'none'}, frozen={mc.frozen}, "
@@ -115,8 +118,9 @@ class TrainResult:
             rows["thresholds"] = (f"global {self.thresholds['global']:.2f}, "
                                   f"{self.thresholds.get('tags_with_own_threshold', 0)} tags calibrated on "
                                   f"{self.thresholds.get('calibrated_on')}")
-        if rates:
-            rows["train speed"] = f"{np.median(rates):.1f} img/s"
+        if steady:
+            rows["train speed"] = (f"{np.median(steady):.1f} img/s steady (first epoch {ran[0]['img_per_s']:.1f} "
+                                   "img/s with compiling)")
         if self.bad_records:
             rows["bad store records"] = (f"{len(self.bad_records)} left out (first: {self.bad_records[0]['key']}: "
                                          f"{self.bad_records[0]['reason'][:80]}); run --build --rebuild")
@@ -300,10 +304,24 @@ class RunState(keras.callbacks.Callback):
         self.run = run
         self._t0 = 0.0
         self._train_seconds = 0.0
+        self._steps, self._first, self._last = 0, 0.0, 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._t0 = time.perf_counter()
         self._train_seconds = 0.0
+        self._steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
+        self._last = time.perf_counter()
+        if self._steps == 1:
+            self._first = self._last
+
+    def steady_rate(self) -> float | None:
+        """img/s of this epoch's steps after its first (which compiles the step in a run's first epoch)."""
+        if self._steps < 2 or self._last <= self._first:
+            return None
+        return (self._steps - 1) * self.run.train_cfg.batch_size / (self._last - self._first)
 
     def on_test_begin(self, logs=None):
         if not self._train_seconds:
@@ -323,6 +341,9 @@ class RunState(keras.callbacks.Callback):
                "lr": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
                "seconds": round(seconds, 3),
                "img_per_s": round(run.train_images_per_epoch / max(train_seconds, 1e-9), 2)}
+        steady = self.steady_rate()
+        if steady is not None:
+            row["steady_img_per_s"] = round(steady, 2)
         value = logs.get(run.monitor)
         if value is None:
             raise AltI2VError(f"the monitored metric {run.monitor!r} is not in the training logs "
@@ -345,7 +366,7 @@ class RunState(keras.callbacks.Callback):
     def _write(self, epoch: int, seconds: float, improved: bool) -> None:
         run = self.run
         if improved:
-            run.export.set_weights(self.model.get_weights())
+            run.export.set_weights(tagger_of(self.model).get_weights())
             save_model_atomic(run.export, run.ckpt / BEST_FILE)
         last = f"last-e{epoch + 1:04d}.keras"
         save_model_atomic(run.saveable(self.model), run.ckpt / last)
@@ -417,16 +438,11 @@ class _Run:
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
-def _compile(model: keras.Model, tc: TrainConfig, weighted: bool = False) -> None:
-    """Adam, the configured loss, AUC and F1; ``weighted``: the loss is the mean over rows of weight > 0
-    (a distributed run pads its last batch with rows of weight 0)."""
-    loss = get_loss(tc.loss, focal_gamma=tc.focal_gamma, asl_gamma_neg=tc.asl_gamma_neg,
-                    asl_gamma_pos=tc.asl_gamma_pos, asl_clip=tc.asl_clip)
-    if weighted:
-        loss.reduction = "mean_with_sample_weight"
+def _compile(model: keras.Model, tc: TrainConfig) -> None:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=float(tc.lr)),
-        loss=loss,
+        loss=get_loss(tc.loss, focal_gamma=tc.focal_gamma, asl_gamma_neg=tc.asl_gamma_neg,
+                      asl_gamma_pos=tc.asl_gamma_pos, asl_clip=tc.asl_clip),
         metrics=[keras.metrics.AUC(name="auc"),
                  keras.metrics.F1Score(average="micro", threshold=0.5, name="f1")])
 
@@ -536,6 +552,7 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
     run = _Run(model_dir, mc, tc, monitor, mode, cluster=cluster)
     run.history = list(history) if state else []
     initial_epoch = 0
+    readers = None
     try:
         keras.config.set_dtype_policy(policy)
         if state:
@@ -545,43 +562,47 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
             run.wait = int(state.get("wait", 0))
             run.stopped_early = tc.patience > 0 and run.wait >= tc.patience  # --patience may have changed
         checkpoint = run.ckpt / state["last"] if state else None
-        keras.utils.set_random_seed(int(tc.seed))  # the starting weights follow the run's seed too
+        keras.utils.set_random_seed(int(tc.seed))  # the same initial weights for the same settings
         if cluster.distribution is None:
-            model = (keras.saving.load_model(checkpoint, safe_mode=True, compile=True) if checkpoint else
-                     build_model(config=mc))
-            if not checkpoint:
-                _compile(model, tc)
+            model = _model(mc, tc, checkpoint)
         else:
             model = _replicated_model(cluster, mc, tc, checkpoint)
             if cluster.is_writer:
                 with cluster.host_scope():
-                    run.shadow = build_model(config=mc, load_weights=False)
-                    _compile(run.shadow, tc, weighted=True)
+                    run.shadow = training_model(build_model(config=mc, load_weights=False))
+                    _compile(run.shadow, tc)
                     run.shadow.optimizer.build(run.shadow.trainable_variables)
         keras.config.set_dtype_policy("float32")
         run.export = build_model(config=mc, load_weights=False)  # float32, uncompiled: best.keras, model.keras
         keras.config.set_dtype_policy(policy)
-        dim = embedding_dim(model)
+        dim = embedding_dim(tagger_of(model))
         if cluster.is_writer:
             atomic_write_json(model_dir / CONFIG_FILE, _config_record(mc, tc, image, vocab, dim, {
                 "precision_policy": policy, "finished": False}))
 
         workers = resolve_workers(tc.workers)
+        if store.num_shards > 1 and readers is None and not cluster.multi_process:  # (processes read slices)
+            readers = ReaderPool(store, processes=min(workers, store.num_shards))
         train_ds = StoreDataset.from_split(store, "train", batch_size=tc.batch_size, shuffle=True,
                                            augment=tc.augment, zoom=tc.zoom, seed=tc.seed, epoch=initial_epoch,
-                                           workers=workers, steps=tc.steps_per_epoch)
+                                           workers=workers, steps=tc.steps_per_epoch, readers=readers)
         run.train_images_per_epoch = min(train_ds.num_images, len(train_ds) * tc.batch_size)
-        val_ds = StoreDataset.from_split(store, "val", batch_size=tc.batch_size, workers=workers) \
-            if has_val else None
+        val_ds = StoreDataset.from_split(store, "val", batch_size=tc.batch_size, workers=workers,
+                                         readers=readers) if has_val else None
         run.nan_guard = NaNGuard()
         done = run.stopped_early or initial_epoch >= tc.epochs
         if not done:
             verbose = 0 if quiet else (1 if sys.stdout.isatty() else 2)
-            with cluster.scope():
-                model.fit(cluster.dataset(train_ds), epochs=tc.epochs, initial_epoch=initial_epoch,
-                          validation_data=cluster.dataset(val_ds, "val") if val_ds is not None else None,
-                          callbacks=[EpochSetter(train_ds), run.nan_guard, RunState(run)], verbose=verbose,
-                          shuffle=False)
+            try:
+                with cluster.scope():
+                    model.fit(cluster.dataset(train_ds), epochs=tc.epochs, initial_epoch=initial_epoch,
+                              validation_data=cluster.dataset(val_ds, "val") if val_ds is not None else None,
+                              callbacks=[EpochSetter(train_ds), run.nan_guard, RunState(run)], verbose=verbose,
+                              shuffle=False)
+            finally:
+                for ds in (train_ds, val_ds):
+                    if ds is not None:
+                        ds.close()
         if run.nan_guard.batch is not None:
             good = run.history[-1]["epoch"] if run.history else 0
             where = (f"batch {run.nan_guard.batch + 1}" if run.nan_guard.batch >= 0 else
@@ -595,13 +616,15 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
         if not run.history:
             raise AltI2VError("no epoch completed; nothing to save")
         if cluster.is_writer:  # thresholds are calibrated on process 0 alone (one pass over val)
-            result = _finish(run, store, model_dir, mc, tc, image, vocab, dim, has_val, policy, quiet)
+            result = _finish(run, store, model_dir, mc, tc, image, vocab, dim, has_val, policy, quiet, readers)
         else:
             result = TrainResult(model_dir=model_dir, model_config=mc, train_config=tc, history=run.history,
                                  best_epoch=run.best_epoch, best_value=run.best_value,
                                  stopped_early=run.stopped_early, precision_policy=policy)
     finally:
         keras.config.set_dtype_policy(previous_policy)
+        if readers is not None:
+            readers.close()
     result.initial_epoch, result.resumed = initial_epoch, resumed
     result.params = count_params(run.export)
     result.counts = counts
@@ -610,18 +633,35 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
     return result
 
 
+def _model(mc: ModelConfig, tc: TrainConfig, checkpoint: Path | None) -> keras.Model:
+    """The compiled training model (augmentation step + tagger): fresh, or the checkpoint's."""
+    if checkpoint is None:
+        model = training_model(build_model(config=mc))
+        _compile(model, tc)
+        return model
+    model = keras.saving.load_model(checkpoint, safe_mode=True, compile=True)
+    if tagger_of(model) is model:  # a checkpoint from before on-device augmentation
+        warnings.warn("the checkpoint has no augmentation step; the optimizer state restarts",
+                      UserWarning, stacklevel=4)
+        model = training_model(model)
+        _compile(model, tc)
+    return model
+
+
 def _replicated_model(cluster: Cluster, mc: ModelConfig, tc: TrainConfig, checkpoint: Path | None) -> keras.Model:
     """The training model with its variables on the device mesh, every replica starting from process 0's
     values: its fresh weights, or the checkpoint only process 0 reads (the model directory may be local
     to process 0)."""
     with cluster.scope():
-        model = build_model(config=mc, load_weights=cluster.is_writer and checkpoint is None)
-        _compile(model, tc, weighted=True)
+        model = training_model(build_model(config=mc, load_weights=cluster.is_writer and checkpoint is None))
+        _compile(model, tc)
         model.optimizer.build(model.trainable_variables)
     variables = [*model.trainable_variables, *model.non_trainable_variables, *model.optimizer.variables]
     values = None
     if cluster.is_writer:
-        source = keras.saving.load_model(checkpoint, safe_mode=True, compile=True) if checkpoint else model
+        source = _model(mc, tc, checkpoint) if checkpoint else model
+        if not source.optimizer.built:
+            source.optimizer.build(source.trainable_variables)
         values = [keras.ops.convert_to_numpy(v) for v in
                   (*source.trainable_variables, *source.non_trainable_variables, *source.optimizer.variables)]
     with cluster.scope():
@@ -630,13 +670,14 @@ def _replicated_model(cluster: Cluster, mc: ModelConfig, tc: TrainConfig, checkp
 
 
 def _finish(run: _Run, store: Store, model_dir: Path, mc: ModelConfig, tc: TrainConfig, image: ImageConfig,
-            vocab: Vocab, dim: int, has_val: bool, policy: str, quiet: bool) -> TrainResult:
+            vocab: Vocab, dim: int, has_val: bool, policy: str, quiet: bool, readers: ReaderPool | None = None
+            ) -> TrainResult:
     """Best weights -> model.keras, thresholds on val -> thresholds.json, curves, final config.json."""
     best = run.ckpt / BEST_FILE
     run.export.load_weights(best)
     split = "val" if has_val else "train"
     _, y_true, y_prob = predict_split(run.export, store, split, batch_size=max(tc.batch_size, 64),
-                                      workers=tc.workers, quiet=quiet, desc=f"calibrate on {split}")
+                                      workers=tc.workers, quiet=quiet, desc=f"calibrate on {split}", readers=readers)
     thresholds = calibrate_thresholds(y_true, y_prob, vocab.names, min_positives=tc.min_positives,
                                       calibrated_on=split)
     cal = prf_at(y_true, y_prob, thresholds_vector(thresholds, vocab.names))

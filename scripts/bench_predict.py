@@ -10,7 +10,16 @@ The per-call overhead that batching removes matters less for a heavy network: ``
 
     python scripts/bench_predict.py [--images 160] [--batch-size 64] [--backbone tiny]
 
-Last line: ``RESULT predict speedup=<x> ratio=<x> target=5``.
+The folder case: ``--folder-images N`` (default 384) 512x512 JPEGs tagged by ``--pred FOLDER`` (decoded
+by worker processes on 4+ cores) against the model alone on a batch already on the device, and against
+``predict_tags`` decoding on threads and in processes. On a GPU, the reference setting (target: ``--pred``
+at >= 50% of the model alone)::
+
+    KERAS_BACKEND=jax python scripts/bench_predict.py --backbone vgg16 --image-size 150 --tags 4096 \
+        --batch-size 256 --images 48 --folder-images 8192
+
+Result lines: ``RESULT predict speedup=<x> ratio=<x> target=5`` and
+``RESULT predict_folder ... ratio=<pred / model alone> target=0.5``.
 """
 
 from __future__ import annotations
@@ -52,6 +61,87 @@ def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
     return files
 
 
+def make_jpegs(folder: Path, n: int, seed: int = 1) -> list[Path]:
+    """``n`` 512x512 illustration-like JPEGs (smooth gradients and shapes, quality 90)."""
+    rng = np.random.default_rng(seed)
+    files = []
+    for i in range(n):
+        small = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((512, 512), Image.Resampling.BICUBIC)
+        d = ImageDraw.Draw(img)
+        x0, y0 = (int(v) for v in rng.integers(0, 400, 2))
+        d.ellipse((x0, y0, x0 + 100, y0 + 100), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        files.append(folder / f"j{i:05d}.jpg")
+        img.save(files[-1], quality=90)
+    return files
+
+
+def folder_case(tmp: Path, n: int, batch_size: int) -> dict[str, float]:
+    """``--pred FOLDER`` over ``n`` 512px JPEGs vs the model alone vs decoding on threads (img/s)."""
+    import keras
+
+    import alt_i2v.tagger as tagger_module
+    from alt_i2v.cli import main as cli_main
+    from alt_i2v.config import resolve_workers
+    from alt_i2v.tagger import Tagger
+
+    folder = tmp / "jpegs512"
+    folder.mkdir()
+    files = [str(f) for f in make_jpegs(folder, n)]
+    make_model_dir(tmp / "model150", 512, 150)  # the reference image size: 512px JPEGs decoded to 150px
+    tagger = Tagger(tmp / "model150", batch_size=batch_size)
+    size = tagger.image_config.image_size
+    x = keras.ops.convert_to_tensor(np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3))
+                                    .astype(np.uint8))
+    for _ in range(2):
+        np.asarray(tagger.model.predict_on_batch(x))
+    steps = max(3, min(30, n // batch_size))
+    t = time.perf_counter()
+    for _ in range(steps):
+        out = tagger.model.predict_on_batch(x)
+    np.asarray(out)
+    alone = batch_size * steps / (time.perf_counter() - t)
+
+    limit = tagger_module.PROCESS_DECODE_MIN
+    tagger_module.PROCESS_DECODE_MIN = n + 1  # threads only
+    try:
+        t = time.perf_counter()
+        tagger.predict_tags(files)
+        threads = n / (time.perf_counter() - t)
+    finally:
+        tagger_module.PROCESS_DECODE_MIN = limit
+    cli_args = ["--pred", str(folder), "--model", str(tmp / "model150"), "--format", "json", "--quiet",
+                "--batch-size", str(batch_size)]
+    workers = tagger_module.PROCESS_DECODE_WORKERS
+    tagger_module.PROCESS_DECODE_WORKERS = 2  # processes even on 2-3 cores, to compare
+    try:
+        t = time.perf_counter()
+        tagger.predict_tags(files)  # more than PROCESS_DECODE_MIN files: decoding processes
+        procs = n / (time.perf_counter() - t)
+    finally:
+        tagger_module.PROCESS_DECODE_WORKERS = workers
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = cli_main(cli_args)  # load the CLI's cached Tagger (model loading is not what is measured)
+        t = time.perf_counter()
+        rc = rc or cli_main(cli_args)
+        pred = n / (time.perf_counter() - t)
+    if rc != 0:
+        raise SystemExit(f"alt-i2v --pred failed with exit code {rc}")
+    print(f"folder of {n} 512x512 JPEGs -> {size}px, batch {batch_size}, {resolve_workers(0)} cores:")
+    print(f"  model alone (batch already a tensor)   : {alone:8.1f} img/s")
+    print(f"  predict_tags, decoding on threads      : {threads:8.1f} img/s")
+    print(f"  predict_tags, decoding processes       : {procs:8.1f} img/s")
+    how = "processes" if resolve_workers(0) >= tagger_module.PROCESS_DECODE_WORKERS else "threads"
+    print(f"  alt-i2v --pred FOLDER ({how:9s})       : {pred:8.1f} img/s ({pred / alone:.0%} of the model)")
+    return {"pred": pred, "alone": alone, "threads": threads, "processes": procs}
+
+
+def _on_gpu() -> bool:
+    from alt_i2v.train import _has_accelerator
+
+    return _has_accelerator()
+
+
 def make_model_dir(model_dir: Path, num_tags: int, image_size: int, backbone: str = "tiny") -> None:
     """A model directory in the documented format (CONTRACTS section 4) around an untrained model."""
     from alt_i2v.model import build_model, embedding_dim
@@ -91,6 +181,7 @@ def main() -> int:
     ap.add_argument("--tags", type=int, default=512)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--backbone", default="tiny", help="tiny (default) or vgg16 (random weights, slow on a CPU)")
+    ap.add_argument("--folder-images", type=int, default=384, help="512px JPEGs of the folder case (0: skip)")
     args = ap.parse_args()
 
     import keras
@@ -147,7 +238,13 @@ def main() -> int:
               f"x{t_naive / t_cli:.1f}")
         print(f"same probabilities both ways           : {same} (max difference {diff:.1e})")
         speedup = t_naive / t_cli
+        folder = folder_case(tmp, args.folder_images, args.batch_size) if args.folder_images else None
         print(f"RESULT predict speedup={speedup:.1f} ratio={speedup:.1f} target=5")
+        if folder:
+            name = "predict_folder_gpu" if _on_gpu() else "predict_folder"
+            print(f"RESULT {name} pred_img_s={folder['pred']:.1f} model_img_s={folder['alone']:.1f} "
+                  f"threads_img_s={folder['threads']:.1f} processes_img_s={folder['processes']:.1f} "
+                  f"ratio={folder['pred'] / folder['alone']:.2f} target=0.5")
     return 0 if same else 1
 
 

@@ -1,32 +1,40 @@
-"""Training throughput: the model's consumption vs what the input pipeline delivers, measured side by side.
+"""Training throughput: what the input pipeline delivers against what the model consumes, side by side.
 
-Default (CPU, ~1-2 min on 2 cores): generates a small dataset in a temp dir, builds 64px and 150px
-stores, then measures for ``tiny`` @64px and ``vgg16`` @150px (few steps, it is slow on a CPU):
+CPU mode (the default; about a minute on 2 cores): generates 150px illustrations, stores them once as one
+shard and once as 2 shards, and measures
 
-- model: training img/s on tensors already in memory (``train_on_batch``; no input pipeline at all),
-- pipeline: img/s the threaded ``StoreDataset`` produces on its own (read + decode + augment),
-- fed: training img/s through ``model.fit`` on the store pipeline (what a real run gets),
-- naive: a single-threaded per-image loop, for reference.
+- the pipeline alone (read + decode + fixed-shape batches + augmentation parameters, no model): threads
+  on the one-shard store, then 1 and 2 reader processes on the sharded store; img/s, img/s per process
+  and the scaling from 1 to 2 processes,
+- the ``tiny`` model training on one batch already in memory (the model alone) against ``model.fit`` fed
+  by the sharded store through the reader processes (what ``--train`` does).
 
-The last line is ``RESULT train pipeline_ratio=<x> ratio=<x> target=2``: pipeline img/s over the
-fastest model's consumption (the worst case).
+Ends with ``RESULT train_pipeline per_core=<img/s> scaling=<x> ratio=<x> target=1.5`` and
+``RESULT train pipeline_ratio=<pipeline / model> ratio=<x> target=2``.
 
-GPU mode (one config): ``--backbone vgg16 --batch-size 256 --mixed-precision bfloat16 --steps 30
---random-tensors [--num-tags 4096]`` reports train and predict img/s fed from the store against the same
-model on random device tensors, and ends with ``RESULT train fed_ratio=<x> ratio=<x> target=0.9``.
-Set KERAS_BACKEND=jax for the reference setting.
+GPU mode, the reference setting (VGG16 150px, batch 256, 4096 tags, JAX, mixed bfloat16)::
 
-Scaling (distribute.py, JAX): the default run also trains ``tiny`` through the CLI with 1 process and with 2
-processes on 127.0.0.1 (each process the same per-process batch: weak scaling) and ends with
-``RESULT train_scaling img_s_1=... img_s_2=... epoch_s_1=... epoch_s_2=... ratio=<efficiency> target=0.9``,
-efficiency = img/s with P / (P x img/s with 1). On a machine with N GPUs: ``--scaling --devices N
-[--backbone vgg16 --batch-size 64 --mixed-precision bfloat16]`` compares 1 device with N in one process.
+    KERAS_BACKEND=jax python scripts/bench_train.py --backbone vgg16 --batch-size 256 \\
+        --mixed-precision bfloat16 --steps 30 --num-tags 4096
+
+stores ``--images`` (default 8704) images in one shard per core, then reports the pipeline alone by
+number of reader processes (1, 2, 4, ... cores; target >= 40,000 img/s on 16 cores), and train and
+predict img/s fed from the store against the same model on random device tensors: ``RESULT pipeline_gpu
+... target=1`` (img/s / 40,000), ``RESULT train_gpu ... target=0.9`` and ``RESULT predict_gpu ... target=0.9``.
+
+Scaling (distribute.py, JAX): the CPU run also trains ``tiny`` through the CLI with 1 process and with 2
+processes on 127.0.0.1 (the same batch per process: weak scaling) and ends with ``RESULT train_scaling
+img_s_1=... img_s_2=... epoch_s_1=... epoch_s_2=... ratio=<efficiency> target=0.9``, efficiency = img/s
+with P / (P x img/s with 1); ``--scaling`` runs only that. On a machine with N GPUs, ``--scaling --devices N
+[--backbone vgg16 --batch-size 64 --mixed-precision bfloat16]`` compares 1 device with N in one process
+(``RESULT train_scaling_gpu``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -38,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+
 def make_data(data_dir: Path, n: int, size: int, seed: int = 0) -> None:
     """``n`` posts of the demo's generated illustrations (contract layout) with vocab.json."""
     from alt_i2v.demo import generate_demo_dataset
@@ -47,23 +56,86 @@ def make_data(data_dir: Path, n: int, size: int, seed: int = 0) -> None:
     build_vocab(data_dir)
 
 
-def store_for(root: Path, size: int, n: int) -> Path:
+def stores_for(root: Path, size: int, n: int, shards: int, one_shard: bool) -> tuple[Path, Path | None]:
+    """The same generated images stored in ``shards`` shards (and, if asked, in one)."""
     from alt_i2v.store import build_store
 
-    data = root / f"data{size}"
+    data = root / "sharded"
     make_data(data, n, max(size, 96))
-    build_store(data, image_size=size, quiet=True, val_fraction=0.05, test_fraction=0.05)
-    return data
+    single = None
+    if one_shard:
+        single = root / "one"
+        single.mkdir()
+        shutil.copytree(data / "images", single / "images")
+        for name in ("posts.jsonl", "vocab.json"):
+            shutil.copy(data / name, single / name)
+        build_store(single, image_size=size, quiet=True, val_fraction=0.05, test_fraction=0.05)
+    build_store(data, image_size=size, quiet=True, val_fraction=0.05, test_fraction=0.05, shards=shards)
+    return data, single
 
 
-def model_rate(model, batch: int, steps: int, num_tags: int, image_size: int, train: bool = True) -> float:
-    """img/s of the model alone: the same random batch, already a backend tensor, ``steps`` times."""
+def pipeline_rate(store, batch: int, *, processes: int = 0, threads: int = 1, batches: int | None = None,
+                  repeat: int = 3) -> float:
+    """img/s of the train split's batches (shuffled, augmentation parameters) with no model: threads of
+    this process, or ``processes`` reader processes; best of ``repeat`` passes."""
+    from alt_i2v.pipeline import StoreDataset, measure_pipeline
+    from alt_i2v.readers import ReaderPool
+
+    pool = ReaderPool(store, processes=processes) if processes else None
+    try:
+        ds = StoreDataset.from_split(store, "train", batch_size=batch, shuffle=True, augment=True, workers=threads,
+                                     readers=pool)
+        n = min(len(ds), batches or len(ds))
+        measure_pipeline(ds, batches=2)
+        best = 0.0
+        for r in range(repeat):
+            ds.set_epoch(r + 1)
+            best = max(best, measure_pipeline(ds, batches=n))
+        ds.close()
+        return best
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def build_models(backbone: str, tags: int, size: int, policy: str):
+    """(training model with the on-device augmentation, the tagger inside it), compiled like --train."""
     import keras
 
+    from alt_i2v.augment import training_model
+    from alt_i2v.model import build_model, get_loss
+
+    previous = keras.config.dtype_policy().name
+    keras.config.set_dtype_policy(policy)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tagger = build_model(num_tags=tags, image_size=size, backbone=backbone, weights=None,
+                                 frozen=12 if backbone == "vgg16" else 0)
+            model = training_model(tagger)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=get_loss("bce"))
+    finally:
+        keras.config.set_dtype_policy(previous)
+    return model, tagger
+
+
+def model_rate(model, batch: int, steps: int, num_tags: int, size: int, train: bool = True) -> float:
+    """img/s of the model alone: one random batch, already a backend tensor, ``steps`` times."""
+    import keras
+
+    from alt_i2v.augment import augment_params
+
     rng = np.random.default_rng(0)
-    x = keras.ops.convert_to_tensor(rng.integers(0, 256, (batch, image_size, image_size, 3)).astype(np.uint8))
+    x = keras.ops.convert_to_tensor(rng.integers(0, 256, (batch, size, size, 3)).astype(np.uint8))
+    p = keras.ops.convert_to_tensor(augment_params(batch, size, seed=0, epoch=0, index=0))
     y = keras.ops.convert_to_tensor((rng.random((batch, num_tags)) < 0.05).astype(np.float32))
-    step = (lambda: model.train_on_batch(x, y)) if train else (lambda: model.predict_on_batch(x))
+    w = keras.ops.convert_to_tensor(np.ones(batch, np.float32))
+    if train:
+        def step():
+            return model.train_on_batch({"image": x, "augment": p}, y, sample_weight=w)
+    else:
+        def step():
+            return model.predict_on_batch(x)
     step()
     step()  # compile and warm up
     t0 = time.perf_counter()
@@ -73,90 +145,33 @@ def model_rate(model, batch: int, steps: int, num_tags: int, image_size: int, tr
     return batch * steps / (time.perf_counter() - t0)
 
 
-def fed_rate(model, ds, steps: int, train: bool = True) -> float:
-    """img/s through ``model.fit`` / ``model.predict`` on the store pipeline (threads included)."""
-    from alt_i2v.pipeline import StoreDataset
+def fed_train_rate(model, store, batch: int, steps: int, tags: int, pool) -> float:
+    """img/s of ``model.fit`` fed by the store (reader processes when ``pool``), as ``--train`` runs it."""
+    from alt_i2v.pipeline import EpochSetter, StoreDataset
 
-    steps = min(steps, len(ds))
-    sub = StoreDataset(ds.store, ds.keys, ds.labels, num_tags=ds.num_tags, batch_size=ds.batch_size,
-                       shuffle=ds.shuffle, augment=ds.augment, workers=ds.workers, steps=steps)
-    warm = StoreDataset(ds.store, ds.keys, ds.labels, num_tags=ds.num_tags, batch_size=ds.batch_size,
-                        shuffle=ds.shuffle, augment=ds.augment, workers=ds.workers, steps=2)
-    if train:
-        model.fit(warm, epochs=1, verbose=0)
-        t0 = time.perf_counter()
-        model.fit(sub, epochs=1, verbose=0)
-    else:
-        model.predict(warm, verbose=0)
-        t0 = time.perf_counter()
-        model.predict(sub, verbose=0)
-    return steps * ds.batch_size / (time.perf_counter() - t0)
+    def ds(n: int, epoch: int):
+        return StoreDataset.from_split(store, "train", num_tags=tags, batch_size=batch, shuffle=True, augment=True,
+                                       steps=n, epoch=epoch, readers=pool, workers=os.cpu_count() or 1)
 
-
-def naive_rate(store, keys, batch: int) -> float:
-    """One thread, one record at a time, per-image flip/crop with Python loops: the obvious first version."""
-    from alt_i2v.store import unpack
-
+    warm = ds(2, 0)
+    model.fit(warm, epochs=1, verbose=0)
+    warm.close()
+    timed = ds(steps, 1)
     t0 = time.perf_counter()
-    n = 0
-    rng = np.random.default_rng(0)
-    for i in range(0, min(len(keys), batch * 8), batch):
-        imgs = []
-        for k in keys[i:i + batch]:
-            rec = unpack(store.db.get(b"r/" + k))
-            img = rec["image"]
-            if rng.random() < 0.5:
-                img = img[:, ::-1]
-            s = img.shape[0]
-            c = int(s / rng.uniform(1.0, 1.15))
-            oy, ox = rng.integers(0, s - c + 1, 2)
-            crop = img[oy:oy + c, ox:ox + c]
-            idx = (np.arange(s) * c) // s
-            imgs.append(np.stack([crop[r][idx] for r in idx]))
-        np.stack(imgs)
-        n += len(imgs)
-    return n / (time.perf_counter() - t0)
+    model.fit(timed, epochs=2, initial_epoch=1, verbose=0, callbacks=[EpochSetter(timed)])
+    rate = len(timed) * batch / (time.perf_counter() - t0)
+    timed.close()
+    return rate
 
 
-def bench_config(data: Path, backbone: str, batch: int, steps: int, workers: int, policy: str,
-                 num_tags: int | None, random_tensors: bool, predict: bool) -> dict:
-    import keras
+def fed_predict_rate(tagger, store, batch: int, pool) -> float:
+    """img/s of ``predict_split`` (what --evaluate and the calibration run) over the train split."""
+    from alt_i2v.evaluate import predict_split
 
-    from alt_i2v.config import resolve_workers
-    from alt_i2v.model import build_model, get_loss
-    from alt_i2v.pipeline import StoreDataset, measure_pipeline
-    from alt_i2v.store import Store
-
-    store = Store(data)
-    workers = resolve_workers(workers)
-    tags = int(num_tags or store.num_tags)
-    keys, labels = store.index("train")
-    ds = StoreDataset(store, keys, labels, num_tags=tags, batch_size=batch, shuffle=True, augment=True,
-                      workers=workers)
-    out = {"backbone": backbone, "image_size": store.image_size, "batch": batch, "workers": workers,
-           "tags": tags, "policy": policy}
-    measure_pipeline(ds, batches=2)
-    out["pipeline"] = measure_pipeline(ds, batches=max(4, min(len(ds), 4096 // batch)))
-    out["naive"] = naive_rate(store, keys, batch)
-    previous = keras.config.dtype_policy().name
-    keras.config.set_dtype_policy(policy)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = build_model(num_tags=tags, image_size=store.image_size, backbone=backbone, weights=None,
-                                frozen=12 if backbone == "vgg16" else 0)
-        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=get_loss("bce"))
-        out["model"] = model_rate(model, batch, steps, tags, store.image_size)
-        out["fed"] = fed_rate(model, ds, steps)
-        if predict:
-            pred_ds = StoreDataset(store, keys, labels, num_tags=tags, batch_size=batch, workers=workers)
-            out["predict_fed"] = fed_rate(model, pred_ds, steps, train=False)
-            out["predict_model"] = model_rate(model, batch, steps, tags, store.image_size, train=False)
-    finally:
-        keras.config.set_dtype_policy(previous)
-        store.close()
-    out["random_tensors"] = random_tensors
-    return out
+    predict_split(tagger, store, "val", batch_size=batch, readers=pool)  # compile, warm up
+    t0 = time.perf_counter()
+    keys, _, _ = predict_split(tagger, store, "train", batch_size=batch, readers=pool)
+    return len(keys) / (time.perf_counter() - t0)
 
 
 def cli_train(data: Path, model: Path, extra: list[str], processes: int = 1, env: dict | None = None,
@@ -191,11 +206,15 @@ def cli_train(data: Path, model: Path, extra: list[str], processes: int = 1, env
             "epoch_s": float(np.median([float(r["seconds"]) for r in rows]))}
 
 
-def scaling(root: Path, processes: int = 1, devices: int | None = None, backbone: str = "tiny",
+def train_scaling(root: Path, processes: int = 1, devices: int | None = None, backbone: str = "tiny",
             size: int = 32, batch: int = 32, epochs: int = 4, n: int = 1024, policy: str | None = None) -> dict:
     """Weak scaling: the same batch per device (or per process) with 1 and with ``devices`` x ``processes``."""
     root.mkdir(parents=True, exist_ok=True)
-    data = store_for(root, size, n)
+    from alt_i2v.store import build_store
+
+    data = root / "data"
+    make_data(data, n, max(size, 96))
+    build_store(data, image_size=size, quiet=True, val_fraction=0.05, test_fraction=0.05)
     common = ["--backbone", backbone, "--weights", "none", "--epochs", str(epochs), "--workers", "0",
               "--patience", "0", *(["--mixed-precision", policy] if policy else [])]
     one = cli_train(data, root / "m1", common + ["--batch-size", str(batch), "--devices", "1"])
@@ -204,6 +223,20 @@ def scaling(root: Path, processes: int = 1, devices: int | None = None, backbone
                                                              ["--devices", "1"])
     many = cli_train(data, root / "mk", many_args, processes=processes)
     return {"k": k, "one": one, "many": many, "efficiency": many["img_s"] / (k * one["img_s"])}
+
+
+def scaling_mode(args, root: Path) -> int:
+    """``--scaling``: 1 vs N devices in one process (``--devices N``), or 1 vs P processes (CPU)."""
+    if args.devices:
+        r = train_scaling(root, devices=args.devices, backbone=args.backbone or "vgg16",
+                          size=args.image_size or 150, batch=args.batch_size or 64, n=args.images or 8192,
+                          policy=args.mixed_precision)
+        print_scaling(r, f"1 vs {args.devices} devices, {device_name()}")
+    else:
+        r = train_scaling(root, processes=args.processes, backbone=args.backbone or "tiny",
+                          size=args.image_size or 32, batch=args.batch_size or 32, n=args.images or 1024)
+        print_scaling(r, f"1 vs {args.processes} processes on 127.0.0.1, {device_name()}")
+    return 0
 
 
 def print_scaling(r: dict, label: str) -> None:
@@ -234,22 +267,116 @@ def device_name() -> str:
             gpus = tf.config.list_physical_devices("GPU")
             if gpus:
                 return f"gpu:{tf.config.experimental.get_device_details(gpus[0]).get('device_name', 'GPU')}"
+        if keras.backend.backend() == "torch":
+            import torch
+
+            if torch.cuda.is_available():
+                return f"gpu:{torch.cuda.get_device_name(0)}"
     except Exception:  # noqa: BLE001 - a label only
         pass
     return f"cpu ({os.cpu_count()} cores)"
 
 
+def gpu_mode(args, root: Path, policy: str) -> int:
+    from alt_i2v.config import resolve_workers
+    from alt_i2v.model import get_backbone
+    from alt_i2v.readers import ReaderPool
+    from alt_i2v.store import Store
+
+    bb = get_backbone(args.backbone)
+    size = args.image_size or bb.image_size
+    batch = args.batch_size or 256
+    steps = args.steps or 30
+    cores = resolve_workers(args.workers)
+    n = args.images or max(batch * (steps + 4), 8704)
+    t = time.perf_counter()
+    data, _ = stores_for(root, size, n, shards=cores, one_shard=False)
+    print(f"generated and stored {n} images at {size}px in {cores} shards in {time.perf_counter() - t:.1f}s")
+    store = Store(data)
+    tags = int(args.num_tags or store.num_tags)
+    counts = [p for p in (1, 2, 4, 8, 16, 32, 64) if p < cores] + [cores]
+    print(f"pipeline alone (read + batch, {size}px, batch {batch}), by reader processes:")
+    by_procs = {}
+    for p in counts:
+        by_procs[p] = pipeline_rate(store, batch, processes=p, repeat=2)
+        print(f"  {p:3d} processes: {by_procs[p]:10.0f} img/s ({by_procs[p] / p:.0f} per process)")
+    model, tagger = build_models(bb.name, tags, size, policy)
+    with ReaderPool(store, processes=cores) as pool:
+        train_model = model_rate(model, batch, steps, tags, size)
+        train_fed = fed_train_rate(model, store, batch, steps, tags, pool)
+        pred_model = model_rate(tagger, batch, steps, tags, size, train=False)
+        pred_fed = fed_predict_rate(tagger, store, batch, pool)
+    store.close()
+    print(f"{bb.name} {size}px batch {batch} {policy}, {tags} tags, {cores} reader processes, "
+          f"device {device_name()}")
+    print(f"  train, model alone  : {train_model:10.1f} img/s (random device tensors)")
+    print(f"  train, fed by store : {train_fed:10.1f} img/s ({train_fed / train_model:.0%} of the model)")
+    print(f"  predict, model alone: {pred_model:10.1f} img/s")
+    print(f"  predict, fed        : {pred_fed:10.1f} img/s ({pred_fed / pred_model:.0%})")
+    best = max(by_procs.values())
+    scaling = ", ".join(f"{p}: {r:.0f}" for p, r in by_procs.items())
+    print(f"RESULT pipeline_gpu img_s={best:.0f} by_processes={scaling.replace(' ', '')} "
+          f"ratio={best / 40000:.2f} target=1")
+    print(f"RESULT train_gpu fed={train_fed:.0f} model={train_model:.0f} ratio={train_fed / train_model:.2f} "
+          f"target=0.9")
+    print(f"RESULT predict_gpu fed={pred_fed:.0f} model={pred_model:.0f} ratio={pred_fed / pred_model:.2f} "
+          f"target=0.9")
+    return 0
+
+
+def cpu_mode(args, root: Path, policy: str) -> int:
+    from alt_i2v.readers import ReaderPool
+    from alt_i2v.store import Store
+
+    size, batch = args.image_size or 150, args.batch_size or 64
+    n = args.images or 1536
+    t = time.perf_counter()
+    data, single = stores_for(root, size, n, shards=2, one_shard=True)
+    print(f"generated {n} images, stored at {size}px as 1 and as 2 shards in {time.perf_counter() - t:.1f}s")
+    store = Store(data)
+    threads = p1 = p2 = 0.0
+    for _ in range(2):  # alternate, so every configuration sees the same machine load
+        with Store(single) as one:
+            threads = max(threads, pipeline_rate(one, batch, threads=2))
+        p1 = max(p1, pipeline_rate(store, batch, processes=1))
+        p2 = max(p2, pipeline_rate(store, batch, processes=2))
+    scaling = p2 / p1
+    print(f"pipeline alone, {size}px batch {batch} (read + fixed-shape batch + augmentation parameters):")
+    print(f"  2 threads, one-shard store : {threads:8.0f} img/s")
+    print(f"  1 reader process, 2 shards : {p1:8.0f} img/s")
+    print(f"  2 reader processes         : {p2:8.0f} img/s ({p2 / 2:.0f} per process; {scaling:.2f}x of 1)")
+
+    tiny = 64
+    tdata, _ = stores_for(root / "tiny", tiny, 1024, shards=2, one_shard=False)
+    tstore = Store(tdata)
+    model, _ = build_models("tiny", tstore.num_tags, tiny, policy)
+    alone = model_rate(model, batch, 30, tstore.num_tags, tiny)
+    with ReaderPool(tstore, processes=2) as pool:
+        fed = fed_train_rate(model, tstore, batch, 12, tstore.num_tags, pool)
+    tpipe = pipeline_rate(tstore, batch, processes=2)
+    tstore.close()
+    store.close()
+    print(f"tiny {tiny}px batch {batch}: model alone {alone:.0f} img/s, fed by 2 reader processes {fed:.0f} img/s "
+          f"({fed / alone:.0%}; they share the 2 cores), pipeline alone {tpipe:.0f} img/s = "
+          f"{tpipe / alone:.1f}x the model")
+    print(f"RESULT train_pipeline per_core={p2 / 2:.0f} one_process={p1:.0f} two_processes={p2:.0f} "
+          f"threads={threads:.0f} scaling={scaling:.2f} ratio={scaling:.2f} target=1.5")
+    print(f"RESULT train pipeline_ratio={tpipe / alone:.2f} fed={fed:.0f} model={alone:.0f} "
+          f"ratio={tpipe / alone:.2f} target=2")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--backbone", help="one config only (GPU mode): e.g. vgg16")
-    ap.add_argument("--image-size", type=int, help="default: the backbone's (vgg16 150, tiny 64)")
+    ap.add_argument("--backbone", help="GPU mode: one configuration, e.g. vgg16")
+    ap.add_argument("--image-size", type=int, help="default: the backbone's (vgg16 150); CPU mode 150")
     ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None, help="timed training steps")
+    ap.add_argument("--steps", type=int, default=None, help="timed training steps (GPU mode)")
     ap.add_argument("--mixed-precision", default=None, help="bfloat16 / float16")
     ap.add_argument("--num-tags", type=int, default=None, help="output units (default: the data's vocab)")
-    ap.add_argument("--random-tensors", action="store_true", help="also time the model on random tensors")
+    ap.add_argument("--random-tensors", action="store_true", help="(always on in GPU mode; kept for old commands)")
     ap.add_argument("--images", type=int, default=None, help="images to generate")
-    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=0, help="GPU mode: shards and reader processes (default cores)")
     ap.add_argument("--scaling", action="store_true", help="only the scaling comparison (see --devices)")
     ap.add_argument("--devices", type=int, default=None, help="--scaling: 1 device vs N in one process")
     ap.add_argument("--processes", type=int, default=2, help="--scaling on CPU: 1 process vs P (default 2)")
@@ -257,73 +384,23 @@ def main() -> int:
 
     import keras
 
-    from alt_i2v.model import get_backbone
     from alt_i2v.train import precision_policy
 
     t_start = time.perf_counter()
     policy = precision_policy(args.mixed_precision)
-    print(f"backend {keras.backend.backend()}, device {device_name()}, keras {keras.__version__}")
+    print(f"backend {keras.backend.backend()}, device {device_name()}, keras {keras.__version__}, "
+          f"{os.cpu_count()} cores")
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         root = Path(tmp)
         if args.scaling:
-            if args.devices:
-                r = scaling(root, devices=args.devices, backbone=args.backbone or "vgg16",
-                            size=args.image_size or 150, batch=args.batch_size or 64, n=args.images or 8192,
-                            policy=args.mixed_precision)
-                print_scaling(r, f"1 vs {args.devices} devices, {device_name()}")
-            else:
-                r = scaling(root, processes=args.processes, backbone=args.backbone or "tiny",
-                            size=args.image_size or 32, batch=args.batch_size or 32, n=args.images or 1024)
-                print_scaling(r, f"1 vs {args.processes} processes on 127.0.0.1, {device_name()}")
-            return 0
-        if args.backbone:  # one configuration (the GPU run)
-            bb = get_backbone(args.backbone)
-            size = args.image_size or bb.image_size
-            batch = args.batch_size or 32
-            steps = args.steps or 20
-            n = args.images or max(batch * (steps + 4), 512)
-            t = time.perf_counter()
-            data = store_for(root, size, n)
-            print(f"generated and stored {n} images at {size}px in {time.perf_counter() - t:.1f}s")
-            r = bench_config(data, bb.name, batch, steps, args.workers, policy, args.num_tags,
-                             args.random_tensors, predict=True)
-            print(f"{bb.name} {size}px batch {batch} {policy}, {r['tags']} tags, {r['workers']} pipeline threads")
-            print(f"  pipeline alone      : {r['pipeline']:10.1f} img/s (naive loop {r['naive']:.1f})")
-            print(f"  train, model alone  : {r['model']:10.1f} img/s (random tensors)")
-            print(f"  train, fed by store : {r['fed']:10.1f} img/s ({r['fed'] / r['model']:.0%} of the model)")
-            print(f"  predict, model alone: {r['predict_model']:10.1f} img/s")
-            print(f"  predict, fed        : {r['predict_fed']:10.1f} img/s "
-                  f"({r['predict_fed'] / r['predict_model']:.0%})")
-            ratio = r["fed"] / r["model"]
-            print(f"total {time.perf_counter() - t_start:.1f}s")
-            print(f"RESULT train fed_ratio={ratio:.2f} ratio={ratio:.2f} target=0.9")
-            return 0
-
-        results = []
-        for backbone, size, batch, steps, n in [("tiny", 64, args.batch_size or 64, args.steps or 30,
-                                                 args.images or 2048),
-                                                ("vgg16", 150, 8, 3, 512)]:
-            t = time.perf_counter()
-            data = store_for(root, size, n)
-            build_s = time.perf_counter() - t
-            r = bench_config(data, backbone, batch, steps, args.workers, policy, args.num_tags, False,
-                             predict=False)
-            r["store_s"] = build_s
-            results.append(r)
-        print(f"\n{'config':<22} {'model train':>12} {'fed (fit)':>11} {'pipeline':>10} {'naive':>8} "
-              f"{'pipeline/model':>15}")
-        for r in results:
-            name = f"{r['backbone']} {r['image_size']}px b{r['batch']}"
-            print(f"{name:<22} {r['model']:>8.1f} i/s {r['fed']:>7.1f} i/s {r['pipeline']:>6.0f} i/s "
-                  f"{r['naive']:>4.0f} i/s {r['pipeline'] / r['model']:>14.1f}x")
-        print(f"(pipeline: {results[0]['workers']} threads, read + decode + flip/crop; "
-              f"pipeline vs naive loop {results[0]['pipeline'] / results[0]['naive']:.1f}x at 64px, "
-              f"{results[1]['pipeline'] / results[1]['naive']:.1f}x at 150px)")
-        worst = min(r["pipeline"] / r["model"] for r in results)
-        print(f"RESULT train pipeline_ratio={worst:.2f} ratio={worst:.2f} target=2")
-        print_scaling(scaling(root / "scaling", processes=2), f"1 vs 2 processes on 127.0.0.1, {device_name()}")
-        print(f"total {time.perf_counter() - t_start:.1f}s")
-    return 0
+            rc = scaling_mode(args, root)
+        else:
+            rc = (gpu_mode if args.backbone else cpu_mode)(args, root, policy)
+            if rc == 0 and not args.backbone:
+                print_scaling(train_scaling(root / "scaling", processes=2),
+                              f"1 vs 2 processes on 127.0.0.1, {device_name()}")
+    print(f"total {time.perf_counter() - t_start:.1f}s")
+    return rc
 
 
 if __name__ == "__main__":

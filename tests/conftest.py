@@ -79,6 +79,22 @@ def temp_files(root: Path) -> list[Path]:
     return [p for p in Path(root).rglob(".*") if TMP_SUFFIX in p.name]
 
 
+def jpeg_dataset(data_dir: Path, n: int, seed: int) -> Path:
+    """``n`` posts of 640x800 JPEGs, big enough that building them takes seconds (for kill tests), with
+    vocab.json."""
+    from alt_i2v.vocab import build_vocab
+
+    rng = np.random.default_rng(seed)
+    posts = []
+    for i in range(n):
+        img = Image.fromarray(rng.integers(0, 255, (8, 8, 3), np.uint8)).resize((640, 800))
+        md5, ext = save_image(data_dir, img, "JPEG")
+        posts.append({"id": i, "md5": md5, "file_ext": ext, "tags": {"general": [f"t{i % 7}"]}})
+    (data_dir / "posts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in posts))
+    build_vocab(data_dir)
+    return data_dir
+
+
 @pytest.fixture
 def dataset_dir(tmp_path: Path) -> Path:
     """A fresh 120-post shapes dataset (no vocab, no store)."""

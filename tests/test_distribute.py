@@ -74,31 +74,30 @@ def test_cli_rejects_distribution_flags_elsewhere_and_bad_values(built_data, tmp
     assert code == 2 and "--coordinator" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("processes,replicas,batch", [(2, 2, 32), (2, 4, 25), (3, 3, 7)])
-def test_process_slices_cover_each_global_batch_once_with_padding_weighted_zero(built_data, processes,
-                                                                                 replicas, batch):
-    """The processes' slices of every global batch are disjoint, together the whole batch, padded to a
-    multiple of the devices with weight-0 rows, and augmented exactly as the whole batch would be."""
+@pytest.mark.parametrize("processes,replicas,batch", [(2, 2, 32), (2, 4, 24), (3, 3, 21)])
+def test_process_slices_are_the_global_batch_cut_in_equal_parts(built_data, processes, replicas, batch):
+    """The processes' slices of every global batch, put together, are the whole batch (images,
+    augmentation, labels, weights), and every training record is in exactly one slice per epoch."""
     with Store(built_data) as store:
         keys, labels = store.index("train")
         ds = StoreDataset(store, keys, labels, batch_size=batch, shuffle=True, augment=True, seed=3, epoch=1)
         slices = [ProcessSlice(ds, p, processes, replicas) for p in range(processes)]
         seen = []
         for b in range(len(ds)):
-            whole_x, whole_y = ds[b]
+            whole_x, whole_y, whole_w = ds[b]
             parts = [s[b] for s in slices]
-            assert len({len(x) for x, _, _ in parts}) == 1  # every process feeds the same shape
-            assert sum(len(x) for x, _, _ in parts) % replicas == 0
-            x = np.concatenate([x[w > 0] for x, _, w in parts])
-            y = np.concatenate([y[w > 0] for _, y, w in parts])
-            np.testing.assert_array_equal(x, whole_x)
-            np.testing.assert_array_equal(y, whole_y)
-            for px, py, pw in parts:
-                assert not px[pw == 0].any() and not py[pw == 0].any()
+            assert len({len(w) for _, _, w in parts}) == 1  # every process feeds the same shape
+            for k in ("image", "augment"):
+                np.testing.assert_array_equal(np.concatenate([x[k] for x, _, _ in parts]), whole_x[k])
+            np.testing.assert_array_equal(np.concatenate([y for _, y, _ in parts]), whole_y)
+            np.testing.assert_array_equal(np.concatenate([w for _, _, w in parts]), whole_w)
+            idx, n = ds.padded_indices(b)
             for s in slices:
-                lo, hi, _ = s.part(b)
-                seen += [keys[i] for i in ds.batch_indices(b)[lo:hi]]
+                lo, hi = s.part(b)
+                seen += [keys[i] for i in idx[lo:min(hi, n)]]
         assert sorted(seen) == sorted(keys)
+        with pytest.raises(UsageError, match="multiple of 4"):
+            ProcessSlice(StoreDataset(store, keys, labels, batch_size=30), 0, 2, 4)
 
 
 def test_store_views_are_private_hard_linked_and_wait_for_a_writer(built_data, tmp_path):

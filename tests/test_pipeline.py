@@ -1,4 +1,5 @@
-"""pipeline.py: batches from the store (uint8, multi-hot), per-epoch shuffling, augmentation, threads."""
+"""pipeline.py: fixed-shape batches from the store (uint8, multi-hot, sample weights), padding, per-epoch
+shuffling, augmentation parameters, threads and reader processes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from alt_i2v.pipeline import StoreDataset, augment_batch, measure_pipeline  # noqa: E402
+from alt_i2v.pipeline import StoreDataset, measure_pipeline  # noqa: E402
 from alt_i2v.store import Store, multi_hot  # noqa: E402
 
 
@@ -24,16 +25,28 @@ def test_batches_are_uint8_images_and_multi_hot_labels_of_the_split(store):
     keys, labels = store.index("train")
     ds = StoreDataset(store, keys, labels, batch_size=32)
     assert len(ds) == math.ceil(len(keys) / 32) and ds.num_images == len(keys)
-    x, y = ds[0]
-    assert x.dtype == np.uint8 and x.shape == (32, 32, 32, 3)
+    x, y, w = ds[0]
+    assert x["image"].dtype == np.uint8 and x["image"].shape == (32, 32, 32, 3)
+    assert x["augment"].dtype == np.int32 and x["augment"].shape == (32, 5)
     assert y.dtype == np.float32 and y.shape == (32, store.num_tags)
+    assert w.dtype == np.float32 and (w == 1).all()
     imgs, labs = store.get_batch(keys[:32])
-    np.testing.assert_array_equal(x, imgs)
+    np.testing.assert_array_equal(x["image"], imgs)
     np.testing.assert_array_equal(y, multi_hot(labs, store.num_tags))
-    last_x, last_y = ds[len(ds) - 1]
-    assert len(last_x) == len(keys) - 32 * (len(ds) - 1) == len(last_y)
     with pytest.raises(IndexError):
         ds[len(ds)]
+
+
+def test_the_last_partial_batch_is_padded_to_full_size_with_weight_zero(store):
+    keys, labels = store.index("train")
+    ds = StoreDataset(store, keys, labels, batch_size=32)
+    real = len(keys) - 32 * (len(ds) - 1)
+    assert 0 < real < 32
+    x, y, w = ds[len(ds) - 1]
+    assert x["image"].shape == (32, 32, 32, 3) and y.shape == (32, store.num_tags)  # one shape: one compile
+    assert (w[:real] == 1).all() and (w[real:] == 0).all()
+    imgs, _ = store.get_batch(keys[-real:] + keys[:32 - real])  # padding = the start of the epoch's order
+    np.testing.assert_array_equal(x["image"], imgs)
 
 
 def test_shuffle_changes_every_epoch_covers_every_image_and_is_reproducible(store):
@@ -53,39 +66,30 @@ def test_shuffle_changes_every_epoch_covers_every_image_and_is_reproducible(stor
 
 
 def test_validation_batches_are_neither_shuffled_nor_augmented(store):
+    from alt_i2v.augment import identity_params
+
     ds = StoreDataset.from_split(store, "val", batch_size=16)
-    a = ds[0][0].copy()
+    a = ds[0][0]["image"].copy()
     ds.set_epoch(1)
-    np.testing.assert_array_equal(a, ds[0][0])
+    np.testing.assert_array_equal(a, ds[0][0]["image"])
+    np.testing.assert_array_equal(ds[0][0]["augment"], identity_params(16, 32))
     np.testing.assert_array_equal(ds.labels_matrix(), multi_hot(store.index("val")[1], store.num_tags))
 
 
-def test_augment_flips_and_crops_but_keeps_shape_dtype_and_content():
-    rng = np.random.default_rng(0)
-    x = np.zeros((64, 16, 16, 3), dtype=np.uint8)
-    x[:, :, :8] = 200  # left half bright
-    out = augment_batch(x, np.random.default_rng(1), zoom=0.0)
-    assert out.shape == x.shape and out.dtype == np.uint8
-    flipped = [bool((o[:, 8:] == 200).all() and (o[:, :8] == 0).all()) for o in out]
-    same = [bool((o == x[0]).all()) for o in out]
-    assert all(f or s for f, s in zip(flipped, same)) and 10 < sum(flipped) < 54
-
-    grad = np.tile(np.arange(32, dtype=np.uint8)[None, None, :, None] * 8, (8, 32, 1, 3))
-    zoomed = augment_batch(grad, rng, flip=False, zoom=0.3)
-    rows = zoomed[:, 0, :, 0].astype(int)
-    assert (np.diff(rows, axis=1) >= 0).all()  # a crop of a gradient is still increasing, not shuffled
-    assert (rows[:, -1] - rows[:, 0] < 31 * 8).any()  # and some images really were zoomed in
-    assert set(np.unique(zoomed)) <= set(np.unique(grad))  # nearest neighbour: no new values
-
-
-def test_augmentation_is_deterministic_per_epoch_and_batch(store):
+def test_augmentation_parameters_depend_only_on_seed_epoch_and_batch(store):
     keys, labels = store.index("train")
     a = StoreDataset(store, keys, labels, batch_size=16, shuffle=True, augment=True, seed=5)
     b = StoreDataset(store, keys, labels, batch_size=16, shuffle=True, augment=True, seed=5)
-    np.testing.assert_array_equal(a[2][0], b[2][0])
+    np.testing.assert_array_equal(a[2][0]["augment"], b[2][0]["augment"])
+    assert not np.array_equal(a[2][0]["augment"], a[3][0]["augment"])
+    resumed = StoreDataset(store, keys, labels, batch_size=16, shuffle=True, augment=True, seed=5, epoch=1)
+    a.set_epoch(1)  # an uninterrupted run reaching epoch 1 == a run resumed at epoch 1
+    np.testing.assert_array_equal(a[2][0]["augment"], resumed[2][0]["augment"])
+    np.testing.assert_array_equal(a[2][0]["image"], resumed[2][0]["image"])
+    assert not np.array_equal(a[2][0]["augment"], b[2][0]["augment"])  # another epoch, other parameters
     plain = StoreDataset(store, keys, labels, batch_size=16, shuffle=True, augment=False, seed=5)
-    assert not np.array_equal(a[2][0], plain[2][0])
-    np.testing.assert_array_equal(a[2][1], plain[2][1])  # labels are untouched
+    np.testing.assert_array_equal(b[2][0]["image"], plain[2][0]["image"])  # the host never changes pixels
+    np.testing.assert_array_equal(b[2][1], plain[2][1])
 
 
 def test_threaded_reads_match_serial_reads(store):
@@ -95,10 +99,11 @@ def test_threaded_reads_match_serial_reads(store):
 
     with ThreadPoolExecutor(4) as ex:
         threaded = list(ex.map(ds.__getitem__, range(len(ds))))
-    for i, (x, y) in enumerate(threaded):
-        sx, sy = ds[i]
-        np.testing.assert_array_equal(x, sx)
+    for i, (x, y, w) in enumerate(threaded):
+        sx, sy, sw = ds[i]
+        np.testing.assert_array_equal(x["image"], sx["image"])
         np.testing.assert_array_equal(y, sy)
+        np.testing.assert_array_equal(w, sw)
     assert measure_pipeline(ds) > 0
 
 
@@ -124,7 +129,9 @@ def test_keras_fit_sees_each_epochs_own_order_through_worker_threads(store):
 
     keys, labels = store.index("train")
     ds = Logged(store, keys, labels, batch_size=64, shuffle=True, augment=True, workers=2, epoch=1)
-    model = build_model(num_tags=store.num_tags, image_size=32, backbone="tiny", weights=None)
+    from alt_i2v.augment import training_model
+
+    model = training_model(build_model(num_tags=store.num_tags, image_size=32, backbone="tiny", weights=None))
     model.compile(optimizer="adam", loss="binary_crossentropy")
     hist = model.fit(ds, epochs=3, initial_epoch=1, verbose=0, callbacks=[EpochSetter(ds), Mark()])
     assert len(hist.history["loss"]) == 2 and ds.epoch == 2

@@ -20,7 +20,7 @@ from alt_i2v.errors import AltI2VError, StoreMismatchError
 from alt_i2v.imaging import load_image
 from alt_i2v.store import SPLITS, Store, build_store, multi_hot, split_of, unpack
 from alt_i2v.vocab import Vocab, build_vocab
-from conftest import save_image
+from conftest import jpeg_dataset
 from test_imaging import png_header_only
 
 
@@ -184,21 +184,13 @@ def test_rerun_does_nothing_new_and_prunes_removed_posts(dataset_dir):
 
 
 def test_build_killed_with_sigkill_resumes_to_a_complete_store(tmp_path):
-    data = tmp_path / "data"
-    rng = np.random.default_rng(5)
-    posts = []
-    for i in range(400):  # big enough JPEGs that the build takes a few seconds
-        img = Image.fromarray(rng.integers(0, 255, (8, 8, 3), np.uint8)).resize((640, 800))
-        md5, ext = save_image(data, img, "JPEG")
-        posts.append({"id": i, "md5": md5, "file_ext": ext, "tags": {"general": [f"t{i % 7}"]}})
-    (data / "posts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in posts))
-    build_vocab(data)
+    data = jpeg_dataset(tmp_path / "data", 400, seed=5)
     cmd = [sys.executable, "-m", "alt_i2v", "--build", "--data", str(data), "--workers", "1", "--quiet",
            "--image-size", "64"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     store = data / "store"
-    while time.time() < deadline and not any(p.suffix == ".log" and p.stat().st_size > 300_000
+    while time.time() < deadline and not any(p.suffix == ".log" and p.stat().st_size > 1_000_000
                                              for p in store.glob("*")):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)

@@ -270,3 +270,27 @@ def test_cli_embed_writes_npy_and_ids(model_dir, folder, tagger, tmp_path):
     assert [Path(p).name for p in doc["ids"]] == ["img0.png", "img1.png", "img2.png", "img3.png"]
     assert [Path(f["file"]).name for f in doc["failed"]] == ["broken.png"]
     assert np.allclose(emb, tagger.embed(doc["ids"]), atol=1e-6)
+
+
+def test_many_files_decode_in_worker_processes_with_the_same_results(model_dir, images, tmp_path, monkeypatch):
+    import alt_i2v.imaging
+    import alt_i2v.tagger
+    from alt_i2v.tagger import Tagger
+
+    files = []
+    for i in range(10):
+        files.append(tmp_path / f"p{i}.png")
+        images[i % 4].save(files[-1])
+    files.insert(5, tmp_path / "broken.png")
+    files[5].write_bytes(truncated_png(images[4]))
+    files = [str(f) for f in files]
+    by_threads = Tagger(model_dir, batch_size=4, workers=2).predict_tags(files, threshold=0.0, errors="return")
+    used = []
+    monkeypatch.setattr(alt_i2v.tagger, "PROCESS_DECODE_MIN", 8)
+    monkeypatch.setattr(alt_i2v.tagger, "PROCESS_DECODE_WORKERS", 2)
+    monkeypatch.setattr(alt_i2v.imaging.DecodePool, "close",
+                        lambda self, close=alt_i2v.imaging.DecodePool.close: (used.append(self.processes), close(self)))
+    by_procs = Tagger(model_dir, batch_size=4, workers=2).predict_tags(files, threshold=0.0, errors="return")
+    assert used == [2]  # the files went through two decoding processes
+    assert isinstance(by_procs[5], ImageLoadError) and by_procs[5].reason == by_threads[5].reason
+    assert all(close(a, b) for i, (a, b) in enumerate(zip(by_threads, by_procs)) if i != 5)

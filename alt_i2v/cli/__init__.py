@@ -61,7 +61,8 @@ ACTION_OPTIONS: dict[str, set[str]] = {
                "login", "api_key"},
     "import_src": {"data", "mode", "workers"},
     "vocab": {"data", "size", "min_count", "categories"},
-    "build": {"data", "image_size", "resize", "workers", "max_pixels", "rebuild", "prune", "val_fraction",
+    "build": {"data", "image_size", "resize", "workers", "max_pixels", "rebuild", "prune", "shards",
+              "val_fraction",
               "test_fraction"},
     "train": {"data", "model", "epochs", "batch_size", "lr", "backbone", "weights", "frozen", "image_size",
               "mixed_precision", "resume", "patience", "loss", "workers", "distribute", "devices", "coordinator",
@@ -162,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build DATA/store anew beside the old one, then swap it in (refused while it is in use)")
     g.add_argument("--prune", action="store_true",
                    help="allow removing more than 20%% of the store's records (posts gone from posts.jsonl)")
+    g.add_argument("--shards", type=int, metavar="N",
+                   help="write N LevelDB shards, one process each, read by processes (default 1)")
     g.add_argument("--val-fraction", type=float, metavar="F", help="validation share (default 0.1)")
     g.add_argument("--test-fraction", type=float, metavar="F", help="test share (default 0.1)")
 
@@ -356,7 +359,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     data = _need(args, "data", "build")
     kw = {k: getattr(args, k) for k in ("image_size", "resize", "workers", "max_pixels", "val_fraction",
-                                         "test_fraction") if getattr(args, k) is not None}
+                                         "test_fraction", "shards") if getattr(args, k) is not None}
     result = build_store(data, rebuild=args.rebuild, prune=args.prune, quiet=args.quiet, **kw)
     summary("build", {**result.summary(), "report": str(DataDir(data).report("build_report"))},
             quiet=args.quiet)
