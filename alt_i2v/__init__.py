@@ -16,6 +16,7 @@ _EXPORTS = {
     # inference and search
     "predict_tags": "tagger", "extract_embeddings": "tagger", "Tagger": "tagger",
     "SimilarityIndex": "search", "explain": "explain", "screen": "screen",
+    "export": "export",
     # web page and JSON API (needs the serve extra)
     "create_app": "serve", "run_server": "serve",
     # model and training
@@ -34,7 +35,7 @@ __all__ = ["__version__", *_EXPORTS]
 # Functions that share their module's name: ``alt_i2v.explain`` is always the module, and the module is
 # callable as its function, so ``from alt_i2v import explain; explain(...)`` and ``alt_i2v.explain.render``
 # both work whatever was imported first.
-_CALLABLE_MODULES = {"explain", "screen"}
+_CALLABLE_MODULES = {"explain", "screen", "export"}
 
 
 def __getattr__(name: str) -> Any:

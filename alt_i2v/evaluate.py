@@ -123,6 +123,7 @@ def evaluate(data_dir: str | os.PathLike, model_dir: str | os.PathLike, split: s
              batch_size: int | None = None, quiet: bool = False, workers: int = 0, top: int = 20) -> EvalResult:
     """Score ``MODEL`` on ``split`` of ``DATA/store`` and write ``MODEL/reports/`` (metrics.json, report.md,
     PNGs). Uses the calibrated thresholds of thresholds.json, and also reports everything at 0.5."""
+    from .config import resolve_workers
     from .fsutil import atomic_write_json, atomic_write_text
     from .model import load_model
     from .readers import ReaderPool
@@ -143,7 +144,8 @@ def evaluate(data_dir: str | os.PathLike, model_dir: str | os.PathLike, split: s
     try:
         if store.count(split) == 0:
             raise AltI2VError(f"the {split} split of {store.path} has no images; evaluate another --split")
-        readers = ReaderPool(store) if store.num_shards > 1 else None
+        readers = ReaderPool(store, processes=min(resolve_workers(workers), store.num_shards)) \
+            if store.num_shards > 1 else None
         try:
             keys, y_true, y_prob = predict_split(model, store, split, batch_size=batch_size or 64, workers=workers,
                                                  quiet=quiet, desc=f"evaluate {split}", readers=readers)

@@ -177,9 +177,14 @@ class StoreDataset(PyDataset):
 
     def close(self) -> None:
         """Free the shared-memory slots (reader processes mode)."""
+        from .errors import AltI2VError
+
         with self._lock:
             if self._buffer is not None:
-                self._cancel()
+                try:
+                    self._cancel()
+                except AltI2VError:  # the readers stopped: nothing more will be written into the slots
+                    self._scheduled.clear()
                 self.readers.forget(self._buffer)
                 self._buffer.close()
                 self._buffer = None

@@ -102,10 +102,13 @@ class ReaderPool:
 
     def forget(self, buffer: "SharedBatches") -> None:
         """Tell the readers to unmap a buffer that is being freed."""
-        for q in self._tasks:
-            q.put(("forget", buffer.name))
+        if self._procs:
+            for q in self._tasks:
+                q.put(("forget", buffer.name))
 
     def _get(self, timeout: float) -> tuple:
+        if not self._procs:
+            raise AltI2VError("the reader processes have been stopped")
         waited = 0.0
         while True:
             try:

@@ -183,3 +183,42 @@ def test_sharded_and_one_shard_stores_train_resume_and_evaluate_identically(buil
     eb = evaluate(sharded_data, tmp_path / "many", quiet=True).metrics
     for key in ("map", "auc", "micro_f1", "macro_f1"):
         assert ea[key] == pytest.approx(eb[key], rel=1e-4, abs=1e-5), key
+
+
+def test_reader_processes_weight_a_bad_record_zero_and_report_it(tmp_path, built_data):
+    import plyvel
+
+    from alt_i2v.pipeline import StoreDataset
+    from alt_i2v.readers import ReaderPool
+    from alt_i2v.store import pack
+
+    data = _copy_dataset(built_data, tmp_path / "data")
+    build_store(data, image_size=32, workers=2, quiet=True, shards=2)
+    with Store(data) as store:
+        victim = store.ids("train")[5]
+        path = store.shard_paths()[store.shard_of(victim)]
+    db = plyvel.DB(str(path))  # a record whose image is not what the meta promises
+    db.put(b"r/" + victim, pack({"id": 0, "image": np.zeros((8, 8, 3), np.uint8), "labels": [0], "split": "train"}))
+    db.close()
+    with Store(data) as store, ReaderPool(store, processes=2) as pool:
+        ds = StoreDataset.from_split(store, "train", batch_size=64, readers=pool)
+        x, y, w = ds[0]
+        pos = ds.keys.index(victim)
+        assert w[pos] == 0 and (x["image"][pos] == 0).all() and w.sum() == 63
+        assert [b["key"] for b in store.bad_report()] == [victim.decode()] and "image is" in store.bad[victim]
+        ds.close()
+
+
+def test_a_reader_process_that_dies_is_a_clear_error_not_a_hang(sharded_data):
+    from alt_i2v.pipeline import StoreDataset
+    from alt_i2v.readers import ReaderPool
+
+    with Store(sharded_data) as store, ReaderPool(store, processes=2) as pool:
+        ds = StoreDataset.from_split(store, "train", batch_size=32, readers=pool)
+        ds[0]
+        os.kill(pool._procs[1].pid, signal.SIGKILL)
+        pool._procs[1].join()
+        with pytest.raises(AltI2VError, match="reader process .* stopped"):
+            for i in range(len(ds)):
+                ds.set_epoch(i + 1)  # new epochs: nothing read ahead before the kill can satisfy them
+                ds[0]

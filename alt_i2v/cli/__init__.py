@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterator, Sequence
 from .. import __version__
 from ..errors import AltI2VError, UsageError
 from ..layout import DataDir
-from .infer import cmd_embed, cmd_explain, cmd_index, cmd_pred, cmd_screen, cmd_similar
+from .infer import EXPORT_FORMATS, PRED_FORMATS, cmd_embed, cmd_explain, cmd_export, cmd_index, cmd_pred, \
+    cmd_screen, cmd_similar
 
 ACTIONS: dict[str, tuple[str, str]] = {
     # dest: (help, example)
@@ -49,6 +50,8 @@ ACTIONS: dict[str, tuple[str, str]] = {
                 "alt-i2v --explain img.jpg folder/ --model model --tag blonde_hair,hat --out maps/"),
     "screen": ("sort a folder into OUT/ok and OUT/ng by tags (resumable; a move never loses a file)",
                'alt-i2v --screen raw/ --model model --keep "1girl,solo" --reject lowres --out sorted/ --move'),
+    "export": ("write the model as SavedModel, ONNX or TFLite (+ vocabulary, thresholds), parity-checked",
+               "alt-i2v --export --model model --format onnx --out model-onnx/"),
     "demo": ("run the whole pipeline on generated data (offline)",
              "alt-i2v --demo demo_run --quick"),
     "serve": ("a web page and JSON API: drop an image, see its tags, why, and similar images",
@@ -75,12 +78,14 @@ ACTION_OPTIONS: dict[str, set[str]] = {
     "similar": {"index", "top_k", "model"},
     "explain": {"model", "tag", "top_k", "out", "recursive"},
     "screen": {"model", "keep", "reject", "threshold", "out", "copy", "move", "dry_run", "batch_size", "workers"},
+    "export": {"model", "format", "out"},
     "demo": {"quick"},
     "serve": {"model", "index", "host", "port", "max_bytes", "max_pixels", "top_k", "batch_size"},
 }
 COMMON = {"quiet", "debug"}
 # Actions that load Keras (and, with the default backend, TensorFlow)
-KERAS_ACTIONS = {"train", "evaluate", "pred", "embed", "index", "similar", "explain", "screen", "demo", "serve"}
+KERAS_ACTIONS = {"train", "evaluate", "pred", "embed", "index", "similar", "explain", "screen", "export", "demo",
+                 "serve"}
 
 
 def _count(least: int) -> Callable[[str], int]:
@@ -121,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--similar", metavar="FILE", help=ACTIONS["similar"][0])
     act.add_argument("--explain", nargs="+", metavar="FILE_OR_DIR", help=ACTIONS["explain"][0])
     act.add_argument("--screen", metavar="SRC", help=ACTIONS["screen"][0])
+    act.add_argument("--export", action="store_true", help=ACTIONS["export"][0])
     act.add_argument("--demo", nargs="?", const="alt-i2v-demo", metavar="DIR", help=ACTIONS["demo"][0] +
                      " (default DIR: ./alt-i2v-demo)")
     act.add_argument("--serve", action="store_true", help=ACTIONS["serve"][0])
@@ -197,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threshold", metavar="T",
                    help="float, or per category 'general=0.4,character=0.8' (default: calibrated)")
     g.add_argument("--top-k", type=int, metavar="K", help="at most K tags / neighbours")
-    g.add_argument("--format", choices=["text", "json", "caption"], help="output format (default text)")
+    g.add_argument("--format", choices=[*PRED_FORMATS, *EXPORT_FORMATS],
+                   help="--pred: text (default), json or caption; --export: savedmodel, onnx or tflite")
     g.add_argument("--write-captions", action="store_true", help="write <image>.txt beside each image")
     g.add_argument("--caption-mode", choices=["append", "skip", "overwrite"],
                    help="existing caption files: skip the image (default), append new tags, or overwrite")
@@ -207,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tag-style", choices=["underscores", "spaces"], help="caption tag style (default spaces)")
     g.add_argument("--no-escape", action="store_true", help="do not escape parentheses in captions")
     g.add_argument("--out", metavar="PATH",
-                   help="output: .npy file (--embed), index path (--index), folder (--explain, --screen)")
+                   help="output: .npy file (--embed), index path (--index), folder (--explain, --screen, --export)")
     g.add_argument("--images", metavar="DIR", help="--index: an image folder instead of --data")
     g.add_argument("--approx", action="store_true", help="--index: also build an approximate (faiss) index")
     g.add_argument("--index-path", dest="index", metavar="INDEX", help=argparse.SUPPRESS)
@@ -425,7 +432,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "scrape": cmd_scrape, "import_src": cmd_import_src, "vocab": cmd_vocab, "build": cmd_build,
     "train": cmd_train, "evaluate": cmd_evaluate, "pred": cmd_pred, "embed": cmd_embed, "index": cmd_index,
-    "similar": cmd_similar, "explain": cmd_explain, "screen": cmd_screen,
+    "similar": cmd_similar, "explain": cmd_explain, "screen": cmd_screen, "export": cmd_export,
     "demo": cmd_demo, "serve": cmd_serve,
 }
 

@@ -1,5 +1,5 @@
 """Command lines of a trained model: ``--pred`` (tags, captions), ``--embed``, ``--index``, ``--similar``,
-``--explain`` and ``--screen``.
+``--explain``, ``--screen`` and ``--export``.
 
 Each handler checks its arguments, calls the library (tagger, search) and prints what it did.
 """
@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AltI2VError, ImageLoadError, UsageError
+
+PRED_FORMATS = ("text", "json", "caption")
+EXPORT_FORMATS = ("savedmodel", "onnx", "tflite")
 
 
 def _emit(progress: Any, text: str, file: Any = None) -> None:
@@ -35,6 +38,8 @@ def cmd_pred(args: argparse.Namespace) -> int:
 
     if not args.model:
         raise UsageError("--pred needs --model DIR (a trained model directory)")
+    if args.format is not None and args.format not in PRED_FORMATS:
+        raise UsageError(f"--pred --format is one of {', '.join(PRED_FORMATS)}, not {args.format}")
     if not args.write_captions:
         for opt in ("caption_mode",):
             if getattr(args, opt, None):
@@ -256,3 +261,19 @@ def cmd_screen(args: argparse.Namespace) -> int:
     summary("screen", result.summary(), quiet=args.quiet)
     return 1 if result.unreadable else 0
 
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``--export --model DIR --format savedmodel|onnx|tflite --out DIR``: written, then parity-checked."""
+    from ..export import export
+    from ..progress import summary
+
+    if not args.model:
+        raise UsageError("--export needs --model DIR (a trained model directory)")
+    if not args.out:
+        raise UsageError("--export needs --out DIR (a new folder for the exported model)")
+    if args.format not in EXPORT_FORMATS:
+        raise UsageError(f"--export needs --format {'|'.join(EXPORT_FORMATS)}" +
+                         (f", not {args.format}" if args.format else ""))
+    result = export(args.model, args.out, args.format, quiet=args.quiet)
+    summary("export", result.summary(), quiet=args.quiet)
+    return 0
