@@ -27,7 +27,7 @@ import time
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import keras
 import numpy as np
@@ -438,12 +438,35 @@ class _Run:
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
-def _compile(model: keras.Model, tc: TrainConfig) -> None:
+def learning_rate(tc: TrainConfig, steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """``constant``: ``lr`` throughout. ``cosine``: linear warm-up from lr/10 over ``warmup_epochs``, then cosine
+    decay to lr/100 at the last epoch: the large early steps that find a good region, then the small late
+    ones that settle in it, without a decay schedule to tune per dataset."""
+    lr = float(tc.lr)
+    if tc.schedule == "constant":
+        return lr
+    total = max(1, int(tc.epochs) * max(1, int(steps_per_epoch)))
+    warm = min(int(round(float(tc.warmup_epochs) * steps_per_epoch)), total // 2)
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=lr / 10 if warm else lr, decay_steps=max(1, total - warm), alpha=0.01,
+        warmup_target=lr if warm else None, warmup_steps=warm)
+
+
+def make_optimizer(tc: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """AdamW (decoupled weight decay, the default) or Adam, on :func:`learning_rate`'s schedule."""
+    lr = learning_rate(tc, steps_per_epoch)
+    if tc.optimizer == "adamw" and float(tc.weight_decay) > 0:
+        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=float(tc.weight_decay))
+    return keras.optimizers.Adam(learning_rate=lr)
+
+
+def _compile(model: keras.Model, tc: TrainConfig, steps_per_epoch: int) -> None:
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=float(tc.lr)),
+        optimizer=make_optimizer(tc, steps_per_epoch),
         loss=get_loss(tc.loss, focal_gamma=tc.focal_gamma, asl_gamma_neg=tc.asl_gamma_neg,
-                      asl_gamma_pos=tc.asl_gamma_pos, asl_clip=tc.asl_clip),
+                      asl_gamma_pos=tc.asl_gamma_pos, asl_clip=tc.asl_clip, label_smoothing=tc.label_smoothing),
         metrics=[keras.metrics.AUC(name="auc"),
+                 keras.metrics.AUC(curve="PR", multi_label=True, num_thresholds=100, name="map"),
                  keras.metrics.F1Score(average="micro", threshold=0.5, name="f1")])
 
 
@@ -455,25 +478,28 @@ def _config_record(mc: ModelConfig, tc: TrainConfig, image: ImageConfig, vocab: 
 
 
 def train(data_dir: str | os.PathLike, model_dir: str | os.PathLike, *, resume: bool = False,
-          quiet: bool = False, distribution: DistConfig | None = None, **settings: Any) -> TrainResult:
+          quiet: bool = False, callbacks: Sequence[keras.callbacks.Callback] = (),
+          distribution: DistConfig | None = None, **settings: Any) -> TrainResult:
     """Train a tagger on ``DATA/store`` into ``MODEL`` (see the module docstring for what is written).
 
     ``settings`` are ModelConfig / TrainConfig fields (epochs, batch_size, lr, backbone, weights, frozen,
     image_size, mixed_precision, patience, loss, workers, ...). Without ``weights`` a backbone uses its
     default: ImageNet for keras.applications backbones, none for ``tiny``. ``resume=True`` continues an
-    interrupted run from its last completed epoch with the settings it was started with.
-    ``distribution`` spreads the global batch over devices and processes (distribute.py; default: every
-    local device of the JAX backend); only process 0 reads and writes ``MODEL``.
+    interrupted run from its last completed epoch with the settings it was started with. ``callbacks`` are
+    extra Keras callbacks (one that sets ``model.stop_training`` mid-epoch ends the run after that epoch
+    is validated and recorded, as with a budget). ``distribution`` spreads the global batch over devices
+    and processes (distribute.py; default: every local device of the JAX backend); only process 0 reads
+    and writes ``MODEL``.
     """
     t_start = time.perf_counter()
     cluster = start(distribution)
     with cluster.guard():
         return _train_on(cluster, Path(data_dir), Path(model_dir), resume, quiet or not cluster.is_writer,
-                         settings, t_start)
+                         settings, list(callbacks), t_start)
 
 
 def _train_on(cluster: Cluster, data_dir: Path, model_dir: Path, resume: bool, quiet: bool,
-              settings: dict[str, Any], t_start: float) -> TrainResult:
+              settings: dict[str, Any], callbacks: list, t_start: float) -> TrainResult:
     model_kw, train_kw = _split_settings(settings)
     vocab = Vocab.load(data_dir / VOCAB_FILE)
     if len(vocab) == 0:
@@ -506,6 +532,8 @@ def _train_on(cluster: Cluster, data_dir: Path, model_dir: Path, resume: bool, q
         bb = get_backbone(model_kw.get("backbone", "vgg16"))
         model_kw.setdefault("weights", "imagenet" if bb.pretrained else None)
         tc = TrainConfig(**train_kw)
+        if tc.lr is None:
+            tc = tc.replace(lr=bb.lr)
         size_given = model_kw.pop("image_size", None)
         mc = ModelConfig(num_tags=len(vocab), **model_kw)
     store = cluster.open_store(data_dir, vocab=vocab)
@@ -520,7 +548,7 @@ def _train_on(cluster: Cluster, data_dir: Path, model_dir: Path, resume: bool, q
             raise AltI2VError(f"{model_dir} was trained on {mc.image_size}px images but the store now holds "
                               f"{store.image_size}px ones; rebuild the store at {mc.image_size}px to resume")
         result = _train(store, data_dir, model_dir, mc, tc, vocab, state if resumed else None, resumed, quiet,
-                        t_start, cluster, got["history"])
+                        t_start, cluster, got["history"], callbacks)
         result.bad_records = store.bad_report()
         return result
     finally:
@@ -529,7 +557,7 @@ def _train_on(cluster: Cluster, data_dir: Path, model_dir: Path, resume: bool, q
 
 def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: TrainConfig, vocab: Vocab,
            state: dict | None, resumed: bool, quiet: bool, t_start: float, cluster: Cluster,
-           history: list[dict[str, Any]]) -> TrainResult:
+           history: list[dict[str, Any]], callbacks: list | None = None) -> TrainResult:
     counts = store.counts()
     if counts["train"] == 0:
         raise AltI2VError(f"{store.path} has no training images; add data and run --build")
@@ -557,29 +585,6 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
         keras.config.set_dtype_policy(policy)
         if state:
             initial_epoch = int(state["epoch"])
-            run.history = [r for r in run.history if int(r["epoch"]) <= initial_epoch]
-            run.best_value, run.best_epoch = state.get("best_value"), state.get("best_epoch")
-            run.wait = int(state.get("wait", 0))
-            run.stopped_early = tc.patience > 0 and run.wait >= tc.patience  # --patience may have changed
-        checkpoint = run.ckpt / state["last"] if state else None
-        keras.utils.set_random_seed(int(tc.seed))  # the same initial weights for the same settings
-        if cluster.distribution is None:
-            model = _model(mc, tc, checkpoint)
-        else:
-            model = _replicated_model(cluster, mc, tc, checkpoint)
-            if cluster.is_writer:
-                with cluster.host_scope():
-                    run.shadow = training_model(build_model(config=mc, load_weights=False))
-                    _compile(run.shadow, tc)
-                    run.shadow.optimizer.build(run.shadow.trainable_variables)
-        keras.config.set_dtype_policy("float32")
-        run.export = build_model(config=mc, load_weights=False)  # float32, uncompiled: best.keras, model.keras
-        keras.config.set_dtype_policy(policy)
-        dim = embedding_dim(tagger_of(model))
-        if cluster.is_writer:
-            atomic_write_json(model_dir / CONFIG_FILE, _config_record(mc, tc, image, vocab, dim, {
-                "precision_policy": policy, "finished": False}))
-
         workers = resolve_workers(tc.workers)
         if store.num_shards > 1 and readers is None and not cluster.multi_process:  # (processes read slices)
             readers = ReaderPool(store, processes=min(workers, store.num_shards))
@@ -589,6 +594,30 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
         run.train_images_per_epoch = min(train_ds.num_images, len(train_ds) * tc.batch_size)
         val_ds = StoreDataset.from_split(store, "val", batch_size=tc.batch_size, workers=workers,
                                          readers=readers) if has_val else None
+        if state:
+            run.history = [r for r in run.history if int(r["epoch"]) <= initial_epoch]
+            run.best_value, run.best_epoch = state.get("best_value"), state.get("best_epoch")
+            run.wait = int(state.get("wait", 0))
+            run.stopped_early = tc.patience > 0 and run.wait >= tc.patience  # --patience may have changed
+        checkpoint = run.ckpt / state["last"] if state else None
+        steps = len(train_ds)
+        if cluster.distribution is None:
+            model = _model(mc, tc, checkpoint, steps)
+        else:
+            model = _replicated_model(cluster, mc, tc, checkpoint, steps)
+            if cluster.is_writer:
+                with cluster.host_scope():
+                    run.shadow = training_model(build_model(config=mc, load_weights=False))
+                    _compile(run.shadow, tc, steps)
+                    run.shadow.optimizer.build(run.shadow.trainable_variables)
+        keras.config.set_dtype_policy("float32")
+        run.export = build_model(config=mc, load_weights=False)  # float32, uncompiled: best.keras, model.keras
+        keras.config.set_dtype_policy(policy)
+        dim = embedding_dim(tagger_of(model))
+        if cluster.is_writer:
+            atomic_write_json(model_dir / CONFIG_FILE, _config_record(mc, tc, image, vocab, dim, {
+                "precision_policy": policy, "finished": False}))
+
         run.nan_guard = NaNGuard()
         done = run.stopped_early or initial_epoch >= tc.epochs
         if not done:
@@ -597,8 +626,8 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
                 with cluster.scope():
                     model.fit(cluster.dataset(train_ds), epochs=tc.epochs, initial_epoch=initial_epoch,
                               validation_data=cluster.dataset(val_ds, "val") if val_ds is not None else None,
-                              callbacks=[EpochSetter(train_ds), run.nan_guard, RunState(run)], verbose=verbose,
-                              shuffle=False)
+                              callbacks=[EpochSetter(train_ds), run.nan_guard, *(callbacks or []), RunState(run)],
+                              verbose=verbose, shuffle=False)
             finally:
                 for ds in (train_ds, val_ds):
                     if ds is not None:
@@ -633,33 +662,38 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
     return result
 
 
-def _model(mc: ModelConfig, tc: TrainConfig, checkpoint: Path | None) -> keras.Model:
+def _model(mc: ModelConfig, tc: TrainConfig, checkpoint: Path | None, steps: int) -> keras.Model:
     """The compiled training model (augmentation step + tagger): fresh, or the checkpoint's."""
+    keras.utils.set_random_seed(int(tc.seed))  # the same initial weights for the same settings
     if checkpoint is None:
         model = training_model(build_model(config=mc))
-        _compile(model, tc)
+        _compile(model, tc, steps)
         return model
     model = keras.saving.load_model(checkpoint, safe_mode=True, compile=True)
+    if tc.schedule == "cosine":  # --epochs may have changed: the schedule spans the new total
+        model.optimizer.learning_rate = learning_rate(tc, steps)
     if tagger_of(model) is model:  # a checkpoint from before on-device augmentation
         warnings.warn("the checkpoint has no augmentation step; the optimizer state restarts",
                       UserWarning, stacklevel=4)
         model = training_model(model)
-        _compile(model, tc)
+        _compile(model, tc, steps)
     return model
 
 
-def _replicated_model(cluster: Cluster, mc: ModelConfig, tc: TrainConfig, checkpoint: Path | None) -> keras.Model:
+def _replicated_model(cluster: Cluster, mc: ModelConfig, tc: TrainConfig, checkpoint: Path | None,
+                      steps: int) -> keras.Model:
     """The training model with its variables on the device mesh, every replica starting from process 0's
     values: its fresh weights, or the checkpoint only process 0 reads (the model directory may be local
     to process 0)."""
+    keras.utils.set_random_seed(int(tc.seed))
     with cluster.scope():
         model = training_model(build_model(config=mc, load_weights=cluster.is_writer and checkpoint is None))
-        _compile(model, tc)
+        _compile(model, tc, steps)
         model.optimizer.build(model.trainable_variables)
     variables = [*model.trainable_variables, *model.non_trainable_variables, *model.optimizer.variables]
     values = None
     if cluster.is_writer:
-        source = _model(mc, tc, checkpoint) if checkpoint else model
+        source = _model(mc, tc, checkpoint, steps) if checkpoint else model
         if not source.optimizer.built:
             source.optimizer.build(source.trainable_variables)
         values = [keras.ops.convert_to_numpy(v) for v in
