@@ -21,7 +21,7 @@ _EXPORTS = {
     "create_app": "serve", "run_server": "serve",
     # model and training
     "build_model": "model", "train": "train", "evaluate": "evaluate", "load_model": "model",
-    "embedding_model": "model", "ModelConfig": "config", "TrainConfig": "config",
+    "embedding_model": "model", "ModelConfig": "config", "TrainConfig": "config", "DistConfig": "distribute",
     # data stages
     "scrape": "scraper", "import_folder": "dataset", "read_posts": "dataset", "build_vocab": "vocab",
     "Vocab": "vocab", "build_store": "store", "Store": "store", "load_image": "imaging",

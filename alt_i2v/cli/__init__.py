@@ -69,7 +69,8 @@ ACTION_OPTIONS: dict[str, set[str]] = {
               "test_fraction"},
     "train": {"data", "model", "epochs", "batch_size", "lr", "backbone", "weights", "frozen", "image_size",
               "mixed_precision", "resume", "patience", "loss", "workers", "optimizer", "weight_decay",
-              "schedule", "warmup_epochs", "label_smoothing", "pooling", "dropout"},
+              "schedule", "warmup_epochs", "label_smoothing", "pooling", "dropout", "distribute", "devices",
+              "coordinator", "num_processes", "process_id", "peer_timeout", "record_log"},
     "evaluate": {"data", "model", "split", "batch_size"},
     "pred": {"model", "threshold", "top_k", "format", "write_captions", "caption_mode", "recursive",
              "exclude", "max_tags", "tag_style", "no_escape", "batch_size", "workers"},
@@ -195,6 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="head: flatten the feature map, or global average / average+max pooling "
                         "(default: the backbone's)")
     g.add_argument("--dropout", type=float, metavar="P", help="dropout before the tags layer (default: the backbone's)")
+    g.add_argument("--distribute", choices=["auto", "none"],
+                   help="auto (default): split the global batch over every local device (JAX backend); none: one")
+    g.add_argument("--devices", type=int, metavar="N", help="use N local devices per process (default all)")
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="several processes: process 0's address, the same for all ($ALT_I2V_COORDINATOR)")
+    g.add_argument("--num-processes", type=int, metavar="P", help="processes in the run ($ALT_I2V_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process, 0..P-1 ($ALT_I2V_PROCESS_ID)")
+    g.add_argument("--peer-timeout", type=float, metavar="S",
+                   help="stop when another process is silent this long (default 120 s)")
+    g.add_argument("--record-log", metavar="DIR", help=argparse.SUPPRESS)  # tests: which records each process fed
 
     g = p.add_argument_group("--evaluate")
     g.add_argument("--split", choices=["train", "val", "test"], help="split to score (default test)")
@@ -384,9 +395,20 @@ def cmd_train(args: argparse.Namespace) -> int:
                                          "optimizer", "weight_decay", "schedule", "warmup_epochs",
                                          "label_smoothing", "pooling", "dropout")
           if getattr(args, k) is not None}
-    result = train(data, model, resume=args.resume, quiet=args.quiet, **kw)
-    summary("train", result.summary(), quiet=args.quiet)
+    result = train(data, model, resume=args.resume, quiet=args.quiet, distribution=_dist_config(args), **kw)
+    summary("train", result.summary(), quiet=args.quiet or result.process != 0)
     return 0
+
+
+def _dist_config(args: argparse.Namespace) -> Any:
+    """--distribute/--devices/--coordinator/... over the cluster launcher's environment variables."""
+    from ..distribute import DistConfig, settings_from_env
+
+    kw = settings_from_env(os.environ)
+    kw.update({k: getattr(args, k) for k in ("distribute", "devices", "coordinator", "num_processes",
+                                             "process_id", "peer_timeout", "record_log")
+               if getattr(args, k) is not None})
+    return DistConfig(**kw)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
