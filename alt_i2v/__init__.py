@@ -21,7 +21,7 @@ _EXPORTS = {
     "create_app": "serve", "run_server": "serve",
     # model and training
     "build_model": "model", "train": "train", "evaluate": "evaluate", "load_model": "model",
-    "embedding_model": "model", "ModelConfig": "config", "TrainConfig": "config",
+    "embedding_model": "model", "ModelConfig": "config", "TrainConfig": "config", "DistConfig": "distribute",
     # data stages
     "scrape": "scraper", "import_folder": "dataset", "read_posts": "dataset", "build_vocab": "vocab",
     "Vocab": "vocab", "build_store": "store", "Store": "store", "load_image": "imaging",
@@ -35,7 +35,7 @@ __all__ = ["__version__", *_EXPORTS]
 # Functions that share their module's name: ``alt_i2v.explain`` is always the module, and the module is
 # callable as its function, so ``from alt_i2v import explain; explain(...)`` and ``alt_i2v.explain.render``
 # both work whatever was imported first.
-_CALLABLE_MODULES = {"explain", "screen", "export"}
+_CALLABLE_MODULES = {"explain", "screen", "export", "train", "evaluate"}
 
 
 def __getattr__(name: str) -> Any:

@@ -42,12 +42,14 @@ class Backbone:
     preprocess: str  # Preprocess mode: caffe, tf, torch, raw, unit
     image_size: int  # default input side
     min_size: int
-    pooling: str = "avg"  # head: "flatten" the feature map, or global "avg" pool it
+    pooling: str = "avg"  # head: "flatten" the feature map, or global "avg" / "avgmax" pool it
     dense_units: int = 2048  # width of the per-position "features" Dense (= embedding size)
     frozen: int = 0  # default frozen backbone layers when pretrained weights are used
     weights_file: str | None = None  # keras cache file name of the notop ImageNet weights
     weights_origin: str | None = None
     weights_hash: str | None = None
+    dropout: float = 0.0  # default dropout before the tags layer
+    lr: float = 1e-3  # default peak learning rate (training setting, but it depends on the network)
 
     @property
     def pretrained(self) -> bool:
@@ -74,7 +76,7 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in [
     Backbone("convnext_tiny", "ConvNeXtTiny", "raw", 224, 32, "avg", 768),
     Backbone("xception", "Xception", "tf", 299, 71, "avg", 2048),
     Backbone("inception_v3", "InceptionV3", "tf", 299, 75, "avg", 2048),
-    Backbone("tiny", None, "unit", 64, 16, "flatten", 256, 0),
+    Backbone("tiny", None, "unit", 64, 16, "flatten", 256, 0, dropout=0.2, lr=3e-3),
 ]}
 
 
@@ -191,11 +193,13 @@ class AsymmetricLoss(keras.losses.Loss):
 
 
 def get_loss(name: str = "bce", **params: Any) -> keras.losses.Loss:
-    """``bce`` (binary cross-entropy, the reference), ``focal`` or ``asl``. The batch loss is the mean
-    over the images with a non-zero sample weight, so padding (weight 0) changes nothing."""
+    """``bce`` (binary cross-entropy, the reference; ``label_smoothing`` pulls its 0/1 targets inward),
+    ``focal`` or ``asl``. The batch loss is the mean over the images with a non-zero sample weight, so
+    padding (weight 0) changes nothing."""
     red = "mean_with_sample_weight"
     if name == "bce":
-        return keras.losses.BinaryCrossentropy(name="bce", reduction=red)
+        return keras.losses.BinaryCrossentropy(label_smoothing=float(params.get("label_smoothing") or 0.0),
+                                               name="bce", reduction=red)
     if name == "focal":
         return FocalLoss(gamma=params.get("focal_gamma", 2.0), reduction=red)
     if name == "asl":
@@ -283,9 +287,10 @@ def resolve_config(config: ModelConfig | None = None, *, check_weights: bool = T
         warnings.warn(f"frozen={frozen} with weights=None: those layers keep their random initial values",
                       UserWarning, stacklevel=3)
     filters = tuple(cfg.filters) if cfg.filters else (tiny_filters(size) if bb.name == "tiny" else None)
+    dropout = bb.dropout if cfg.dropout is None else float(cfg.dropout)
     return cfg.replace(backbone=bb.name, image_size=size, weights=weights, frozen=frozen,
                        dense_units=cfg.dense_units or bb.dense_units, pooling=cfg.pooling or bb.pooling,
-                       filters=filters)
+                       filters=filters, dropout=dropout)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -367,6 +372,9 @@ def _assemble(cfg: ModelConfig, load_weights: bool) -> keras.Model:
     x = layers.Dense(int(cfg.dense_units), activation="relu", name="features")(x)
     if cfg.pooling == "flatten":
         x = layers.Flatten(name="flatten")(x)
+    elif cfg.pooling == "avgmax":  # average for area tags (hair colour), max for small local ones (eyes)
+        x = layers.Concatenate(name="pool")([layers.GlobalAveragePooling2D(name="avg_pool")(x),
+                                             layers.GlobalMaxPooling2D(name="max_pool")(x)])
     else:
         x = layers.GlobalAveragePooling2D(name="pool")(x)
     if cfg.dropout:

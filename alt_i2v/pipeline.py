@@ -108,18 +108,29 @@ class StoreDataset(PyDataset):
         return idx, n
 
     def __getitem__(self, index: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        return self.read(index)
+
+    def read(self, index: int, lo: int = 0, hi: int | None = None
+             ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """Rows ``lo:hi`` of batch ``index`` exactly as they are in the whole batch (images, augmentation,
+        labels, weights): the processes of a distributed run each read their slice of every batch and
+        together feed what one process would."""
         idx, n = self.padded_indices(index)
-        keys = [self.keys[i] for i in idx]
-        x, ok = self._fetch(index, keys)
-        y = multi_hot([self.labels[i] for i in idx], self.num_tags)
-        w = np.zeros(self.batch_size, np.float32)
-        w[:n] = 1.0
+        lo, hi, _ = slice(lo, hi).indices(len(idx))
+        keys = [self.keys[i] for i in idx[lo:hi]]
+        if (lo, hi) == (0, len(idx)):
+            x, ok = self._fetch(index, keys)
+        else:  # a slice: read here, without the read-ahead of whole batches
+            x = np.empty((hi - lo, self.image_size, self.image_size, 3), np.uint8)
+            ok = self.store.read_into(keys, x)
+        y = multi_hot([self.labels[i] for i in idx[lo:hi]], self.num_tags)
+        w = (np.arange(lo, hi) < n).astype(np.float32)
         w[~ok] = 0.0
         if self.augment:
             p = augment_params(self.batch_size, self.image_size, seed=self.seed, epoch=self.epoch, index=index,
-                               zoom=self.zoom)
+                               zoom=self.zoom)[lo:hi]
         else:
-            p = identity_params(self.batch_size, self.image_size)
+            p = identity_params(hi - lo, self.image_size)
         return {"image": x, "augment": p}, y, w
 
     # ------------------------------------------------------------------------------ read-ahead

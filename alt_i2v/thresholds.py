@@ -1,6 +1,7 @@
 """Per-tag decision thresholds: calibration on held-out data, and reading and checking thresholds.json.
 
-Training calibrates (the F1-maximising threshold of every tag on the validation split), the tagger and
+Training calibrates (the F1-maximising threshold of every tag on the validation split, guarded against
+extreme values), the tagger and
 the evaluator read the record back; ``--threshold`` text is parsed here too, so every stage agrees on
 what a threshold is.
 """
@@ -49,19 +50,44 @@ def _counts_at(y_true: np.ndarray, y_prob: np.ndarray, grid: np.ndarray, chunk: 
     return tp, fp, pos_hist.sum(axis=1)
 
 
-def _middle_argmax(values: np.ndarray) -> int:
-    """Index of the maximum; among ties, the middle one (the widest margin on a flat optimum)."""
-    best = np.flatnonzero(values >= values.max() - 1e-12)
-    return int(best[len(best) // 2])
+def _logit(p: np.ndarray | float) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def _sigmoid(z: np.ndarray | float) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
+
+
+def _plateau_middle(values: np.ndarray, grid: np.ndarray) -> float:
+    """The middle, in logit space, of the widest run of grid thresholds that reach the maximum.
+
+    On a perfectly separated tag every threshold in the gap between the highest negative and the lowest
+    positive scores F1 = 1; the logit midpoint of that gap is the widest margin on the scale the model
+    works in (a gap of 0.002..0.3 gives 0.025, not the 0.002 a first-maximum rule picks)."""
+    idx = np.flatnonzero(values >= values.max() - 1e-12)
+    runs = np.split(idx, np.flatnonzero(np.diff(idx) > 1) + 1)
+    run = max(runs, key=len)
+    return float(_sigmoid((_logit(grid[run[0]]) + _logit(grid[run[-1]])) / 2))
+
+
+CLAMP = (0.05, 0.95)  # no calibrated threshold outside this range
+SHRINK_PRIOR = 10.0  # a tag's own threshold counts as its positives against this many at the global one
 
 
 def calibrate_thresholds(y_true: np.ndarray, y_prob: np.ndarray, names: Sequence[str] | None = None, *,
-                         min_positives: int = 5, grid: np.ndarray | None = None,
-                         calibrated_on: str = "val") -> dict[str, Any]:
+                         min_positives: int = 5, grid: np.ndarray | None = None, calibrated_on: str = "val",
+                         clamp: tuple[float, float] | None = CLAMP, shrink_prior: float = SHRINK_PRIOR
+                         ) -> dict[str, Any]:
     """Per-tag thresholds maximising F1 on held-out data (the thresholds.json record).
 
     The global threshold maximises micro-F1 over all tags; tags with fewer than ``min_positives``
-    positives get the global value (too few examples to place a threshold of their own).
+    positives get the global value (too few examples to place a threshold of their own). Guards against
+    the extreme thresholds (0.002, 0.99) that small or perfectly separable validation sets produce, which
+    then flip many test images: a flat F1 optimum is resolved to its logit midpoint; the tag's threshold is
+    shrunk toward the global one in logit space with weight ``positives / (positives + shrink_prior)``
+    (few positives: a noisy estimate, so mostly the global value; many: mostly its own); and the result is
+    clamped to ``clamp``. ``clamp=None, shrink_prior=0`` turns the guards off.
     """
     y_true = np.asarray(y_true)
     y_prob = np.asarray(y_prob, dtype=np.float32)
@@ -72,18 +98,23 @@ def calibrate_thresholds(y_true: np.ndarray, y_prob: np.ndarray, names: Sequence
     tp, fp, pos = _counts_at(y_true, y_prob, grid)
     fn = pos[None, :] - tp
     micro = f1_from_counts(tp.sum(1), fp.sum(1), fn.sum(1))
-    global_t = float(grid[_middle_argmax(micro)]) if len(y_true) else 0.5
+    lo, hi = clamp if clamp else (0.0, 1.0)
+    global_t = round(float(np.clip(_plateau_middle(micro, grid), lo, hi)), 4) if len(y_true) else 0.5
     per_tag = f1_from_counts(tp, fp, fn)  # (G, T)
     out: dict[str, float] = {}
     own = 0
     for j, name in enumerate(names):
         if pos[j] >= max(1, min_positives):
-            out[name] = float(grid[_middle_argmax(per_tag[:, j])])
+            w = pos[j] / (pos[j] + max(0.0, float(shrink_prior)))
+            t = _sigmoid(w * _logit(_plateau_middle(per_tag[:, j], grid)) + (1 - w) * _logit(global_t))
+            out[name] = round(float(np.clip(t, lo, hi)), 4)
             own += 1
         else:
             out[name] = global_t
     return {"version": THRESHOLDS_VERSION, "global": global_t, "min_positives": int(min_positives),
-            "method": "max_f1", "calibrated_on": calibrated_on, "images": int(len(y_true)),
+            "method": "max_f1", "guard": {"clamp": list(clamp) if clamp else None,
+                                          "shrink_prior": float(shrink_prior), "midpoint": "logit"},
+            "calibrated_on": calibrated_on, "images": int(len(y_true)),
             "tags_with_own_threshold": own, "tags": out}
 
 

@@ -27,13 +27,14 @@ import time
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import keras
 import numpy as np
 
 from .augment import tagger_of, training_model
 from .config import ImageConfig, ModelConfig, TrainConfig, resolve_workers
+from .distribute import Cluster, DistConfig, start
 from .errors import AltI2VError, UsageError
 from .evaluate import predict_split
 from .fsutil import (atomic_copy, atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text,
@@ -78,6 +79,8 @@ class TrainResult:
     val_scores: dict[str, float] = field(default_factory=dict)
     thresholds: dict[str, Any] = field(default_factory=dict)
     precision_policy: str = "float32"
+    devices: str = "one device"
+    process: int = 0  # this process's index in a distributed run (0 writes MODEL and prints the summary)
     seconds: float = 0.0
     bad_records: list[dict] = field(default_factory=list)  # store records left out: they did not decode
 
@@ -96,6 +99,7 @@ class TrainResult:
                         f"{self.precision_policy}",
             "parameters": f"{self.params.get('total', 0):,} ({self.params.get('trainable', 0):,} trainable)",
             "tags": mc.num_tags,
+            "devices": f"{self.devices}, global batch {tc.batch_size}",
             "images": ", ".join(f"{k} {v}" for k, v in self.counts.items()),
             "epochs": (f"{self.initial_epoch + 1}-{self.epochs_completed} of {tc.epochs}"
                        if self.epochs_completed > self.initial_epoch else
@@ -348,24 +352,31 @@ class RunState(keras.callbacks.Callback):
                                               else value < run.best_value)
         if improved:
             run.best_value, run.best_epoch, run.wait = value, epoch + 1, 0
-            run.export.set_weights(tagger_of(self.model).get_weights())
-            save_model_atomic(run.export, run.ckpt / BEST_FILE)
         else:
             run.wait += 1
-        last = f"last-e{epoch + 1:04d}.keras"
-        save_model_atomic(self.model, run.ckpt / last)
         run.history.append(row)
-        write_history(run.model_dir / HISTORY_FILE, run.history)
         stop = run.train_cfg.patience > 0 and run.wait >= run.train_cfg.patience
         run.stopped_early = stop
+        if run.writer:  # every process keeps the same counters; process 0 alone writes them
+            with run.cluster.local():
+                self._write(epoch, seconds, improved)
+        if stop:
+            self.model.stop_training = True
+
+    def _write(self, epoch: int, seconds: float, improved: bool) -> None:
+        run = self.run
+        if improved:
+            run.export.set_weights(tagger_of(self.model).get_weights())
+            save_model_atomic(run.export, run.ckpt / BEST_FILE)
+        last = f"last-e{epoch + 1:04d}.keras"
+        save_model_atomic(run.saveable(self.model), run.ckpt / last)
+        write_history(run.model_dir / HISTORY_FILE, run.history)
         run.write_state(epoch + 1, last)
         for old in run.ckpt.glob("last-e*.keras"):
             if old.name != last:
                 old.unlink(missing_ok=True)
         if seconds > 10:
             plot_curves(run.history, run.model_dir / CURVES_FILE)
-        if stop:
-            self.model.stop_training = True
 
 
 def _is_number(v: Any) -> bool:
@@ -395,6 +406,25 @@ class _Run:
     train_images_per_epoch: int = 0
     export: Any = None
     nan_guard: Any = None
+    cluster: Any = None  # distribute.Cluster: which process this is, and its devices
+    shadow: Any = None  # distributed: a local copy of the training model that checkpoints are saved from
+
+    def saveable(self, model: keras.Model) -> keras.Model:
+        """What to save as the last checkpoint: the model itself, or (distributed) its local copy with the
+        same weights and optimizer state: saving variables that live on every process is collective."""
+        if self.shadow is None:
+            return model
+        src = [*model.trainable_variables, *model.non_trainable_variables, *model.optimizer.variables]
+        dst = [*self.shadow.trainable_variables, *self.shadow.non_trainable_variables,
+               *self.shadow.optimizer.variables]
+        with self.cluster.host_scope():
+            for d, v in zip(dst, src):
+                d.assign(keras.ops.convert_to_numpy(v))
+        return self.shadow
+
+    @property
+    def writer(self) -> bool:
+        return self.cluster is None or self.cluster.is_writer
 
     @property
     def ckpt(self) -> Path:
@@ -408,12 +438,35 @@ class _Run:
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
-def _compile(model: keras.Model, tc: TrainConfig) -> None:
+def learning_rate(tc: TrainConfig, steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """``constant``: ``lr`` throughout. ``cosine``: linear warm-up from lr/10 over ``warmup_epochs``, then cosine
+    decay to lr/100 at the last epoch: the large early steps that find a good region, then the small late
+    ones that settle in it, without a decay schedule to tune per dataset."""
+    lr = float(tc.lr)
+    if tc.schedule == "constant":
+        return lr
+    total = max(1, int(tc.epochs) * max(1, int(steps_per_epoch)))
+    warm = min(int(round(float(tc.warmup_epochs) * steps_per_epoch)), total // 2)
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=lr / 10 if warm else lr, decay_steps=max(1, total - warm), alpha=0.01,
+        warmup_target=lr if warm else None, warmup_steps=warm)
+
+
+def make_optimizer(tc: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """AdamW (decoupled weight decay, the default) or Adam, on :func:`learning_rate`'s schedule."""
+    lr = learning_rate(tc, steps_per_epoch)
+    if tc.optimizer == "adamw" and float(tc.weight_decay) > 0:
+        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=float(tc.weight_decay))
+    return keras.optimizers.Adam(learning_rate=lr)
+
+
+def _compile(model: keras.Model, tc: TrainConfig, steps_per_epoch: int) -> None:
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=float(tc.lr)),
+        optimizer=make_optimizer(tc, steps_per_epoch),
         loss=get_loss(tc.loss, focal_gamma=tc.focal_gamma, asl_gamma_neg=tc.asl_gamma_neg,
-                      asl_gamma_pos=tc.asl_gamma_pos, asl_clip=tc.asl_clip),
+                      asl_gamma_pos=tc.asl_gamma_pos, asl_clip=tc.asl_clip, label_smoothing=tc.label_smoothing),
         metrics=[keras.metrics.AUC(name="auc"),
+                 keras.metrics.AUC(curve="PR", multi_label=True, num_thresholds=100, name="map"),
                  keras.metrics.F1Score(average="micro", threshold=0.5, name="f1")])
 
 
@@ -425,27 +478,45 @@ def _config_record(mc: ModelConfig, tc: TrainConfig, image: ImageConfig, vocab: 
 
 
 def train(data_dir: str | os.PathLike, model_dir: str | os.PathLike, *, resume: bool = False,
-          quiet: bool = False, **settings: Any) -> TrainResult:
+          quiet: bool = False, callbacks: Sequence[keras.callbacks.Callback] = (),
+          distribution: DistConfig | None = None, **settings: Any) -> TrainResult:
     """Train a tagger on ``DATA/store`` into ``MODEL`` (see the module docstring for what is written).
 
     ``settings`` are ModelConfig / TrainConfig fields (epochs, batch_size, lr, backbone, weights, frozen,
     image_size, mixed_precision, patience, loss, workers, ...). Without ``weights`` a backbone uses its
     default: ImageNet for keras.applications backbones, none for ``tiny``. ``resume=True`` continues an
-    interrupted run from its last completed epoch with the settings it was started with.
+    interrupted run from its last completed epoch with the settings it was started with. ``callbacks`` are
+    extra Keras callbacks (one that sets ``model.stop_training`` mid-epoch ends the run after that epoch
+    is validated and recorded, as with a budget). ``distribution`` spreads the global batch over devices
+    and processes (distribute.py; default: every local device of the JAX backend); only process 0 reads
+    and writes ``MODEL``.
     """
     t_start = time.perf_counter()
-    data_dir, model_dir = Path(data_dir), Path(model_dir)
+    cluster = start(distribution)
+    with cluster.guard():
+        return _train_on(cluster, Path(data_dir), Path(model_dir), resume, quiet or not cluster.is_writer,
+                         settings, list(callbacks), t_start)
+
+
+def _train_on(cluster: Cluster, data_dir: Path, model_dir: Path, resume: bool, quiet: bool,
+              settings: dict[str, Any], callbacks: list, t_start: float) -> TrainResult:
     model_kw, train_kw = _split_settings(settings)
     vocab = Vocab.load(data_dir / VOCAB_FILE)
     if len(vocab) == 0:
         raise AltI2VError(f"{data_dir / VOCAB_FILE} has no tags")
-    state_path = model_dir / CKPT_DIR / STATE_FILE
-    saved = ModelDir(model_dir).read_config(required=False)
-    state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else None
 
-    if saved is not None and not resume:
-        raise UsageError(f"{model_dir} already holds a training run; continue it with --resume, or train into a "
-                         "new --model directory")
+    def read_run() -> dict[str, Any]:  # process 0 reads MODEL; the others get what it read
+        state_path = model_dir / CKPT_DIR / STATE_FILE
+        saved = ModelDir(model_dir).read_config(required=False)
+        state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else None
+        if saved is not None and not resume:
+            raise UsageError(f"{model_dir} already holds a training run; continue it with --resume, or train "
+                             "into a new --model directory")
+        history = read_history(model_dir / HISTORY_FILE) if (resume and state) else []
+        return {"saved": saved, "state": state, "history": history}
+
+    got = cluster.agree(read_run)
+    saved, state = got["saved"], got["state"]
     resumed = bool(resume and saved is not None)
     if resumed:
         mc = ModelConfig.from_config(saved["model"])
@@ -461,20 +532,23 @@ def train(data_dir: str | os.PathLike, model_dir: str | os.PathLike, *, resume: 
         bb = get_backbone(model_kw.get("backbone", "vgg16"))
         model_kw.setdefault("weights", "imagenet" if bb.pretrained else None)
         tc = TrainConfig(**train_kw)
+        if tc.lr is None:
+            tc = tc.replace(lr=bb.lr)
         size_given = model_kw.pop("image_size", None)
         mc = ModelConfig(num_tags=len(vocab), **model_kw)
-    store = Store(data_dir, vocab=vocab)
+    store = cluster.open_store(data_dir, vocab=vocab)
     try:
         if not resumed:
             if size_given is not None and int(size_given) != store.image_size:
                 raise UsageError(f"the store holds {store.image_size}px images, not {size_given}px: rebuild it "
                                  f"with `--build --image-size {size_given} --rebuild`, or leave --image-size out")
-            mc = resolve_config(mc.replace(image_size=store.image_size))  # weights checked before building
+            mc = resolve_config(mc.replace(image_size=store.image_size),  # weights checked before building
+                                check_weights=cluster.is_writer)
         elif int(mc.image_size) != store.image_size:
             raise AltI2VError(f"{model_dir} was trained on {mc.image_size}px images but the store now holds "
                               f"{store.image_size}px ones; rebuild the store at {mc.image_size}px to resume")
         result = _train(store, data_dir, model_dir, mc, tc, vocab, state if resumed else None, resumed, quiet,
-                        t_start)
+                        t_start, cluster, got["history"], callbacks)
         result.bad_records = store.bad_report()
         return result
     finally:
@@ -482,7 +556,8 @@ def train(data_dir: str | os.PathLike, model_dir: str | os.PathLike, *, resume: 
 
 
 def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: TrainConfig, vocab: Vocab,
-           state: dict | None, resumed: bool, quiet: bool, t_start: float) -> TrainResult:
+           state: dict | None, resumed: bool, quiet: bool, t_start: float, cluster: Cluster,
+           history: list[dict[str, Any]], callbacks: list | None = None) -> TrainResult:
     counts = store.counts()
     if counts["train"] == 0:
         raise AltI2VError(f"{store.path} has no training images; add data and run --build")
@@ -493,45 +568,25 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
                       "training metric, and thresholds are calibrated on the training split", UserWarning,
                       stacklevel=3)
     mode = "min" if monitor.endswith("loss") else "max"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / CKPT_DIR).mkdir(exist_ok=True)
-    _remove_temps(model_dir)
     image = store.image_config()
-    atomic_copy(data_dir / VOCAB_FILE, model_dir / VOCAB_FILE)
+    if cluster.is_writer:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        (model_dir / CKPT_DIR).mkdir(exist_ok=True)
+        _remove_temps(model_dir)
+        atomic_copy(data_dir / VOCAB_FILE, model_dir / VOCAB_FILE)
 
     policy = precision_policy(tc.mixed_precision)
     previous_policy = keras.config.dtype_policy().name
-    run = _Run(model_dir, mc, tc, monitor, mode)
-    run.history = read_history(model_dir / HISTORY_FILE) if state else []
+    run = _Run(model_dir, mc, tc, monitor, mode, cluster=cluster)
+    run.history = list(history) if state else []
     initial_epoch = 0
     readers = None
     try:
         keras.config.set_dtype_policy(policy)
         if state:
             initial_epoch = int(state["epoch"])
-            run.history = [r for r in run.history if int(r["epoch"]) <= initial_epoch]
-            run.best_value, run.best_epoch = state.get("best_value"), state.get("best_epoch")
-            run.wait = int(state.get("wait", 0))
-            run.stopped_early = tc.patience > 0 and run.wait >= tc.patience  # --patience may have changed
-            model = keras.saving.load_model(run.ckpt / state["last"], safe_mode=True, compile=True)
-            if tagger_of(model) is model:  # a checkpoint from before on-device augmentation
-                warnings.warn("the checkpoint has no augmentation step; the optimizer state restarts",
-                              UserWarning, stacklevel=3)
-                model = training_model(model)
-                _compile(model, tc)
-        else:
-            keras.utils.set_random_seed(int(tc.seed))  # the same initial weights for the same settings
-            model = training_model(build_model(config=mc))
-            _compile(model, tc)
-        keras.config.set_dtype_policy("float32")
-        run.export = build_model(config=mc, load_weights=False)  # float32, uncompiled: best.keras, model.keras
-        keras.config.set_dtype_policy(policy)
-        dim = embedding_dim(tagger_of(model))
-        atomic_write_json(model_dir / CONFIG_FILE, _config_record(mc, tc, image, vocab, dim, {
-            "precision_policy": policy, "finished": False}))
-
         workers = resolve_workers(tc.workers)
-        if store.num_shards > 1 and readers is None:
+        if store.num_shards > 1 and readers is None and not cluster.multi_process:  # (processes read slices)
             readers = ReaderPool(store, processes=min(workers, store.num_shards))
         train_ds = StoreDataset.from_split(store, "train", batch_size=tc.batch_size, shuffle=True,
                                            augment=tc.augment, zoom=tc.zoom, seed=tc.seed, epoch=initial_epoch,
@@ -539,14 +594,40 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
         run.train_images_per_epoch = min(train_ds.num_images, len(train_ds) * tc.batch_size)
         val_ds = StoreDataset.from_split(store, "val", batch_size=tc.batch_size, workers=workers,
                                          readers=readers) if has_val else None
+        if state:
+            run.history = [r for r in run.history if int(r["epoch"]) <= initial_epoch]
+            run.best_value, run.best_epoch = state.get("best_value"), state.get("best_epoch")
+            run.wait = int(state.get("wait", 0))
+            run.stopped_early = tc.patience > 0 and run.wait >= tc.patience  # --patience may have changed
+        checkpoint = run.ckpt / state["last"] if state else None
+        steps = len(train_ds)
+        if cluster.distribution is None:
+            model = _model(mc, tc, checkpoint, steps)
+        else:
+            model = _replicated_model(cluster, mc, tc, checkpoint, steps)
+            if cluster.is_writer:
+                with cluster.host_scope():
+                    run.shadow = training_model(build_model(config=mc, load_weights=False))
+                    _compile(run.shadow, tc, steps)
+                    run.shadow.optimizer.build(run.shadow.trainable_variables)
+        keras.config.set_dtype_policy("float32")
+        run.export = build_model(config=mc, load_weights=False)  # float32, uncompiled: best.keras, model.keras
+        keras.config.set_dtype_policy(policy)
+        dim = embedding_dim(tagger_of(model))
+        if cluster.is_writer:
+            atomic_write_json(model_dir / CONFIG_FILE, _config_record(mc, tc, image, vocab, dim, {
+                "precision_policy": policy, "finished": False}))
+
         run.nan_guard = NaNGuard()
         done = run.stopped_early or initial_epoch >= tc.epochs
         if not done:
             verbose = 0 if quiet else (1 if sys.stdout.isatty() else 2)
             try:
-                model.fit(train_ds, validation_data=val_ds, epochs=tc.epochs, initial_epoch=initial_epoch,
-                          callbacks=[EpochSetter(train_ds), run.nan_guard, RunState(run)], verbose=verbose,
-                          shuffle=False)
+                with cluster.scope():
+                    model.fit(cluster.dataset(train_ds), epochs=tc.epochs, initial_epoch=initial_epoch,
+                              validation_data=cluster.dataset(val_ds, "val") if val_ds is not None else None,
+                              callbacks=[EpochSetter(train_ds), run.nan_guard, *(callbacks or []), RunState(run)],
+                              verbose=verbose, shuffle=False)
             finally:
                 for ds in (train_ds, val_ds):
                     if ds is not None:
@@ -563,7 +644,12 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
                 ", then start a new --model directory" + (f" or --resume from epoch {good}" if good else ""))
         if not run.history:
             raise AltI2VError("no epoch completed; nothing to save")
-        result = _finish(run, store, model_dir, mc, tc, image, vocab, dim, has_val, policy, quiet, readers)
+        if cluster.is_writer:  # thresholds are calibrated on process 0 alone (one pass over val)
+            result = _finish(run, store, model_dir, mc, tc, image, vocab, dim, has_val, policy, quiet, readers)
+        else:
+            result = TrainResult(model_dir=model_dir, model_config=mc, train_config=tc, history=run.history,
+                                 best_epoch=run.best_epoch, best_value=run.best_value,
+                                 stopped_early=run.stopped_early, precision_policy=policy)
     finally:
         keras.config.set_dtype_policy(previous_policy)
         if readers is not None:
@@ -571,8 +657,50 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
     result.initial_epoch, result.resumed = initial_epoch, resumed
     result.params = count_params(run.export)
     result.counts = counts
+    result.devices, result.process = cluster.describe(), cluster.process_index
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def _model(mc: ModelConfig, tc: TrainConfig, checkpoint: Path | None, steps: int) -> keras.Model:
+    """The compiled training model (augmentation step + tagger): fresh, or the checkpoint's."""
+    keras.utils.set_random_seed(int(tc.seed))  # the same initial weights for the same settings
+    if checkpoint is None:
+        model = training_model(build_model(config=mc))
+        _compile(model, tc, steps)
+        return model
+    model = keras.saving.load_model(checkpoint, safe_mode=True, compile=True)
+    if tc.schedule == "cosine":  # --epochs may have changed: the schedule spans the new total
+        model.optimizer.learning_rate = learning_rate(tc, steps)
+    if tagger_of(model) is model:  # a checkpoint from before on-device augmentation
+        warnings.warn("the checkpoint has no augmentation step; the optimizer state restarts",
+                      UserWarning, stacklevel=4)
+        model = training_model(model)
+        _compile(model, tc, steps)
+    return model
+
+
+def _replicated_model(cluster: Cluster, mc: ModelConfig, tc: TrainConfig, checkpoint: Path | None,
+                      steps: int) -> keras.Model:
+    """The training model with its variables on the device mesh, every replica starting from process 0's
+    values: its fresh weights, or the checkpoint only process 0 reads (the model directory may be local
+    to process 0)."""
+    keras.utils.set_random_seed(int(tc.seed))
+    with cluster.scope():
+        model = training_model(build_model(config=mc, load_weights=cluster.is_writer and checkpoint is None))
+        _compile(model, tc, steps)
+        model.optimizer.build(model.trainable_variables)
+    variables = [*model.trainable_variables, *model.non_trainable_variables, *model.optimizer.variables]
+    values = None
+    if cluster.is_writer:
+        source = _model(mc, tc, checkpoint, steps) if checkpoint else model
+        if not source.optimizer.built:
+            source.optimizer.build(source.trainable_variables)
+        values = [keras.ops.convert_to_numpy(v) for v in
+                  (*source.trainable_variables, *source.non_trainable_variables, *source.optimizer.variables)]
+    with cluster.scope():
+        cluster.sync_variables(variables, values)
+    return model
 
 
 def _finish(run: _Run, store: Store, model_dir: Path, mc: ModelConfig, tc: TrainConfig, image: ImageConfig,
@@ -610,3 +738,7 @@ def _last_name(run: _Run) -> str | None:
 
 __all__ = ["train", "TrainResult", "precision_policy", "plot_curves", "read_history", "write_history",
            "save_model_atomic", "calibrate_thresholds"]
+
+from . import CallableModule  # noqa: E402
+
+sys.modules[__name__].__class__ = CallableModule  # ``from alt_i2v import train`` is this module: callable

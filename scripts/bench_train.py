@@ -21,6 +21,13 @@ stores ``--images`` (default 8704) images in one shard per core, then reports th
 number of reader processes (1, 2, 4, ... cores; target >= 40,000 img/s on 16 cores), and train and
 predict img/s fed from the store against the same model on random device tensors: ``RESULT pipeline_gpu
 ... target=1`` (img/s / 40,000), ``RESULT train_gpu ... target=0.9`` and ``RESULT predict_gpu ... target=0.9``.
+
+Scaling (distribute.py, JAX): the CPU run also trains ``tiny`` through the CLI with 1 process and with 2
+processes on 127.0.0.1 (the same batch per process: weak scaling) and ends with ``RESULT train_scaling
+img_s_1=... img_s_2=... epoch_s_1=... epoch_s_2=... ratio=<efficiency> target=0.9``, efficiency = img/s
+with P / (P x img/s with 1); ``--scaling`` runs only that. On a machine with N GPUs, ``--scaling --devices N
+[--backbone vgg16 --batch-size 64 --mixed-precision bfloat16]`` compares 1 device with N in one process
+(``RESULT train_scaling_gpu``).
 """
 
 from __future__ import annotations
@@ -167,6 +174,84 @@ def fed_predict_rate(tagger, store, batch: int, pool) -> float:
     return len(keys) / (time.perf_counter() - t0)
 
 
+def cli_train(data: Path, model: Path, extra: list[str], processes: int = 1, env: dict | None = None,
+              timeout: float = 1200) -> dict:
+    """Train through ``python -m alt_i2v --train`` (``processes`` of them on 127.0.0.1) and read the steady
+    epoch from history.csv: the median over epochs after the first (which compiles)."""
+    import csv
+    import socket
+    import subprocess
+
+    env = {**os.environ, "KERAS_BACKEND": "jax", **(env or {})}
+    base = [sys.executable, "-m", "alt_i2v", "--train", "--data", str(data), "--model", str(model), "--quiet",
+            *extra]
+    if processes > 1:
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            port = sk.getsockname()[1]
+        cmds = [base + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
+                        "--process-id", str(i)] for i in range(processes)]
+    else:
+        cmds = [base]
+    root = Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen(c, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for c in cmds]
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        if p.returncode:
+            raise SystemExit(f"training failed ({p.returncode}):\n{out[-3000:]}")
+    with open(model / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))[1:]
+    return {"img_s": float(np.median([float(r["img_per_s"]) for r in rows])),
+            "epoch_s": float(np.median([float(r["seconds"]) for r in rows]))}
+
+
+def train_scaling(root: Path, processes: int = 1, devices: int | None = None, backbone: str = "tiny",
+            size: int = 32, batch: int = 32, epochs: int = 4, n: int = 1024, policy: str | None = None) -> dict:
+    """Weak scaling: the same batch per device (or per process) with 1 and with ``devices`` x ``processes``."""
+    root.mkdir(parents=True, exist_ok=True)
+    from alt_i2v.store import build_store
+
+    data = root / "data"
+    make_data(data, n, max(size, 96))
+    build_store(data, image_size=size, quiet=True, val_fraction=0.05, test_fraction=0.05)
+    common = ["--backbone", backbone, "--weights", "none", "--epochs", str(epochs), "--workers", "0",
+              "--patience", "0", *(["--mixed-precision", policy] if policy else [])]
+    one = cli_train(data, root / "m1", common + ["--batch-size", str(batch), "--devices", "1"])
+    k = processes * (devices or 1)
+    many_args = common + ["--batch-size", str(batch * k)] + (["--devices", str(devices)] if devices else
+                                                             ["--devices", "1"])
+    many = cli_train(data, root / "mk", many_args, processes=processes)
+    return {"k": k, "one": one, "many": many, "efficiency": many["img_s"] / (k * one["img_s"])}
+
+
+def scaling_mode(args, root: Path) -> int:
+    """``--scaling``: 1 vs N devices in one process (``--devices N``), or 1 vs P processes (CPU)."""
+    if args.devices:
+        r = train_scaling(root, devices=args.devices, backbone=args.backbone or "vgg16",
+                          size=args.image_size or 150, batch=args.batch_size or 64, n=args.images or 8192,
+                          policy=args.mixed_precision)
+        print_scaling(r, f"1 vs {args.devices} devices, {device_name()}")
+    else:
+        r = train_scaling(root, processes=args.processes, backbone=args.backbone or "tiny",
+                          size=args.image_size or 32, batch=args.batch_size or 32, n=args.images or 1024)
+        print_scaling(r, f"1 vs {args.processes} processes on 127.0.0.1, {device_name()}")
+    return 0
+
+
+def print_scaling(r: dict, label: str) -> None:
+    k = r["k"]
+    print(f"\nscaling ({label}, same batch per {'process' if 'process' in label else 'device'}):")
+    print(f"  {'':<12} {'img/s':>9} {'epoch s':>9}")
+    print(f"  {'1':<12} {r['one']['img_s']:>9.1f} {r['one']['epoch_s']:>9.2f}")
+    print(f"  {k:<12} {r['many']['img_s']:>9.1f} {r['many']['epoch_s']:>9.2f}")
+    print(f"  efficiency {r['efficiency']:.2f} (img/s with {k} / ({k} x img/s with 1))")
+    name = "train_scaling_gpu" if "devices" in label else "train_scaling"
+    print(f"RESULT {name} workers={k} img_s_1={r['one']['img_s']:.1f} img_s_{k}={r['many']['img_s']:.1f} "
+          f"epoch_s_1={r['one']['epoch_s']:.2f} epoch_s_{k}={r['many']['epoch_s']:.2f} "
+          f"ratio={r['efficiency']:.2f} target=0.9")
+
+
 def device_name() -> str:
     import keras
 
@@ -292,6 +377,9 @@ def main() -> int:
     ap.add_argument("--random-tensors", action="store_true", help="(always on in GPU mode; kept for old commands)")
     ap.add_argument("--images", type=int, default=None, help="images to generate")
     ap.add_argument("--workers", type=int, default=0, help="GPU mode: shards and reader processes (default cores)")
+    ap.add_argument("--scaling", action="store_true", help="only the scaling comparison (see --devices)")
+    ap.add_argument("--devices", type=int, default=None, help="--scaling: 1 device vs N in one process")
+    ap.add_argument("--processes", type=int, default=2, help="--scaling on CPU: 1 process vs P (default 2)")
     args = ap.parse_args()
 
     import keras
@@ -303,7 +391,14 @@ def main() -> int:
     print(f"backend {keras.backend.backend()}, device {device_name()}, keras {keras.__version__}, "
           f"{os.cpu_count()} cores")
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
-        rc = (gpu_mode if args.backbone else cpu_mode)(args, Path(tmp), policy)
+        root = Path(tmp)
+        if args.scaling:
+            rc = scaling_mode(args, root)
+        else:
+            rc = (gpu_mode if args.backbone else cpu_mode)(args, root, policy)
+            if rc == 0 and not args.backbone:
+                print_scaling(train_scaling(root / "scaling", processes=2),
+                              f"1 vs 2 processes on 127.0.0.1, {device_name()}")
     print(f"total {time.perf_counter() - t_start:.1f}s")
     return rc
 

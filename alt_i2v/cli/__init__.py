@@ -68,7 +68,9 @@ ACTION_OPTIONS: dict[str, set[str]] = {
               "val_fraction",
               "test_fraction"},
     "train": {"data", "model", "epochs", "batch_size", "lr", "backbone", "weights", "frozen", "image_size",
-              "mixed_precision", "resume", "patience", "loss", "workers"},
+              "mixed_precision", "resume", "patience", "loss", "workers", "optimizer", "weight_decay",
+              "schedule", "warmup_epochs", "label_smoothing", "pooling", "dropout", "distribute", "devices",
+              "coordinator", "num_processes", "process_id", "peer_timeout", "record_log"},
     "evaluate": {"data", "model", "split", "batch_size"},
     "pred": {"model", "threshold", "top_k", "format", "write_captions", "caption_mode", "recursive",
              "exclude", "max_tags", "tag_style", "no_escape", "batch_size", "workers"},
@@ -174,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-fraction", type=float, metavar="F", help="test share (default 0.1)")
 
     g = p.add_argument_group("--train")
-    g.add_argument("--epochs", type=int, metavar="N", help="epochs (default 20)")
-    g.add_argument("--lr", type=float, metavar="LR", help="learning rate (default 1e-3)")
+    g.add_argument("--epochs", type=int, metavar="N", help="epochs (default 10; the learning-rate schedule spans them)")
+    g.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (default 3e-3 for tiny, else 1e-3)")
     g.add_argument("--backbone", metavar="NAME", help="vgg16 (default), tiny, or another keras.applications name")
     g.add_argument("--weights", metavar="W", help="imagenet (default for vgg16), none, or a weights file path")
     g.add_argument("--frozen", type=int, metavar="N", help="freeze the first N backbone layers (default 12)")
@@ -184,6 +186,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
     g.add_argument("--patience", type=int, metavar="N", help="early-stopping patience in epochs")
     g.add_argument("--loss", choices=["bce", "focal", "asl"], help="loss (default bce)")
+    g.add_argument("--optimizer", choices=["adamw", "adam"], help="optimizer (default adamw)")
+    g.add_argument("--weight-decay", type=float, metavar="WD", help="AdamW weight decay (default 0.05)")
+    g.add_argument("--schedule", choices=["cosine", "constant"],
+                   help="learning rate: warm-up + cosine decay (default) or constant")
+    g.add_argument("--warmup-epochs", type=float, metavar="N", help="warm-up epochs of the cosine schedule (1)")
+    g.add_argument("--label-smoothing", type=float, metavar="S", help="bce label smoothing (default 0.1)")
+    g.add_argument("--pooling", choices=["flatten", "avg", "avgmax"],
+                   help="head: flatten the feature map, or global average / average+max pooling "
+                        "(default: the backbone's)")
+    g.add_argument("--dropout", type=float, metavar="P", help="dropout before the tags layer (default: the backbone's)")
+    g.add_argument("--distribute", choices=["auto", "none"],
+                   help="auto (default): split the global batch over every local device (JAX backend); none: one")
+    g.add_argument("--devices", type=int, metavar="N", help="use N local devices per process (default all)")
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="several processes: process 0's address, the same for all ($ALT_I2V_COORDINATOR)")
+    g.add_argument("--num-processes", type=int, metavar="P", help="processes in the run ($ALT_I2V_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process, 0..P-1 ($ALT_I2V_PROCESS_ID)")
+    g.add_argument("--peer-timeout", type=float, metavar="S",
+                   help="stop when another process is silent this long (default 120 s)")
+    g.add_argument("--record-log", metavar="DIR", help=argparse.SUPPRESS)  # tests: which records each process fed
 
     g = p.add_argument_group("--evaluate")
     g.add_argument("--split", choices=["train", "val", "test"], help="split to score (default test)")
@@ -369,11 +391,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = _need(args, "data", "train")
     model = _need(args, "model", "train")
     kw = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "backbone", "weights", "frozen",
-                                         "image_size", "mixed_precision", "patience", "loss", "workers")
+                                         "image_size", "mixed_precision", "patience", "loss", "workers",
+                                         "optimizer", "weight_decay", "schedule", "warmup_epochs",
+                                         "label_smoothing", "pooling", "dropout")
           if getattr(args, k) is not None}
-    result = train(data, model, resume=args.resume, quiet=args.quiet, **kw)
-    summary("train", result.summary(), quiet=args.quiet)
+    result = train(data, model, resume=args.resume, quiet=args.quiet, distribution=_dist_config(args), **kw)
+    summary("train", result.summary(), quiet=args.quiet or result.process != 0)
     return 0
+
+
+def _dist_config(args: argparse.Namespace) -> Any:
+    """--distribute/--devices/--coordinator/... over the cluster launcher's environment variables."""
+    from ..distribute import DistConfig, settings_from_env
+
+    kw = settings_from_env(os.environ)
+    kw.update({k: getattr(args, k) for k in ("distribute", "devices", "coordinator", "num_processes",
+                                             "process_id", "peer_timeout", "record_log")
+               if getattr(args, k) is not None})
+    return DistConfig(**kw)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
