@@ -17,8 +17,6 @@ keeps the history rows up to that epoch and continues with the next one. Killed 
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -37,12 +35,13 @@ from .config import ImageConfig, ModelConfig, TrainConfig, resolve_workers
 from .distribute import Cluster, DistConfig, start
 from .errors import AltI2VError, UsageError
 from .evaluate import predict_split
-from .fsutil import (atomic_copy, atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text,
-                     remove_stale_temps)
+from .history import plot_curves, read_history, write_history
+from .fsutil import atomic_copy, atomic_path, atomic_write_json, remove_stale_temps
 from .layout import CHECKPOINTS_DIR as CKPT_DIR
 from .layout import CONFIG_FILE, CURVES_FILE, HISTORY_FILE, MODEL_FILE, THRESHOLDS_FILE, ModelDir
 from .metrics import prf_at
-from .model import build_model, count_params, embedding_dim, get_backbone, get_loss, resolve_config
+from .optim import compile_model, learning_rate, precision_policy
+from .model import build_model, count_params, embedding_dim, get_backbone, resolve_config
 from .pipeline import EpochSetter, StoreDataset
 from .readers import ReaderPool
 from .store import Store
@@ -143,95 +142,6 @@ def save_model_atomic(model: keras.Model, path: Path) -> Path:
 def _remove_temps(model_dir: Path) -> None:
     """Temporary files of writes a kill interrupted (model saves, JSON/CSV writes)."""
     remove_stale_temps(model_dir)
-
-
-def precision_policy(mixed_precision: str | None) -> str:
-    """The Keras dtype policy for ``--mixed-precision`` (auto: bfloat16 on an accelerator, else float32)."""
-    mp = (mixed_precision or "none").lower()
-    if mp in ("none", "float32"):
-        return "float32"
-    if mp in ("float16", "mixed_float16"):
-        return "mixed_float16"
-    if mp in ("bfloat16", "mixed_bfloat16"):
-        return "mixed_bfloat16"
-    if mp == "auto":
-        return "mixed_bfloat16" if _has_accelerator() else "float32"
-    raise UsageError(f"unknown mixed precision {mixed_precision!r}; use auto, float16 or bfloat16")
-
-
-def _has_accelerator() -> bool:
-    backend = keras.backend.backend()
-    try:
-        if backend == "jax":
-            import jax
-
-            return jax.default_backend() != "cpu"
-        if backend == "tensorflow":
-            import tensorflow as tf
-
-            return bool(tf.config.list_physical_devices("GPU"))
-        if backend == "torch":
-            import torch
-
-            return bool(torch.cuda.is_available())
-    except Exception:  # noqa: BLE001 - detection only
-        return False
-    return False
-
-
-def read_history(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            out: dict[str, Any] = {}
-            for k, v in row.items():
-                try:
-                    out[k] = int(v) if k == "epoch" else float(v)
-                except (TypeError, ValueError):
-                    out[k] = v
-            rows.append(out)
-    return rows
-
-
-def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Rewrite history.csv atomically (earlier rows kept as they were: an append that cannot tear)."""
-    keys: list[str] = ["epoch"]
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    atomic_write_text(path, buf.getvalue())
-
-
-def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """curves.png: loss, AUC and F1 per epoch, train and validation (matplotlib Agg, no pyplot state)."""
-    if not rows:
-        return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(12, 3.6))
-    FigureCanvasAgg(fig)
-    epochs = [r["epoch"] for r in rows]
-    for i, (key, title) in enumerate([("loss", "loss"), ("auc", "AUC"), ("f1", "micro F1 at 0.5")]):
-        ax = fig.add_subplot(1, 3, i + 1)
-        for prefix, style in (("", "-o"), ("val_", "-s")):
-            ys = [r.get(prefix + key) for r in rows]
-            if any(isinstance(y, float) and math.isfinite(y) for y in ys):
-                ax.plot(epochs, [y if isinstance(y, float) else np.nan for y in ys], style, markersize=3,
-                        label="train" if not prefix else "val")
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _split_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -438,38 +348,6 @@ class _Run:
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
-def learning_rate(tc: TrainConfig, steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
-    """``constant``: ``lr`` throughout. ``cosine``: linear warm-up from lr/10 over ``warmup_epochs``, then cosine
-    decay to lr/100 at the last epoch: the large early steps that find a good region, then the small late
-    ones that settle in it, without a decay schedule to tune per dataset."""
-    lr = float(tc.lr)
-    if tc.schedule == "constant":
-        return lr
-    total = max(1, int(tc.epochs) * max(1, int(steps_per_epoch)))
-    warm = min(int(round(float(tc.warmup_epochs) * steps_per_epoch)), total // 2)
-    return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=lr / 10 if warm else lr, decay_steps=max(1, total - warm), alpha=0.01,
-        warmup_target=lr if warm else None, warmup_steps=warm)
-
-
-def make_optimizer(tc: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """AdamW (decoupled weight decay, the default) or Adam, on :func:`learning_rate`'s schedule."""
-    lr = learning_rate(tc, steps_per_epoch)
-    if tc.optimizer == "adamw" and float(tc.weight_decay) > 0:
-        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=float(tc.weight_decay))
-    return keras.optimizers.Adam(learning_rate=lr)
-
-
-def _compile(model: keras.Model, tc: TrainConfig, steps_per_epoch: int) -> None:
-    model.compile(
-        optimizer=make_optimizer(tc, steps_per_epoch),
-        loss=get_loss(tc.loss, focal_gamma=tc.focal_gamma, asl_gamma_neg=tc.asl_gamma_neg,
-                      asl_gamma_pos=tc.asl_gamma_pos, asl_clip=tc.asl_clip, label_smoothing=tc.label_smoothing),
-        metrics=[keras.metrics.AUC(name="auc"),
-                 keras.metrics.AUC(curve="PR", multi_label=True, num_thresholds=100, name="map"),
-                 keras.metrics.F1Score(average="micro", threshold=0.5, name="f1")])
-
-
 def _config_record(mc: ModelConfig, tc: TrainConfig, image: ImageConfig, vocab: Vocab, dim: int | None,
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"version": CONFIG_VERSION, "model": mc.get_config(), "train": tc.get_config(),
@@ -608,7 +486,7 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
             if cluster.is_writer:
                 with cluster.host_scope():
                     run.shadow = training_model(build_model(config=mc, load_weights=False))
-                    _compile(run.shadow, tc, steps)
+                    compile_model(run.shadow, tc, steps)
                     run.shadow.optimizer.build(run.shadow.trainable_variables)
         keras.config.set_dtype_policy("float32")
         run.export = build_model(config=mc, load_weights=False)  # float32, uncompiled: best.keras, model.keras
@@ -667,7 +545,7 @@ def _model(mc: ModelConfig, tc: TrainConfig, checkpoint: Path | None, steps: int
     keras.utils.set_random_seed(int(tc.seed))  # the same initial weights for the same settings
     if checkpoint is None:
         model = training_model(build_model(config=mc))
-        _compile(model, tc, steps)
+        compile_model(model, tc, steps)
         return model
     model = keras.saving.load_model(checkpoint, safe_mode=True, compile=True)
     if tc.schedule == "cosine":  # --epochs may have changed: the schedule spans the new total
@@ -676,7 +554,7 @@ def _model(mc: ModelConfig, tc: TrainConfig, checkpoint: Path | None, steps: int
         warnings.warn("the checkpoint has no augmentation step; the optimizer state restarts",
                       UserWarning, stacklevel=4)
         model = training_model(model)
-        _compile(model, tc, steps)
+        compile_model(model, tc, steps)
     return model
 
 
@@ -688,7 +566,7 @@ def _replicated_model(cluster: Cluster, mc: ModelConfig, tc: TrainConfig, checkp
     keras.utils.set_random_seed(int(tc.seed))
     with cluster.scope():
         model = training_model(build_model(config=mc, load_weights=cluster.is_writer and checkpoint is None))
-        _compile(model, tc, steps)
+        compile_model(model, tc, steps)
         model.optimizer.build(model.trainable_variables)
     variables = [*model.trainable_variables, *model.non_trainable_variables, *model.optimizer.variables]
     values = None
@@ -736,8 +614,7 @@ def _last_name(run: _Run) -> str | None:
     return lasts[-1].name if lasts else None
 
 
-__all__ = ["train", "TrainResult", "precision_policy", "plot_curves", "read_history", "write_history",
-           "save_model_atomic", "calibrate_thresholds"]
+__all__ = ["train", "TrainResult", "save_model_atomic"]
 
 from . import CallableModule  # noqa: E402
 

@@ -137,9 +137,9 @@ def folder_case(tmp: Path, n: int, batch_size: int) -> dict[str, float]:
 
 
 def _on_gpu() -> bool:
-    from alt_i2v.train import _has_accelerator
+    from alt_i2v.optim import has_accelerator
 
-    return _has_accelerator()
+    return has_accelerator()
 
 
 def make_model_dir(model_dir: Path, num_tags: int, image_size: int, backbone: str = "tiny") -> None:

@@ -24,6 +24,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -51,7 +52,7 @@ def in_process(images: list[bytes], model: Path) -> tuple[float, list[float]]:
     return len(images) / (time.perf_counter() - t0), times
 
 
-def _client_load(images: list[bytes], url: str, clients: int, out: "multiprocessing.Queue") -> None:
+def _client_load(images: list[bytes], url: str, clients: int, out: Any) -> None:
     """In a separate process (so the clients do not share the server's GIL): ``clients`` threads, each
     with its own keep-alive connection, send every image once after a warm-up."""
     import requests

@@ -384,7 +384,7 @@ def main() -> int:
 
     import keras
 
-    from alt_i2v.train import precision_policy
+    from alt_i2v.optim import precision_policy
 
     t_start = time.perf_counter()
     policy = precision_policy(args.mixed_precision)

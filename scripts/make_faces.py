@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import colorsys
 import hashlib
-import math
-import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path

@@ -16,7 +16,9 @@ from alt_i2v.errors import UsageError  # noqa: E402
 from alt_i2v.metrics import prf_at  # noqa: E402
 from alt_i2v.model import build_model, get_loss, load_model, resolve_config  # noqa: E402
 from alt_i2v.thresholds import calibrate_thresholds, thresholds_vector  # noqa: E402
-from alt_i2v.train import learning_rate, make_optimizer, read_history, train  # noqa: E402
+from alt_i2v.history import read_history  # noqa: E402
+from alt_i2v.optim import learning_rate, make_optimizer  # noqa: E402
+from alt_i2v.train import train  # noqa: E402
 
 
 def test_cosine_schedule_warms_up_then_decays_to_one_percent():

@@ -168,7 +168,8 @@ def test_sharded_build_killed_with_sigkill_resumes_to_a_complete_store(tmp_path)
 def test_sharded_and_one_shard_stores_train_resume_and_evaluate_identically(built_data, sharded_data, tmp_path):
     from alt_i2v.evaluate import evaluate
     from alt_i2v.model import load_model
-    from alt_i2v.train import read_history, train
+    from alt_i2v.history import read_history
+    from alt_i2v.train import train
 
     # a constant learning rate (a cosine schedule spans the epochs a run starts with: 1 vs 2 here) and no
     # dropout (its masks after a resume are not those of an uninterrupted run)

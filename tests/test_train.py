@@ -20,7 +20,9 @@ keras = pytest.importorskip("keras")
 
 from conftest import temp_files  # noqa: E402
 from alt_i2v.errors import AltI2VError, UsageError  # noqa: E402
-from alt_i2v.train import precision_policy, read_history, train  # noqa: E402
+from alt_i2v.history import read_history  # noqa: E402
+from alt_i2v.optim import precision_policy  # noqa: E402
+from alt_i2v.train import train  # noqa: E402
 
 TINY = dict(backbone="tiny", batch_size=32, lr=3e-3, workers=2)
 
@@ -174,13 +176,13 @@ def test_resume_after_kill_9_mid_training(built_data, tmp_path):
 
 
 def test_nan_loss_stops_training_with_a_clear_message(built_data, tmp_path, monkeypatch):
-    import alt_i2v.train as train_mod
+    import alt_i2v.optim as optim_mod
 
     class NaNLoss(keras.losses.Loss):
         def call(self, y_true, y_pred):
             return keras.ops.mean(y_pred, axis=-1) * float("nan")
 
-    monkeypatch.setattr(train_mod, "get_loss", lambda *a, **k: NaNLoss())
+    monkeypatch.setattr(optim_mod, "get_loss", lambda *a, **k: NaNLoss())
     out = tmp_path / "nan"
     with pytest.raises(AltI2VError, match="NaN") as err:
         _train(built_data, out, epochs=3)
