@@ -316,12 +316,13 @@ def _exit_without_shutdown_barrier() -> None:
         os._exit(1)
 
 
-def start(config: DistConfig | None = None) -> Cluster:
+def start(config: DistConfig | None = None, *, quiet: bool = False) -> Cluster:
     """This process's :class:`Cluster` for ``config`` (default: all local devices of the JAX backend).
 
     On one device (``--distribute none``, a single device, or a backend other than JAX) there is no
     distribution at all: training runs exactly as it always has. Several processes call
-    ``jax.distributed.initialize`` (once per process) before JAX touches a device.
+    ``jax.distributed.initialize`` (once per process) before JAX touches a device; ``quiet`` drops the
+    line that says a process is joining.
     """
     import keras
 
@@ -340,7 +341,7 @@ def start(config: DistConfig | None = None) -> Cluster:
     import jax
 
     if config.multi_process:
-        _initialize(config)
+        _initialize(config, quiet)
     local = jax.local_devices()
     per = config.devices or len(local)
     if per > len(local):
@@ -371,7 +372,7 @@ def start(config: DistConfig | None = None) -> Cluster:
     return cluster
 
 
-def _initialize(config: DistConfig) -> None:
+def _initialize(config: DistConfig, quiet: bool = False) -> None:
     """``jax.distributed.initialize`` once per process, with timeouts from ``peer_timeout``."""
     import jax
 
@@ -382,8 +383,9 @@ def _initialize(config: DistConfig) -> None:
     join = max(timeout, 60)
     if config.process_id != 0:
         _wait_for_coordinator(config.coordinator, join, config.process_id)
-    print(f"alt-i2v: process {config.process_id} of {config.num_processes} joining the run at "
-          f"{config.coordinator} (waiting up to {join} s for every process)", file=sys.stderr, flush=True)
+    if not quiet:
+        print(f"alt-i2v: process {config.process_id} of {config.num_processes} joining the run at "
+              f"{config.coordinator} (waiting up to {join} s for every process)", file=sys.stderr, flush=True)
     jax.distributed.initialize(coordinator_address=config.coordinator, num_processes=config.num_processes,
                                process_id=config.process_id, initialization_timeout=join,
                                # JAX's own verdict comes after ours, which names the process clearly

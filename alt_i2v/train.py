@@ -370,7 +370,7 @@ def train(data_dir: str | os.PathLike, model_dir: str | os.PathLike, *, resume: 
     and writes ``MODEL``.
     """
     t_start = time.perf_counter()
-    cluster = start(distribution)
+    cluster = start(distribution, quiet=quiet)
     with cluster.guard():
         return _train_on(cluster, Path(data_dir), Path(model_dir), resume, quiet or not cluster.is_writer,
                          settings, list(callbacks), t_start)

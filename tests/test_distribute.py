@@ -255,14 +255,16 @@ def two_processes(runs):
             if p.poll() is None:
                 p.kill()
             p.communicate()
-    _finish(whole)
+    whole_out = _finish(whole)
     return {"model": root / "two_processes", "log": root / "records", "killed": root / "killed",
+            "out": whole_out,
             "killed_rc": killed[0].returncode, "killed_out": out0, "stopped_after": stopped_after}
 
 
 @pytest.mark.slow
 def test_two_processes_match_one_device(runs, two_processes):
     assert_same_run(runs["root"] / "one", two_processes["model"])
+    assert not any("joining" in out for out in two_processes["out"])  # --quiet: no start-up line either
 
 
 @pytest.mark.slow
