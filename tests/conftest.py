@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,23 @@ def temp_files(root: Path) -> list[Path]:
     from alt_i2v.fsutil import TMP_SUFFIX
 
     return [p for p in Path(root).rglob(".*") if TMP_SUFFIX in p.name]
+
+
+def rerun_killed_build(data: Path, cmd: list[str], total: int, timeout: float, size: int = 64) -> int:
+    """After a ``--build`` was SIGKILLed: every record present is whole and decodable, and running ``cmd``
+    again exits 0 having stored exactly the rest. Returns how many records the killed build had kept."""
+    from alt_i2v.store import Store
+
+    with Store(data) as s:
+        partial = s.count()
+        for k in s.ids():
+            assert s.get(k)["image"].shape == (size, size, 3)
+    assert 0 < partial < total, partial
+    done = subprocess.run(cmd, capture_output=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((data / "reports" / "build_report.json").read_text())
+    assert report["already stored"] == partial and report["stored now"] == total - partial
+    return partial
 
 
 def jpeg_dataset(data_dir: Path, n: int, seed: int) -> Path:
