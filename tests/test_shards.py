@@ -135,8 +135,11 @@ def test_sharded_build_killed_with_sigkill_resumes_to_a_complete_store(tmp_path)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 90
     store = data / "store"
-    while time.time() < deadline and proc.poll() is None and \
-            not any(p.stat().st_size > 1_000_000 for p in store.glob("shard-*/*.log")):  # one WriteBatch is done
+    def started() -> bool:  # every shard opened (a missing one is an incomplete store) and one WriteBatch done
+        return len(list(store.glob("shard-*/CURRENT"))) == 3 and \
+            any(p.stat().st_size > 1_000_000 for p in store.glob("shard-*/*.log"))
+
+    while time.time() < deadline and proc.poll() is None and not started():
         time.sleep(0.05)
     assert proc.poll() is None, "the build ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)  # the build and its shard writers, as `kill -9` of the group
