@@ -133,6 +133,7 @@ def load_config(cls: type[T], path: str | Path) -> T:
 LOSSES = ("bce", "focal", "asl")
 OPTIMIZERS = ("adamw", "adam")
 POOLINGS = ("flatten", "avg", "avgmax")
+TRUNKS = ("resnet", "plain")  # designs of the tiny backbone (model.py)
 SCHEDULES = ("cosine", "constant")
 MIXED_PRECISION = ("auto", "float16", "bfloat16", "mixed_float16", "mixed_bfloat16", "float32", "none")
 
@@ -153,7 +154,8 @@ class ModelConfig(JsonConfig):
     dense_units: int | None = None
     pooling: str | None = None  # "flatten" (the reference), "avg" or "avgmax" (global average + max, concatenated)
     dropout: float | None = None  # before the tags layer; None = the backbone's default
-    filters: tuple | None = None  # the tiny backbone's conv widths, one block each
+    filters: tuple | None = None  # the tiny backbone's conv widths, one per halving of the image side
+    trunk: str | None = None  # tiny only: "resnet" (the default) or "plain" (the original 4-block CNN)
 
     def __post_init__(self):
         if not isinstance(self.num_tags, int) or self.num_tags < 1:
@@ -169,6 +171,15 @@ class ModelConfig(JsonConfig):
             raise UsageError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.dropout is not None and not 0.0 <= float(self.dropout) < 1.0:
             raise UsageError("dropout must be in [0, 1)")
+        if self.trunk not in (None,) + TRUNKS:
+            raise UsageError(f"trunk must be one of {', '.join(TRUNKS)}, got {self.trunk!r}")
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ModelConfig":
+        """As JsonConfig's; a tiny model recorded before ``trunk`` existed was the plain design."""
+        if config.get("backbone") == "tiny" and "trunk" not in config:
+            config = {**config, "trunk": "plain"}
+        return super().from_config(config)
 
 
 @dataclass(frozen=True)
@@ -257,5 +268,5 @@ class ServeConfig(JsonConfig):
 __all__ = [
     "JsonConfig", "ImageConfig", "VocabConfig", "BuildConfig", "RESIZE_MODES", "DEFAULT_CATEGORIES",
     "ALL_CATEGORIES", "resolve_workers", "load_config", "field", "ModelConfig", "TrainConfig", "LOSSES",
-    "MIXED_PRECISION", "OPTIMIZERS", "SCHEDULES", "POOLINGS", "ServeConfig",
+    "MIXED_PRECISION", "OPTIMIZERS", "SCHEDULES", "POOLINGS", "TRUNKS", "ServeConfig",
 ]

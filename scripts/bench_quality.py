@@ -5,8 +5,8 @@
 ``DATA`` is a dataset directory with a built store (``--vocab`` and ``--build`` done); without it a small
 face set is drawn by ``scripts/make_faces.py`` into a temp dir (a quick smoke run for bench_all).
 
-- baseline: how the original project trained: a plain 4-block CNN (``tiny`` with conv widths 16-32-64-128
-  and the flattened per-position head), Adam at a constant 1e-3, binary cross-entropy, no augmentation,
+- baseline: how the original project trained: a plain 4-block CNN (``tiny --trunk plain`` with conv widths
+  16-32-64-128 and the flattened per-position head), Adam at a constant 1e-3, binary cross-entropy, no augmentation,
   and tags predicted at a fixed 0.5 threshold;
 - defaults: ``train(DATA, MODEL, backbone="tiny", weights=None)`` and nothing else: whatever the current
   defaults are (schedule, optimizer, head, augmentation, early stopping), with calibrated thresholds.
@@ -37,10 +37,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BASELINE = {"backbone": "tiny", "weights": None, "filters": (16, 32, 64, 128), "pooling": "flatten",
-            "dense_units": 256, "dropout": 0.0, "augment": False, "zoom": 0.0, "optimizer": "adam",
-            "schedule": "constant", "weight_decay": 0.0, "label_smoothing": 0.0, "loss": "bce", "lr": 1e-3,
-            "batch_size": 32, "epochs": 200, "patience": 0, "monitor": "val_auc"}
+BASELINE = {"backbone": "tiny", "weights": None, "trunk": "plain", "filters": (16, 32, 64, 128),
+            "pooling": "flatten", "dense_units": 256, "dropout": 0.0, "augment": False, "zoom": 0.0,
+            "optimizer": "adam", "schedule": "constant", "weight_decay": 0.0, "label_smoothing": 0.0,
+            "loss": "bce", "lr": 1e-3, "batch_size": 32, "epochs": 200, "patience": 0, "monitor": "val_auc"}
 DEFAULTS = {"backbone": "tiny", "weights": None}
 
 

@@ -124,6 +124,41 @@ def test_registry_entries_know_their_input_config():
     assert get_backbone("tiny").pretrained is False
 
 
+def _convs(model):
+    return [layer for layer in model.get_layer("tiny").layers if isinstance(layer, keras.layers.Conv2D)]
+
+
+def test_tiny_resnet_trunk_is_the_default_and_plain_the_original_cnn():
+    res = build_model(num_tags=7, image_size=96, backbone="tiny", weights=None)
+    plain = build_model(num_tags=7, image_size=96, backbone="tiny", weights=None, trunk="plain")
+    # both end on the same 6x6 map, so the flattened head is the same size
+    assert res.get_layer("tiny").output.shape[1:] == plain.get_layer("tiny").output.shape[1:] == (6, 6, 128)
+    # plain: 4 stride-1 convs 16-32-64-128; resnet: 2 strided convs, then conv + residual pair per stage
+    assert [(c.filters, c.strides) for c in _convs(plain)] == [(16, (1, 1)), (32, (1, 1)), (64, (1, 1)),
+                                                              (128, (1, 1))]
+    assert [(c.filters, c.strides[0]) for c in _convs(res)] == [(24, 2), (32, 2)] + [(64, 1)] * 3 + [(128, 1)] * 3
+    assert [layer.name for layer in res.get_layer("tiny").layers if isinstance(layer, keras.layers.Add)] == [
+        "block3_add", "block4_add"]
+    x = np.random.default_rng(0).integers(0, 256, (2, 96, 96, 3), dtype=np.uint8)
+    assert res.predict_on_batch(x).shape == (2, 7)
+
+
+def test_trunk_option_is_checked_and_old_tiny_configs_read_as_plain():
+    from alt_i2v.config import ModelConfig
+    from alt_i2v.model import resolve_config
+
+    cfg = resolve_config(ModelConfig(backbone="tiny", weights=None, num_tags=3, image_size=64))
+    assert cfg.trunk == "resnet" and cfg.filters == (24, 32, 64, 128)
+    assert ModelConfig.from_config(cfg.get_config()) == cfg  # round-trips with the trunk recorded
+    # a config.json written before the option existed: its tiny model was the plain CNN
+    old = {k: v for k, v in cfg.get_config().items() if k != "trunk"}
+    assert ModelConfig.from_config(old).trunk == "plain"
+    with pytest.raises(UsageError, match="trunk must be one of"):
+        ModelConfig(backbone="tiny", trunk="dense")
+    with pytest.raises(UsageError, match="tiny backbone only"):
+        resolve_config(ModelConfig(backbone="mobilenet_v2", weights=None, trunk="plain"))
+
+
 def test_other_keras_application_backbone_builds():
     model = build_model(num_tags=5, image_size=32, backbone="mobilenet_v2", weights=None)
     assert model.output.shape[1:] == (5,)

@@ -69,7 +69,7 @@ ACTION_OPTIONS: dict[str, set[str]] = {
               "test_fraction"},
     "train": {"data", "model", "epochs", "batch_size", "lr", "backbone", "weights", "frozen", "image_size",
               "mixed_precision", "resume", "patience", "loss", "workers", "optimizer", "weight_decay",
-              "schedule", "warmup_epochs", "label_smoothing", "pooling", "dropout", "distribute", "devices",
+              "schedule", "warmup_epochs", "label_smoothing", "pooling", "dropout", "trunk", "distribute", "devices",
               "coordinator", "num_processes", "process_id", "peer_timeout", "record_log"},
     "evaluate": {"data", "model", "split", "batch_size"},
     "pred": {"model", "threshold", "top_k", "format", "write_captions", "caption_mode", "recursive",
@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="head: flatten the feature map, or global average / average+max pooling "
                         "(default: the backbone's)")
     g.add_argument("--dropout", type=float, metavar="P", help="dropout before the tags layer (default: the backbone's)")
+    g.add_argument("--trunk", choices=["resnet", "plain"],
+                   help="tiny backbone's design: resnet (default; strided stem, residual blocks) or plain "
+                        "(the original 4-block CNN)")
     g.add_argument("--distribute", choices=["auto", "none"],
                    help="auto (default): split the global batch over every local device (JAX backend); none: one")
     g.add_argument("--devices", type=int, metavar="N", help="use N local devices per process (default all)")
@@ -393,7 +396,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     kw = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "backbone", "weights", "frozen",
                                          "image_size", "mixed_precision", "patience", "loss", "workers",
                                          "optimizer", "weight_decay", "schedule", "warmup_epochs",
-                                         "label_smoothing", "pooling", "dropout")
+                                         "label_smoothing", "pooling", "dropout", "trunk")
           if getattr(args, k) is not None}
     result = train(data, model, resume=args.resume, quiet=args.quiet, distribution=_dist_config(args), **kw)
     summary("train", result.summary(), quiet=args.quiet or result.process != 0)
