@@ -297,8 +297,6 @@ def resolve_config(config: ModelConfig | None = None, *, check_weights: bool = T
         raise UsageError(f"trunk={cfg.trunk!r} applies to the tiny backbone only, not {bb.name}")
     trunk = cfg.trunk or bb.trunk
     filters = tuple(cfg.filters) if cfg.filters else (tiny_filters(size, trunk) if trunk else None)
-    if trunk and len(filters) < 2:
-        raise UsageError(f"the tiny backbone needs at least 2 conv widths, got {filters}")
     dropout = bb.dropout if cfg.dropout is None else float(cfg.dropout)
     return cfg.replace(backbone=bb.name, image_size=size, weights=weights, frozen=frozen,
                        dense_units=cfg.dense_units or bb.dense_units, pooling=cfg.pooling or bb.pooling,

@@ -60,6 +60,7 @@ def test_config_json_records_everything_needed_to_use_the_model(trained):
     vocab = json.loads((data / "vocab.json").read_text())
     assert cfg["num_tags"] == len(vocab["tags"]) == cfg["model"]["num_tags"]
     assert cfg["model"]["backbone"] == "tiny" and cfg["model"]["weights"] is None
+    assert cfg["model"]["trunk"] == "resnet"  # the default design is recorded, so a resume rebuilds it
     assert cfg["image"]["image_size"] == 32 and cfg["image"]["resize"] == "pad"
     assert cfg["embedding_dim"] == 256 and cfg["backend"] == keras.backend.backend()
     assert cfg["train"]["epochs"] == 4 and cfg["finished"] is True
@@ -220,9 +221,14 @@ def test_cli_trains_tiny_with_weights_none_and_evaluates(built_data, tmp_path, c
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rc = main(["--train", "--data", str(built_data), "--model", str(out), "--backbone", "tiny",
-                   "--weights", "none", "--epochs", "2", "--batch-size", "32", "--lr", "0.003", "--quiet"])
+                   "--weights", "none", "--epochs", "2", "--batch-size", "32", "--lr", "0.003", "--trunk", "plain",
+                   "--quiet"])
     assert rc == 0
     assert (out / "model.keras").is_file()
+    assert json.loads((out / "config.json").read_text())["model"]["trunk"] == "plain"
+    # the plain trunk is the original 4-block CNN: no residual additions
+    from alt_i2v.model import load_model
+    assert not [la for la in load_model(out).get_layer("tiny").layers if isinstance(la, keras.layers.Add)]
     assert main(["--evaluate", "--data", str(built_data), "--model", str(out), "--split", "test", "--quiet"]) == 0
     assert (out / "reports" / "metrics.json").is_file()
     # a pretrained backbone offline fails before anything is written, naming the file

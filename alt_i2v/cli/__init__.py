@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-fraction", type=float, metavar="F", help="test share (default 0.1)")
 
     g = p.add_argument_group("--train")
-    g.add_argument("--epochs", type=int, metavar="N", help="epochs (default 10; the learning-rate schedule spans them)")
+    g.add_argument("--epochs", type=int, metavar="N", help="epochs (default 8; the learning-rate schedule spans them)")
     g.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (default 3e-3 for tiny, else 1e-3)")
     g.add_argument("--backbone", metavar="NAME", help="vgg16 (default), tiny, or another keras.applications name")
     g.add_argument("--weights", metavar="W", help="imagenet (default for vgg16), none, or a weights file path")
