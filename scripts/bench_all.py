@@ -32,6 +32,10 @@ def load_results(path: Path = RESULTS_FILE) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def save_results(results: dict, path: Path = RESULTS_FILE) -> None:
+    path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def render_results(results: dict) -> str:
     """README's results block: one table row per entry, then the entries' notes."""
     rows = ["| benchmark | alt-i2v vs the naive way | measured | ratio | target | device |",
@@ -158,7 +162,7 @@ def main() -> int:
     for r in [("benchmark", "measured", "ratio", "target")] + rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
     print(f"\nall benchmarks: {time.perf_counter() - t_all:.0f} s")
-    RESULTS_FILE.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    save_results(results)
     print(f"recorded in {RESULTS_FILE}; run `python scripts/bench_all.py --readme` to update README")
     return 1 if failed else 0
 

@@ -152,7 +152,7 @@ def record_results(data: Path, budget: float, b: dict, d: dict, about: str | Non
     entry["note"] = (f"the target (+0.08 in both) is {'met' if min(gains) >= 0.08 else 'not met'} "
                      f"({gains[0]:+.3f} / {gains[1]:+.3f}); macro-F1 of the defaults at calibrated thresholds "
                      f"{d['macro_f1_cal']:.3f} vs {d['macro_f1_05']:.3f} at 0.5")
-    bench_all.RESULTS_FILE.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    bench_all.save_results(results)
     print(f"recorded in {bench_all.RESULTS_FILE}; python scripts/bench_all.py --readme updates README")
 
 
