@@ -17,7 +17,7 @@ from .errors import UsageError
 
 T = TypeVar("T", bound="JsonConfig")
 
-RESIZE_MODES = ("pad", "stretch", "crop")
+RESIZE_MODES = ("pad", "stretch", "crop", "square")  # square: pad at full size, then resize (WD14)
 DEFAULT_CATEGORIES = ("general", "character", "copyright")
 ALL_CATEGORIES = ("general", "character", "copyright", "artist", "meta", "rating")
 
