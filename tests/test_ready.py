@@ -182,3 +182,23 @@ def test_onnxruntime_missing_names_the_extra(monkeypatch, wd14):
     monkeypatch.setattr(builtins, "__import__", fake)
     with pytest.raises(AltI2VError, match=r"onnxruntime is not installed\): pip install 'alt-i2v\[wd14\]'"):
         read_ready(wd14)
+
+
+def test_a_model_started_from_a_project_keeps_the_head_of_the_tags_it_knows(dd, images):
+    from alt_i2v.ready.deepdanbooru import build_from_project, tags_kept
+
+    names = ["smile", "brand_new_tag", "red", "hatsune_miku"]
+    model = build_from_project(dd, len(names), 32, tag_names=names)
+    batch = np.stack([load_image(p, 32, "pad") for p in images])
+    probs = np.asarray(model.predict_on_batch(batch))
+    want = np.stack([dd_reference(dd, p) for p in images])
+    for j, name in enumerate(names):
+        if name in DD_TAGS:  # kept: the very same output as the project's own network
+            np.testing.assert_allclose(probs[:, j], want[:, DD_TAGS.index(name)], atol=1e-5, rtol=0)
+    assert not np.allclose(probs[:, 1], want[:, 0], atol=1e-3)
+    assert tags_kept(dd, names) == 3
+    # another input size: the same trunk weights, built for 48px
+    bigger = build_from_project(dd, len(names), 48, tag_names=names)
+    assert bigger.input_shape == (None, 48, 48, 3)
+    np.testing.assert_array_equal(bigger.get_layer("features").get_weights()[0],
+                                  model.get_layer("features").get_weights()[0])

@@ -172,7 +172,7 @@ def wrap(network: Any, *, image_size: int | None = None, head: Any = None, name:
     return keras.Model(inputs, x, name=name)
 
 
-def remapped_head(network: Any, names: Sequence[str], new_names: Sequence[str], seed: int = 0) -> tuple[Any, int]:
+def remapped_head(network: Any, names: Sequence[str], new_names: Sequence[str]) -> tuple[Any, int]:
     """A head layer for ``new_names``: a copy of the network's head whose units for tags it already knows
     keep their weights, the others freshly initialised. Returns ``(layer, tags kept)``."""
     head, _ = find_head(network)
@@ -195,9 +195,47 @@ def remapped_head(network: Any, names: Sequence[str], new_names: Sequence[str], 
     return layer, len(kept)
 
 
+def check_project(path: str | os.PathLike) -> str:
+    """``path`` as an absolute path if it is a DeepDanbooru project (every file there), else the error
+    naming what is missing; for ``--train --init-from``."""
+    from . import detect
+
+    if detect(path) != DEEPDANBOORU:
+        raise AltI2VError(f"{path}: --init-from takes a DeepDanbooru project (project.json, tags.txt, "
+                          "model-<model>.h5), not an alt-i2v model directory or a WD14 folder")
+    return str(Path(path).resolve())
+
+
+def build_from_project(project: str | os.PathLike, num_tags: int, image_size: int, *,
+                       tag_names: Sequence[str] | None = None, frozen: int = 0) -> Any:
+    """An alt-i2v model started from a DeepDanbooru project, for ``num_tags`` tags at ``image_size``: the
+    project's trunk and weights, and a head for the new vocabulary where tags the project knows keep their
+    head weights (``tag_names`` given), new ones start fresh. ``frozen`` freezes the trunk's first layers."""
+    files = read_project(project)
+    network = load_network(files)
+    if tag_names is not None:
+        if len(tag_names) != num_tags:
+            raise AltI2VError(f"{len(tag_names)} tag names for {num_tags} tags")
+        head, _ = remapped_head(network, files.vocab.names, list(tag_names))
+    else:  # the architecture only (its weights come from a checkpoint): every unit fresh
+        head, _ = remapped_head(network, [], [str(i) for i in range(num_tags)])
+    model = wrap(network, image_size=image_size, head=head, name="alt_i2v_deepdanbooru")
+    trunk = model.get_layer("features")
+    for layer in trunk.layers[:max(0, int(frozen or 0))]:
+        layer.trainable = False
+    return model
+
+
+def tags_kept(project: str | os.PathLike, tag_names: Sequence[str]) -> int:
+    """How many of ``tag_names`` the project's head already knows."""
+    known = set(read_tag_file(Path(project) / TAGS_FILE))
+    return sum(1 for t in tag_names if t in known)
+
+
 def _load_runner(files: ReadyFiles, **_: Any) -> Any:
     return wrap(load_network(files), image_size=files.image.image_size)
 
 
-__all__ = ["read_project", "read_tags", "load_network", "wrap", "find_head", "remapped_head", "PROJECT_FILE",
+__all__ = ["read_project", "read_tags", "load_network", "wrap", "find_head", "remapped_head", "build_from_project",
+           "check_project", "tags_kept", "PROJECT_FILE",
            "TAGS_FILE", "CATEGORY_FILES", "THRESHOLDS"]
