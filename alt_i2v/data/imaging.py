@@ -20,8 +20,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .config import MAX_PIXELS_CAP, RESIZE_MODES, ImageConfig
-from .errors import ImageLoadError
+from ..config import MAX_PIXELS_CAP, RESIZE_MODES, ImageConfig
+from ..errors import ImageLoadError
 
 DEFAULT_MAX_PIXELS = ImageConfig.max_pixels
 WHITE = (255, 255, 255)
