@@ -112,7 +112,7 @@ def wd14_features(model_file: Path, image_file: Path) -> np.ndarray:
     proto.graph.output.append(helper.make_tensor_value_info("feats", TensorProto.FLOAT, None))
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     size = sess.get_inputs()[0].shape[1]
-    from alt_i2v.imaging import load_image
+    from alt_i2v.data.imaging import load_image
 
     x = load_image(image_file, size, "square")[:, :, ::-1].astype(np.float32)
     return sess.run(["feats"], {"input": np.ascontiguousarray(x[None])})[0][0]
@@ -168,7 +168,7 @@ def dd_reference(project: Path, image_file: Path) -> np.ndarray:
     square, RGB), divided by 255, model.predict."""
     import keras
 
-    from alt_i2v.imaging import load_image
+    from alt_i2v.data.imaging import load_image
 
     doc = json.loads((project / "project.json").read_text())
     model = keras.saving.load_model(project / f"model-{doc['model']}.h5", compile=False)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alt_i2v.compare import compare, score, split_images
+from alt_i2v.training.compare import compare, score, split_images
 from alt_i2v.store import split_of
-from alt_i2v.vocab import Vocab
+from alt_i2v.data.vocab import Vocab
 
 # Four test images and their tags; each stub model's probabilities over its own vocabulary
 TRUTH = [["a", "b"], ["a"], ["b"], ["c"]]

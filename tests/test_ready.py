@@ -15,7 +15,7 @@ import pytest
 from _ready_models import (DD_TAGS, WD14_TAGS, dd_reference, make_deepdanbooru, make_wd14, pictures,
                            wd14_features, wd14_reference)
 from alt_i2v.errors import AltI2VError
-from alt_i2v.imaging import load_image
+from alt_i2v.data.imaging import load_image
 from alt_i2v.ready import detect, read_ready
 
 _cache: dict[str, Path] = {}

@@ -16,9 +16,9 @@ import requests
 from _inference_model import trained_model
 from _ready_models import (DD_TAGS, WD14_TAGS, dd_reference, make_deepdanbooru, make_wd14, pictures,
                            wd14_features, wd14_reference)
-from alt_i2v.captions import caption_path, format_caption
+from alt_i2v.data.captions import caption_path, format_caption
 from alt_i2v.cli import main
-from alt_i2v.tagger import Tagger, clear_cache, predict_tags
+from alt_i2v.tagging.tagger import Tagger, clear_cache, predict_tags
 
 WD14_CATS = {n: {9: "rating", 0: "general", 4: "character"}[c] for n, c in WD14_TAGS}
 DD_CATS = {n: ("rating" if n.startswith("rating:") else "character" if n in ("hatsune_miku", "inazuma_(kancolle)")
@@ -98,7 +98,7 @@ def test_pred_writes_captions_with_every_caption_option(family, models, folder, 
 
 
 def test_threshold_mcut_takes_the_largest_gap_per_category(models, folder):
-    from alt_i2v.thresholds import mcut_threshold
+    from alt_i2v.training.thresholds import mcut_threshold
 
     model = models["wd14"]
     file = folder / "p0.png"

@@ -20,7 +20,7 @@ from ..config import ImageConfig
 from ..errors import AltI2VError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..vocab import Vocab
+    from ..data.vocab import Vocab
 
 ALT_I2V, WD14, DEEPDANBOORU = "alt-i2v", "wd14", "deepdanbooru"
 FAMILIES = (ALT_I2V, WD14, DEEPDANBOORU)

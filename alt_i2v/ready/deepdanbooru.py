@@ -46,7 +46,7 @@ def read_tag_file(path: Path) -> list[str]:
 
 def read_tags(root: Path) -> Any:
     """``tags.txt`` as a Vocab, categories from the per-category files and the ``rating:`` prefix."""
-    from ..vocab import Vocab
+    from ..data.vocab import Vocab
 
     names = read_tag_file(root / TAGS_FILE)
     if not names:

@@ -32,7 +32,7 @@ def read_tags(path: str | os.PathLike) -> "Any":
     """``selected_tags.csv`` as a Vocab: names in output order, Danbooru category numbers as names,
     ``count`` kept. A missing column, an unknown category number or a repeated name is an error naming the
     line."""
-    from ..vocab import Vocab
+    from ..data.vocab import Vocab
 
     path = Path(path)
     try:

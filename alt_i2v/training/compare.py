@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import AltI2VError, ImageLoadError, UsageError
+from ..errors import AltI2VError, ImageLoadError, UsageError
 from .metrics import average_precision, prf_at
 
 COMPARE_VERSION = 1
@@ -39,10 +39,10 @@ class SplitImages:
 def split_images(data_dir: str | os.PathLike, split: str = "test") -> SplitImages:
     """The posts of ``split`` with their image files and labels over ``DATA/vocab.json``. The split is the
     store's (the same hash of the id, with the fractions the store was built with; 0.1/0.1 without one)."""
-    from .dataset import iter_posts, post_image_path, posts_path
-    from .layout import DataDir
-    from .store import SPLITS, Store, split_of
-    from .vocab import Vocab
+    from ..data.posts import iter_posts, post_image_path, posts_path
+    from ..data.layout import DataDir
+    from ..store import SPLITS, Store, split_of
+    from ..data.vocab import Vocab
 
     data = DataDir(data_dir)
     if split not in SPLITS:
@@ -74,7 +74,7 @@ def split_images(data_dir: str | os.PathLike, split: str = "test") -> SplitImage
 def model_probabilities(tagger: Any, files: Sequence[str], *, quiet: bool = True, desc: str = "predict"
                         ) -> tuple[np.ndarray, list[int]]:
     """Probabilities (N, T) of ``files`` (NaN rows for those that fail) and the failed positions."""
-    from .progress import bar
+    from ..progress import bar
 
     out = np.full((len(files), len(tagger.vocab)), np.nan, np.float32)
     failed: list[int] = []
@@ -144,9 +144,9 @@ def compare(data_dir: str | os.PathLike, models: Sequence[Any], split: str = "te
     """Score ``models`` (model directories of any family, or Taggers) on the same images of ``split`` of
     the dataset, write ``compare.json`` and ``report.md`` into ``out`` (default
     ``DATA/reports/compare-<split>/``; ``DATA/reports/evaluate-<model>-<split>/`` for one model)."""
-    from .fsutil import atomic_write_json, atomic_write_text
-    from .layout import DataDir
-    from .tagger import Tagger
+    from ..fsutil import atomic_write_json, atomic_write_text
+    from ..data.layout import DataDir
+    from ..tagging.tagger import Tagger
 
     t0 = time.perf_counter()
     if not models:
