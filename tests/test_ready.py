@@ -167,7 +167,7 @@ def test_deepdanbooru_predictions_equal_keras_on_its_documented_preprocessing(dd
     want = np.stack([dd_reference(dd, p) for p in images])
     np.testing.assert_allclose(probs, want, atol=1e-5, rtol=0)
     assert probs.std() > 0.01
-    assert [l.name for l in model.layers][:3] == ["image", "preprocess", "features"]
+    assert [l.name for l in model.layers][:4] == ["image", "preprocess", "trunk", "features"]
     assert model.layers[-1].name == "tags"
 
 
@@ -200,5 +200,5 @@ def test_a_model_started_from_a_project_keeps_the_head_of_the_tags_it_knows(dd, 
     # another input size: the same trunk weights, built for 48px
     bigger = build_from_project(dd, len(names), 48, tag_names=names)
     assert bigger.input_shape == (None, 48, 48, 3)
-    np.testing.assert_array_equal(bigger.get_layer("features").get_weights()[0],
-                                  model.get_layer("features").get_weights()[0])
+    np.testing.assert_array_equal(bigger.get_layer("trunk").get_weights()[0],
+                                  model.get_layer("trunk").get_weights()[0])
