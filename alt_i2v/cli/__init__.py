@@ -269,14 +269,6 @@ def _parse(argv: Sequence[str] | None) -> tuple[str, argparse.Namespace]:
         argv[argv.index("--index")] = "--index-path"
     args = parser.parse_args(argv)
     action = next(a for a in ACTIONS if _given(getattr(args, "index_action" if a == "index" else a, None)))
-    models = args.model or []
-    if action == "evaluate":
-        args.models = models
-        args.model = models[0] if len(models) == 1 else (None if not models else models)
-    elif len(models) > 1:
-        parser.error(f"--model is given once for --{action.replace('_src', '')} (only --evaluate compares several)")
-    else:
-        args.model = models[0] if models else None
     allowed = ACTION_OPTIONS[action] | COMMON
     for dest, value in vars(args).items():
         if dest in ACTIONS or dest in ("index_action",) or dest in allowed:
@@ -284,6 +276,11 @@ def _parse(argv: Sequence[str] | None) -> tuple[str, argparse.Namespace]:
         if _given(value):
             flag = "--" + dest.replace("_", "-")
             parser.error(f"{flag} does not apply to --{action.replace('_src', '')}")
+    models = args.model or []  # --model is repeatable for --evaluate only; elsewhere it is one directory
+    if len(models) > 1 and action != "evaluate":
+        parser.error(f"--model is given once for --{action.replace('_src', '')} (only --evaluate compares several)")
+    args.model = models[0] if models else None
+    args.models = models
     return action, args
 
 
