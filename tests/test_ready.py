@@ -48,6 +48,10 @@ def test_each_family_is_recognised_by_its_files(wd14, dd, tmp_path):
     for name in ("model.keras", "config.json", "vocab.json"):
         (alt / name).write_text("{}")
     assert detect(alt) == "alt-i2v"
+    hub = tmp_path / "hub"  # a snapshot of a WD14 model page also has a timm config.json
+    shutil.copytree(wd14, hub)
+    (hub / "config.json").write_text('{"architecture": "vit_base_patch16_224"}')
+    assert detect(hub) == "wd14"
 
 
 @pytest.mark.parametrize("family,missing,says", [

@@ -270,3 +270,11 @@ def test_train_init_from_a_deepdanbooru_project(models, built_data, tmp_path):
     probs = tagger.probabilities(sorted(built_data.glob("images/*/*.png"))[:3])
     assert probs.shape == (3, 7)
     assert tagger.embed(sorted(built_data.glob("images/*/*.png"))[0]).shape == (16,)
+
+
+def test_pred_with_a_folder_of_no_family_names_what_each_needs(folder, tmp_path, capsys):
+    empty = tmp_path / "downloads"
+    empty.mkdir()
+    assert main(["--pred", str(folder), "--model", str(empty)]) == 1
+    err = capsys.readouterr().err
+    assert "model.onnx + selected_tags.csv" in err and "project.json, tags.txt, model-<model>.h5" in err
