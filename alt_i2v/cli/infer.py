@@ -31,13 +31,14 @@ def _emit(progress: Any, text: str, file: Any = None) -> None:
 
 def cmd_pred(args: argparse.Namespace) -> int:
     """``--pred FILES/DIRS --model DIR``: print tags (text/json/caption) and/or write caption files."""
-    from ..captions import (DEFAULT_CAPTION_MODE, DEFAULT_TAG_STYLE, caption_conflicts, caption_path,
+    from ..data.captions import (DEFAULT_CAPTION_MODE, DEFAULT_TAG_STYLE, caption_conflicts, caption_path,
                             format_caption, format_tag, parse_tag_list, select_tags, write_caption)
     from ..progress import bar, summary
-    from ..tagger import check_top_k, get_tagger, list_images, parse_threshold
+    from ..tagging.tagger import check_top_k, get_tagger, list_images, parse_threshold
 
     if not args.model:
-        raise UsageError("--pred needs --model DIR (a trained model directory)")
+        raise UsageError("--pred needs --model DIR (a trained model directory, a WD14 folder or a DeepDanbooru "
+                         "project)")
     if args.format is not None and args.format not in PRED_FORMATS:
         raise UsageError(f"--pred --format is one of {', '.join(PRED_FORMATS)}, not {args.format}")
     if not args.write_captions:
@@ -71,7 +72,7 @@ def cmd_pred(args: argparse.Namespace) -> int:
     single_file = len(files) == 1 and not folders
     progress = bar(total=len(files), desc="tag", unit="img", quiet=args.quiet or not folders)
     try:
-        for i, result in tagger.iter_predict(files, threshold, top_k):
+        for i, result, ratings in tagger.iter_predict(files, threshold, top_k, with_ratings=True):
             file = files[i]
             progress.update(1)
             if isinstance(result, ImageLoadError):
@@ -84,7 +85,8 @@ def cmd_pred(args: argparse.Namespace) -> int:
                 continue
             counts["tagged"] += 1
             if fmt == "json":
-                _emit(progress, json.dumps({"file": file, "tags": result}, ensure_ascii=False))
+                _emit(progress, json.dumps({"file": file, "tags": result, **({"rating": ratings} if ratings else {})},
+                                           ensure_ascii=False))
             elif fmt == "caption":
                 line = format_caption(result, categories, style=style, escape=escape, exclude=exclude,
                                       max_tags=args.max_tags)
@@ -93,6 +95,8 @@ def cmd_pred(args: argparse.Namespace) -> int:
                 lines = [file] + [f"  {p:.3f}  {t}" for t, p in result.items()]
                 if not result:
                     lines.append("  (no tag above its threshold)")
+                if ratings:
+                    lines.append("  rating: " + ", ".join(f"{t} {p:.3f}" for t, p in ratings.items()))
                 _emit(progress, "\n".join(lines))
             if args.write_captions:
                 if file in conflicts:
@@ -132,7 +136,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     from ..fsutil import atomic_write_bytes, atomic_write_json
     from ..progress import summary
-    from ..tagger import get_tagger, list_images
+    from ..tagging.tagger import get_tagger, list_images
 
     if not args.model:
         raise UsageError("--embed needs --model DIR")
@@ -164,7 +168,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     """``--index --model DIR (--data DIR | --images DIR) --out INDEX [--approx]``."""
     from ..progress import summary
     from ..search import build_index, faiss_available
-    from ..tagger import get_tagger
+    from ..tagging.tagger import get_tagger
 
     if not args.model:
         raise UsageError("--index needs --model DIR (the model whose embeddings are indexed)")
@@ -219,9 +223,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     """``--explain FILES/DIRS --model DIR [--tag T,...] [--top-k K] [--out DIR]``: Grad-CAM pictures."""
     import os
 
-    from ..explain import DEFAULT_TOP_K, explain_images
+    from ..tagging.gradcam import DEFAULT_TOP_K, explain_images
     from ..progress import summary
-    from ..tagger import list_images
+    from ..tagging.tagger import list_images
 
     if not args.model:
         raise UsageError("--explain needs --model DIR (a trained model directory)")
@@ -243,8 +247,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_screen(args: argparse.Namespace) -> int:
     """``--screen SRC --model DIR --keep T,... [--reject T,...] --out DIR [--move] [--dry-run]``."""
     from ..progress import summary
-    from ..screen import screen
-    from ..tagger import parse_threshold
+    from ..tagging.screening import screen
+    from ..tagging.tagger import parse_threshold
 
     if not args.model:
         raise UsageError("--screen needs --model DIR (a trained model directory)")
@@ -264,7 +268,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``--export --model DIR --format savedmodel|onnx|tflite --out DIR``: written, then parity-checked."""
-    from ..export import export
+    from ..tagging.exporting import export
     from ..progress import summary
 
     if not args.model:

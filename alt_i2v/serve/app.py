@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from .. import __version__
-from ..captions import CATEGORY_ORDER, format_caption
+from ..data.captions import CATEGORY_ORDER, format_caption
 from ..config import ServeConfig
 from ..errors import AltI2VError, ImageLoadError, UsageError
 from .engine import ModelEngine
@@ -77,7 +77,7 @@ class Service:
 
     def __init__(self, model: Any, index: Any, config: ServeConfig):
         from ..search import open_index
-        from ..tagger import Tagger, get_tagger
+        from ..tagging.tagger import Tagger, get_tagger
 
         self.config = config
         self.index = None
@@ -187,7 +187,8 @@ def create_app(model: Any, index: Any = None, config: ServeConfig | None = None)
         t = service.tagger
         present = [c for c in CATEGORY_ORDER if c in set(service.categories.values())]
         present += sorted(set(service.categories.values()) - set(present))
-        return {"model": service.model_name, "calibrated": bool(t.calibrated),
+        return {"model": service.model_name, "family": t.family, "calibrated": bool(t.calibrated),
+                "thresholds": t.threshold_source, "explain": t.model is not None,
                 "global_threshold": float(t.global_threshold), "categories": present,
                 "tags": [{"name": n, "category": service.categories[n], "threshold": float(thr)}
                          for n, thr in zip(service.names, t.thresholds)],
@@ -202,13 +203,15 @@ def create_app(model: Any, index: Any = None, config: ServeConfig | None = None)
                    ) -> dict[str, Any]:
         """``tags``: every tag with its probability, most probable first (``predict_tags(image,
         threshold=0.0)``); ``selected``: those at or above the threshold; ``caption``: them as
-        ``--write-captions`` writes them."""
+        ``--write-captions`` writes them; ``rating``: a ready model's rating outputs, apart from the tags
+        (empty for alt-i2v models)."""
         t0 = time.perf_counter()
         thr = service.thresholds(threshold)
         upload, image = await service.receive(request)
         probs = await asyncio.wrap_future(service.engine.tags(image))
         selected = service.tagger.tags_from_probs(probs, thr)
         return {"file": upload.filename, "tags": service.all_tags(probs, top_k), "selected": list(selected),
+                "rating": service.tagger.ratings_from_probs(probs),
                 "threshold": threshold or "calibrated", "caption": service.caption(selected),
                 "seconds": round(time.perf_counter() - t0, 4)}
 
@@ -231,12 +234,15 @@ def create_app(model: Any, index: Any = None, config: ServeConfig | None = None)
     async def explain_tag(request: Request, tag: str | None = Query(None),
                           format: str = Query("json", pattern="^(json|png)$")) -> Any:
         """Where the model finds ``tag`` (form field or query; default the most probable tag) in the
-        picture: the map of :func:`alt_i2v.explain.explain`, as ``overlay`` (the picture with the map
+        picture: the map of :func:`alt_i2v.tagging.gradcam.explain`, as ``overlay`` (the picture with the map
         laid over it) and ``heatmap`` (the map alone, grey 0-255), PNG data URLs at display size (long
         side 256-640 px). ``?format=png`` answers the overlay as a PNG."""
-        from ..explain import get_explainer
+        from ..tagging.gradcam import get_explainer
 
         t0 = time.perf_counter()
+        if service.tagger.model is None:
+            raise UploadError(400, "no_gradients", f"heat maps need gradients through a Keras model; this "
+                                                   f"{service.tagger.family} model runs on onnxruntime, which gives none")
         upload, image = await service.receive(request)
         tagger = service.tagger
         tag = upload.fields.get("tag") or tag

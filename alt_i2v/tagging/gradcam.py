@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -20,8 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from . import CallableModule
-from .errors import AltI2VError, ImageLoadError, UsageError
+from ..errors import AltI2VError, ImageLoadError, UsageError
 
 DEFAULT_TOP_K = 3
 PANEL = 320  # pixels of the long side of each half of a written heat-map picture
@@ -40,6 +38,9 @@ def feature_layer(model: Any) -> Any:
     Nested backbones count as one layer (their output is their last feature map), so no layer name of any
     backbone is assumed."""
     out_layer = model.layers[-1]
+    named = next((layer for layer in model.layers if layer.name == "features"), None)
+    if named is not None and len(named.output.shape) == 4 and (named.output.shape[1] or 2) > 1:
+        return named  # the feature map the head reads (alt-i2v's per-position Dense, a DeepDanbooru trunk)
     found, learned = None, False
     for layer in model.layers[:-1]:
         learned = learned or bool(layer.weights)  # input and preprocessing maps are not features
@@ -60,7 +61,8 @@ def feature_layer(model: Any) -> Any:
 def _split(model: Any, layer: Any) -> tuple[Any, Any, Any]:
     """``(body, head, kernel_bias)``: body maps images to the feature map, head maps it to what the output
     layer receives; kernel_bias is the output Dense's (kernel, bias) so logits are taken before the sigmoid
-    (a saturated probability has no gradient), or None when the output layer is not a Dense."""
+    (a saturated probability has no gradient), ``"sigmoid"`` when the output layer is a sigmoid Activation
+    (the head then ends at its input, the logits), or None otherwise."""
     import keras
 
     out_layer = model.layers[-1]
@@ -68,6 +70,8 @@ def _split(model: Any, layer: Any) -> tuple[Any, Any, Any]:
     if isinstance(out_layer, keras.layers.Dense):
         head = keras.Model(layer.output, out_layer.input, name="explain_head")
         return body, head, (out_layer.kernel, out_layer.bias)
+    if isinstance(out_layer, keras.layers.Activation) and out_layer.get_config().get("activation") == "sigmoid":
+        return body, keras.Model(layer.output, out_layer.input, name="explain_head"), "sigmoid"
     return body, keras.Model(layer.output, model.outputs[0], name="explain_head"), None
 
 
@@ -107,10 +111,14 @@ def _logit_gradients(score: Any, fmap: np.ndarray, onehot: np.ndarray) -> tuple[
 
 
 class Explainer:
-    """Grad-CAM of one loaded :class:`~alt_i2v.tagger.Tagger`, split once at its last feature map."""
+    """Grad-CAM of one loaded :class:`~alt_i2v.tagging.tagger.Tagger`, split once at its last feature map."""
 
     def __init__(self, tagger: Any, layer: str | None = None):
         model = tagger.model
+        if model is None:
+            raise AltI2VError(f"{tagger.model_dir}: Grad-CAM needs gradients through a Keras model; this is a "
+                              f"{getattr(tagger, 'family', 'non-Keras')} model run by onnxruntime, which gives "
+                              "none (--explain works with alt-i2v models and DeepDanbooru projects)")
         self.tagger = tagger
         self.layer = model.get_layer(layer) if layer else feature_layer(model)
         self.body, self.head, self._dense = _split(model, self.layer)
@@ -121,7 +129,7 @@ class Explainer:
         from keras import ops
 
         h = self.head(fmap, training=False)
-        if self._dense is None:
+        if self._dense is None or isinstance(self._dense, str):
             return h
         kernel, bias = self._dense
         z = ops.matmul(ops.cast(h, "float32"), ops.cast(kernel, "float32"))
@@ -149,7 +157,7 @@ class Explainer:
         peak = cam.max(axis=(1, 2), keepdims=True)
         cam = np.where(peak > 0, cam / np.where(peak > 0, peak, 1.0), 0.0).astype(np.float32)
         z = logits[0].astype(np.float64)
-        probs = 1.0 / (1.0 + np.exp(-z)) if self._dense is not None else z
+        probs = 1.0 / (1.0 + np.exp(-z)) if self._dense is not None else z  # Dense or sigmoid: logits
         return cam, list(indices), probs.astype(np.float32)
 
 
@@ -174,12 +182,12 @@ def to_picture(cam: np.ndarray, width: int, height: int, image_config: Any) -> n
     """A map over the model's input square as an (height, width) map over the picture it came from,
     undoing the pad / stretch / crop of loading (a cropped-away border gets 0: the model never saw it),
     scaled so its peak is 1 (all 0 when nothing in the picture raises the tag)."""
-    from .imaging import fit_geometry
+    from ..data.imaging import fit_geometry
 
     size = int(image_config.image_size)
     square = _resize_map(cam, size, size)
     nw, nh, dx, dy = fit_geometry(width, height, size, image_config.resize)
-    if image_config.resize == "pad":
+    if image_config.resize in ("pad", "square"):
         region = square[dy:dy + nh, dx:dx + nw]
     elif image_config.resize == "crop":
         region = np.zeros((nh, nw), np.float32)
@@ -208,8 +216,8 @@ def explain(image: Any, tag: str | None = None, model: Any = None) -> np.ndarray
     """Grad-CAM heat map of ``tag`` on ``image``: an (H, W) float32 array in [0, 1] at the picture's own
     size (1 = strongest evidence). ``image``: a path, bytes, PIL image or array (as ``predict_tags``);
     ``tag`` None = the most probable tag; ``model``: a model directory (loaded once and cached) or a
-    loaded :class:`~alt_i2v.tagger.Tagger`."""
-    from .imaging import load_image_config, open_rgb
+    loaded :class:`~alt_i2v.tagging.tagger.Tagger`."""
+    from ..data.imaging import load_image_config, open_rgb
     from .tagger import get_tagger
 
     tagger = get_tagger(model)
@@ -281,9 +289,9 @@ def explain_images(files: Sequence[str | os.PathLike], model: Any, out_dir: str 
     each file and each of ``tags`` (or its ``top_k`` most probable tags). ``roots``: folders the files
     were found in, whose relative paths name the pictures (``a/b.jpg`` -> ``a/b.<tag>.png``). A file
     that cannot be read is reported and skipped."""
-    from .fsutil import atomic_path
-    from .imaging import load_image_config, open_rgb
-    from .progress import bar
+    from ..fsutil import atomic_path
+    from ..data.imaging import load_image_config, open_rgb
+    from ..progress import bar
     from .tagger import get_tagger
 
     if top_k < 1:
@@ -339,5 +347,3 @@ def _picture_stem(file: Path, roots: Sequence[Path], used: set[str]) -> str:
 
 __all__ = ["explain", "explain_images", "Explainer", "ExplainResult", "feature_layer", "get_explainer",
            "to_picture", "render", "colorize", "DEFAULT_TOP_K"]
-
-sys.modules[__name__].__class__ = CallableModule  # ``from alt_i2v import explain`` is this module: callable
