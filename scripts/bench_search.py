@@ -305,6 +305,49 @@ def record_large(row: dict) -> None:
 
 
 
+def bench_dedupe(originals: int, args: argparse.Namespace) -> dict:
+    """--dedupe on a generated dataset: ``originals`` distinct pictures, a third with their 5 near-copies,
+    and some parent/child pairs; precision and recall of the grouping's pairs against the truth."""
+    import tempfile
+
+    from alt_i2v.demo.copies import pair_scores, write_copies_dataset
+    from alt_i2v.search.dedupe import find_groups
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        data = Path(tmp) / "data"
+        t = time.perf_counter()
+        truth = write_copies_dataset(data, originals, originals // 3, parent_pairs=max(1, originals // 50), seed=3,
+                                     size=256)
+        made = time.perf_counter() - t
+        t = time.perf_counter()
+        report = find_groups(data, quiet=args.quiet)
+        took = time.perf_counter() - t
+    precision, recall = pair_scores(report["groups"], truth)
+    row = {"posts": report["posts"], "true_groups": len(truth), "groups": len(report["groups"]),
+           "precision": precision, "recall": recall, "seconds": took, "ms_per_picture": took / report["posts"] * 1000}
+    print(f"\n== --dedupe on {report['posts']:,} generated pictures ({len(truth)} true groups: {originals // 3} "
+          f"pictures with 5 copies each, {max(1, originals // 50)} parent/child pairs; made in {made:.0f} s)")
+    print(f"groups found {row['groups']}, pair precision {precision:.3f}, recall {recall:.3f}; "
+          f"{took:.1f} s ({row['ms_per_picture']:.1f} ms a picture)")
+    return row
+
+
+def record_dedupe(row: dict) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_all
+
+    results = bench_all.load_results()
+    bench_all.record(results, "search_dedupe",
+                     f"precision {row['precision']:.3f}, recall {row['recall']:.3f} over {row['posts']:,} pictures; "
+                     f"{row['ms_per_picture']:.1f} ms a picture", None, "precision and recall >= 0.95",
+                     bench_all.this_device())
+    entry = next(e for e in results["results"] if e["name"] == "search_dedupe")
+    entry["compares"] = ("`--dedupe` (DCT signature, no model) on generated pictures and their resized, JPEG q25, "
+                         "5%-cropped, mirrored and recoloured copies vs distinct pictures: pairs found vs true pairs")
+    bench_all.save_results(results)
+    print(f"recorded search_dedupe in {bench_all.RESULTS_FILE}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="100000,1000000", help="comma-separated index sizes")
@@ -318,9 +361,20 @@ def main() -> int:
                    help="--large: recall@10 the build calibrates nprobe for, on stored vectors as queries")
     p.add_argument("--workdir", default=os.environ.get("TMPDIR", "/tmp"), help="--large: where the index goes")
     p.add_argument("--keep", action="store_true", help="--large: keep the index on disk")
-    p.add_argument("--record", action="store_true", help="--large: write the figures to scripts/results.json")
+    p.add_argument("--record", action="store_true",
+                   help="--large/--dedupe: write the figures to scripts/results.json")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--dedupe", type=int, default=0, metavar="N",
+                   help="--dedupe precision/recall on N generated pictures (+ their copies)")
     args = p.parse_args()
+    if args.dedupe:
+        row = bench_dedupe(args.dedupe, args)
+        print(f"RESULT search_dedupe precision={row['precision']:.3f} recall={row['recall']:.3f} "
+              f"posts={row['posts']} ms_per_picture={row['ms_per_picture']:.1f} ratio={min(row['precision'], row['recall']):.3f} "
+              f"target=precision,recall>=0.95", flush=True)
+        if args.record:
+            record_dedupe(row)
+        return 0
     if args.large:
         for n in [int(float(v)) for v in args.large.split(",") if v.strip()]:
             row = bench_large(n, args.dim, args)
