@@ -333,15 +333,17 @@ def test_ivfpq_is_built_streaming_and_searches_from_a_memory_mapped_file(tmp_pat
 @pytest.mark.parametrize("kind", ["exact", "ivf-sq8", "ivf-pq"])
 def test_adding_to_a_saved_index_equals_a_rebuilt_one(kind, tmp_path):
     """A (saved), then B added to it on disk, answers every query as an index built from A + B at once.
-    Every inverted list is visited, so the approximate kinds differ only in the quantisers (trained on A
-    alone or on A + B), which the exact re-rank of the candidates then makes irrelevant."""
+    Every inverted list is visited and enough candidates re-ranked (a tenth of the index for ivf-pq, whose
+    small test codes are coarse), so the approximate kinds differ only in the quantisers (trained on A
+    alone or on A + B), which the exact re-rank of the candidates then makes irrelevant; the queries include
+    rows of B, which only the added codes can bring up."""
     from alt_i2v.search.large import build_streaming
 
     x = clustered(3000, dim=32, clusters=30, seed=12)
     a, b = x[:2000], x[2000:]
     q = np.concatenate([clustered(30, dim=32, clusters=30, seed=12) + 0.05, b[:10]])
     ids = [f"p{i}" for i in range(len(x))]
-    kw = {} if kind == "exact" else {"nlist": 16, "nprobe": 16}
+    kw = {} if kind == "exact" else {"nlist": 16, "nprobe": 16, "refine": 30 if kind == "ivf-pq" else 4}
     if kind == "ivf-pq":
         build_streaming(tmp_path / "grown", _chunks(a), dim=32, **kw)
         rebuilt = build_streaming(tmp_path / "whole", _chunks(x), dim=32, **kw)
@@ -356,6 +358,7 @@ def test_adding_to_a_saved_index_equals_a_rebuilt_one(kind, tmp_path):
     got, want = grown.search(q, 10), rebuilt.search(q, 10)
     assert [[i for i, _ in r] for r in got] == [[i for i, _ in r] for r in want]
     np.testing.assert_allclose([[s for _, s in r] for r in got], [[s for _, s in r] for r in want], atol=1e-5)
+    assert [r[0][0] for r in got[-10:]] == ids[2000:2010]  # the added rows are found through their codes
     if kind == "ivf-pq":  # the vectors file grew in place: the new rows follow the old ones
         assert (tmp_path / "grown" / "vectors.f16").stat().st_size == 3000 * 32 * 2
 

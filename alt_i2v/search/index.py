@@ -155,7 +155,9 @@ class SimilarityIndex:
             block[s:s + step] = normalize_rows(emb[s:s + step])
         if self._approx is not None:
             for s in range(0, n, step):
-                self._approx.add(np.ascontiguousarray(block[s:s + step], dtype=np.float32))
+                rows = np.ascontiguousarray(block[s:s + step], dtype=np.float32)
+                # explicit ids: after a removal faiss's own count is no longer the next row's position
+                self._approx.add_with_ids(rows, np.arange(self.count + s, self.count + s + len(rows), dtype=np.int64))
         self._blocks.append(block)
         if positional:
             self._ids = None
@@ -346,7 +348,7 @@ class SimilarityIndex:
 
     def _search_approx(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         refine = int((self.approx_params or {}).get("refine", 4))
-        kk = min(self.count, max(k * refine, k))
+        kk = min(self.count, max(k, 10) * refine)  # a short k still re-ranks as many as k=10 would
         step = max(1, _CHUNK_BYTES // (4 * kk * self.dim))  # queries per group: bounded re-rank rows
         if len(q) > step:
             parts = [self._search_approx(q[s:s + step], k) for s in range(0, len(q), step)]
@@ -429,11 +431,14 @@ class SimilarityIndex:
         del train
         t1 = time.perf_counter()
         step = max(1, _CHUNK_BYTES // (4 * self.dim))
+        offset = 0
         for block in self._blocks:
             for s in range(0, len(block), step):
-                index.add(_as_f32(block[s:s + step]))
+                rows = _as_f32(block[s:s + step])
+                index.add_with_ids(rows, np.arange(offset + s, offset + s + len(rows), dtype=np.int64))
                 if progress is not None:
-                    progress(min(step, len(block) - s))
+                    progress(len(rows))
+            offset += len(block)
         if self._removed:
             index.remove_ids(np.asarray(sorted(self._removed), dtype=np.int64))
         self._approx = index
