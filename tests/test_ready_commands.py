@@ -278,3 +278,9 @@ def test_pred_with_a_folder_of_no_family_names_what_each_needs(folder, tmp_path,
     assert main(["--pred", str(folder), "--model", str(empty)]) == 1
     err = capsys.readouterr().err
     assert "model.onnx + selected_tags.csv" in err and "project.json, tags.txt, model-<model>.h5" in err
+
+
+def test_export_says_a_ready_model_already_is_in_its_format(models, tmp_path, capsys):
+    assert main(["--export", "--model", str(models["wd14"]), "--format", "onnx", "--out", str(tmp_path / "x")]) == 2
+    assert "a WD14 folder already is ONNX" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
