@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from alt_i2v.cli import main
-from alt_i2v.coordinator import bind_address, check_in, claim, parse_address, roll_call
-from alt_i2v.distribute import DistConfig
+from alt_i2v.training.coordinator import bind_address, check_in, claim, parse_address, roll_call
+from alt_i2v.training.distribute import DistConfig
 from alt_i2v.errors import AltI2VError, UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ def test_jax_coordinator_listens_only_on_the_host_given():
     """Case 13: ``jax.distributed.initialize`` as a run starts it; it listened on every interface (*:PORT)."""
     port = _free_port()
     code = ("import sys, time\n"
-            "from alt_i2v.distribute import DistConfig, _initialize\n"
+            "from alt_i2v.training.distribute import DistConfig, _initialize\n"
             f"_initialize(DistConfig(coordinator='127.0.0.1:{port}', num_processes=1), quiet=True)\n"
             "print('up', flush=True)\n"
             "time.sleep(60)\n")

@@ -20,7 +20,7 @@ import socket
 import time
 from typing import Any
 
-from .errors import AltI2VError, UsageError
+from ..errors import AltI2VError, UsageError
 
 HELLO = "alt-i2v roll call"
 MAX_LINE = 4096
