@@ -197,7 +197,7 @@ class JsonlWriter:
         self.append_many([record])
 
     def append_many(self, records: Any) -> None:
-        data = b"".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode() + b"\n" for r in records)
+        data = b"".join(_json_line(r) for r in records)
         if not data:
             return
         self._f.write(data)
@@ -216,6 +216,16 @@ class JsonlWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _json_line(record: Any) -> bytes:
+    """One JSON line in UTF-8; a string holding bytes that were not UTF-8 (a file name Python keeps as lone
+    surrogates) is written with \\u escapes, which read back to the very same string."""
+    line = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return line.encode() + b"\n"
+    except UnicodeEncodeError:
+        return json.dumps(record, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
 
 
 def repair_tail(path: str | os.PathLike) -> tuple[int, bytes]:
