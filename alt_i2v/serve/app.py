@@ -213,7 +213,8 @@ def create_app(model: Any, index: Any = None, config: ServeConfig | None = None)
         t = service.tagger
         present = [c for c in CATEGORY_ORDER if c in set(service.categories.values())]
         present += sorted(set(service.categories.values()) - set(present))
-        return {"model": service.model_name, "calibrated": bool(t.calibrated),
+        return {"model": service.model_name, "family": t.family, "calibrated": bool(t.calibrated),
+                "thresholds": t.threshold_source, "explain": t.model is not None,
                 "global_threshold": float(t.global_threshold), "categories": present,
                 "tags": [{"name": n, "category": service.categories[n], "threshold": float(thr)}
                          for n, thr in zip(service.names, t.thresholds)],
@@ -228,13 +229,15 @@ def create_app(model: Any, index: Any = None, config: ServeConfig | None = None)
                    ) -> dict[str, Any]:
         """``tags``: every tag with its probability, most probable first (``predict_tags(image,
         threshold=0.0)``); ``selected``: those at or above the threshold; ``caption``: them as
-        ``--write-captions`` writes them."""
+        ``--write-captions`` writes them; ``rating``: a ready model's rating outputs, apart from the tags
+        (empty for alt-i2v models)."""
         t0 = time.perf_counter()
         thr = service.thresholds(threshold)
         upload, image = await service.receive(request)
         probs = await asyncio.wrap_future(service.engine.tags(image))
         selected = service.tagger.tags_from_probs(probs, thr)
         return {"file": upload.filename, "tags": service.all_tags(probs, top_k), "selected": list(selected),
+                "rating": service.tagger.ratings_from_probs(probs),
                 "threshold": threshold or "calibrated", "caption": service.caption(selected),
                 "seconds": round(time.perf_counter() - t0, 4)}
 
@@ -263,6 +266,9 @@ def create_app(model: Any, index: Any = None, config: ServeConfig | None = None)
         from ..tagging.gradcam import get_explainer
 
         t0 = time.perf_counter()
+        if service.tagger.model is None:
+            raise UploadError(400, "no_gradients", f"heat maps need gradients through a Keras model; this "
+                                                   f"{service.tagger.family} model runs on onnxruntime, which gives none")
         upload, image = await service.receive(request)
         tagger = service.tagger
         tag = upload.fields.get("tag") or tag

@@ -324,7 +324,9 @@ def _decisions(tagger: Any, files: Sequence[Path], rel_of: dict, decide_args: tu
             if isinstance(x, ImageLoadError):
                 yield rel, "error", "", None, f"{x.reason}: {x}"
             else:
-                yield (rel, *decide(probs[row[i]], *decide_args))
+                keep, reject, thresholds, names = decide_args
+                p = probs[row[i]]
+                yield (rel, *decide(p, keep, reject, tagger.row_thresholds(p, thresholds), names))  # MCut per image
 
 
 def printable(name: str) -> str:
