@@ -131,6 +131,8 @@ def test_tagger_api_and_embeddings_are_the_head_input_l2_normalised(family, mode
         feats /= np.linalg.norm(feats, axis=1, keepdims=True)
         np.testing.assert_allclose(emb, feats, atol=1e-5)
     assert tagger.embedding_dim == 16
+    small = Tagger(model, batch_size=3, workers=2)  # batches of 3 and 1, decoded on threads
+    np.testing.assert_allclose(small.probabilities(files), tagger.probabilities(files), atol=1e-6)
     assert tagger.identity()["fingerprint"] == __import__("alt_i2v.fsutil", fromlist=["x"]).file_digest(
         tagger.weights_file)
 
