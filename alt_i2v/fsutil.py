@@ -21,7 +21,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".
 TMP_SUFFIX = ".part"
 # every temp name this program makes starts with this: a sweep removes those and nothing a user named
 TMP_MARKER = ".~alt-i2v-"
-_TEMP_RE = re.compile(r"^\.~alt-i2v-(\d+)-[0-9a-f]{8}-.*\.part(\.[A-Za-z0-9]{1,8})?$", re.S)
+_TEMP_RE = re.compile(r"^\.~alt-i2v-(\d+)-[0-9a-f]{8}-(.*)\.part(\.[A-Za-z0-9]{1,8})?$", re.S)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -355,6 +355,20 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int =
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def stale_temps(folder: str | os.PathLike, target: str) -> list[Path]:
+    """Temps :func:`temp_path` made for ``folder/target`` whose writer no longer runs (what a killed write
+    of that very file or folder left)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = _TEMP_RE.match(p.name)
+        if m and m.group(2) == target and not _writer_alive(p.name):
+            found.append(p)
+    return found
 
 
 def remove_stale_temps(root: str | os.PathLike, *, recursive: bool = True,
