@@ -298,8 +298,9 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict:
     """A JSON file that must hold an object; a damaged one is an AltI2VError naming ``what`` it is."""
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AltI2VError(f"{path}: damaged {what} ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise AltI2VError(f"{path}: damaged {what} ({e if not isinstance(e, RecursionError) else 'nested too deeply'})"
+                          ) from None
     if not isinstance(doc, dict):
         raise AltI2VError(f"{path}: the {what} must be a JSON object")
     return doc
@@ -402,6 +403,11 @@ def remove_stale_temps(root: str | os.PathLike, *, recursive: bool = True,
             except OSError:
                 pass
     return n
+
+
+def printable(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (kept by Python as surrogates) shown as ``\\xe9``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def is_md5(value: Any) -> bool:
