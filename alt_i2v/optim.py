@@ -59,19 +59,24 @@ def learning_rate(tc: TrainConfig, steps_per_epoch: int) -> float | keras.optimi
 
 
 def make_optimizer(tc: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """AdamW (decoupled weight decay, the default) or Adam, on :func:`learning_rate`'s schedule."""
+    """AdamW (decoupled weight decay, the default) or Adam, on :func:`learning_rate`'s schedule; with ``tc.ema``,
+    keeping an exponential moving average of the weights (validated and saved in their place, train.py)."""
     lr = learning_rate(tc, steps_per_epoch)
+    ema = {"use_ema": True, "ema_momentum": float(tc.ema)} if tc.ema else {}
     if tc.optimizer == "adamw" and float(tc.weight_decay) > 0:
-        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=float(tc.weight_decay))
-    return keras.optimizers.Adam(learning_rate=lr)
+        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=float(tc.weight_decay), **ema)
+    return keras.optimizers.Adam(learning_rate=lr, **ema)
 
 
-def compile_model(model: keras.Model, tc: TrainConfig, steps_per_epoch: int) -> None:
-    """Compile with the run's optimizer, loss and the AUC / mAP / micro-F1 metrics that history.csv records."""
+def compile_model(model: keras.Model, tc: TrainConfig, steps_per_epoch: int,
+                  groups: list[list[int]] | None = None) -> None:
+    """Compile with the run's optimizer, loss and the AUC / mAP / micro-F1 metrics that history.csv records;
+    ``groups`` (exclusive tag groups, groups.py) get the loss's softmax term when ``tc.group_loss`` > 0."""
     model.compile(
         optimizer=make_optimizer(tc, steps_per_epoch),
         loss=get_loss(tc.loss, focal_gamma=tc.focal_gamma, asl_gamma_neg=tc.asl_gamma_neg,
-                      asl_gamma_pos=tc.asl_gamma_pos, asl_clip=tc.asl_clip, label_smoothing=tc.label_smoothing),
+                      asl_gamma_pos=tc.asl_gamma_pos, asl_clip=tc.asl_clip, label_smoothing=tc.label_smoothing,
+                      groups=groups, group_weight=tc.group_loss),
         metrics=[keras.metrics.AUC(name="auc"),
                  keras.metrics.AUC(curve="PR", multi_label=True, num_thresholds=100, name="map"),
                  keras.metrics.F1Score(average="micro", threshold=0.5, name="f1")])
