@@ -156,6 +156,7 @@ class ModelConfig(JsonConfig):
     dropout: float | None = None  # before the tags layer; None = the backbone's default
     filters: tuple | None = None  # the tiny backbone's conv widths, one per halving of the image side
     trunk: str | None = None  # tiny only: "resnet" (the default) or "plain" (the original 4-block CNN)
+    stem: int | None = None  # tiny resnet only: stride-2 convs before the first pool (None = 2; 1 = finer maps)
 
     def __post_init__(self):
         if not isinstance(self.num_tags, int) or self.num_tags < 1:
@@ -171,6 +172,8 @@ class ModelConfig(JsonConfig):
             raise UsageError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.dropout is not None and not 0.0 <= float(self.dropout) < 1.0:
             raise UsageError("dropout must be in [0, 1)")
+        if self.stem is not None and (not isinstance(self.stem, int) or not 0 <= self.stem <= 2):
+            raise UsageError(f"stem must be 0, 1 or 2 strided convs, got {self.stem!r}")
         if self.trunk not in (None,) + TRUNKS:
             raise UsageError(f"trunk must be one of {', '.join(TRUNKS)}, got {self.trunk!r}")
 
