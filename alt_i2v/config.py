@@ -17,7 +17,7 @@ from .errors import UsageError
 
 T = TypeVar("T", bound="JsonConfig")
 
-RESIZE_MODES = ("pad", "stretch", "crop")
+RESIZE_MODES = ("pad", "stretch", "crop", "square")  # square: pad at full size, then resize (WD14)
 DEFAULT_CATEGORIES = ("general", "character", "copyright")
 ALL_CATEGORIES = ("general", "character", "copyright", "artist", "meta", "rating")
 
@@ -128,19 +128,19 @@ def load_config(cls: type[T], path: str | Path) -> T:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Model and training settings (model.py / train.py)
+# Model and training settings (model/, training/)
 
 LOSSES = ("bce", "focal", "asl")
 OPTIMIZERS = ("adamw", "adam")
 POOLINGS = ("flatten", "avg", "avgmax")
-TRUNKS = ("resnet", "plain")  # designs of the tiny backbone (model.py)
+TRUNKS = ("resnet", "plain")  # designs of the tiny backbone (model/build.py)
 SCHEDULES = ("cosine", "constant")
 MIXED_PRECISION = ("auto", "float16", "bfloat16", "mixed_float16", "mixed_bfloat16", "float32", "none")
 
 
 @dataclass(frozen=True)
 class ModelConfig(JsonConfig):
-    """The network: a backbone from the registry (model.py) and the tagging head on top of it.
+    """The network: a backbone from the registry (model/build.py) and the tagging head on top of it.
 
     ``None`` fields take the backbone's default (registry entry): image size, frozen layers, width of
     the per-position "features" layer, head pooling. ``weights`` is "imagenet", None or a file path.

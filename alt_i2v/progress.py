@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .fsutil import atomic_write_json
-from .layout import DataDir
+from .data.layout import DataDir
 
 
 def bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it",

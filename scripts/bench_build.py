@@ -26,7 +26,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alt_i2v.store import build_store, encode_record  # noqa: E402
-from alt_i2v.vocab import build_vocab  # noqa: E402
+from alt_i2v.data.vocab import build_vocab  # noqa: E402
 
 
 def make_jpegs(data: Path, n: int, seed: int = 0) -> None:
@@ -52,7 +52,7 @@ def naive_build(data: Path, size: int) -> int:
     """The straightforward way: decode every file fully, resize, one put per record, one process."""
     import plyvel
 
-    from alt_i2v.dataset import read_posts
+    from alt_i2v.data.posts import read_posts
 
     db = plyvel.DB(str(data / "naive_store"), create_if_missing=True)
     n = 0

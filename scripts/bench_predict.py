@@ -80,10 +80,10 @@ def folder_case(tmp: Path, n: int, batch_size: int) -> dict[str, float]:
     """``--pred FOLDER`` over ``n`` 512px JPEGs vs the model alone vs decoding on threads (img/s)."""
     import keras
 
-    import alt_i2v.tagger as tagger_module
+    import alt_i2v.tagging.tagger as tagger_module
     from alt_i2v.cli import main as cli_main
     from alt_i2v.config import resolve_workers
-    from alt_i2v.tagger import Tagger
+    from alt_i2v.tagging.tagger import Tagger
 
     folder = tmp / "jpegs512"
     folder.mkdir()
@@ -137,15 +137,15 @@ def folder_case(tmp: Path, n: int, batch_size: int) -> dict[str, float]:
 
 
 def _on_gpu() -> bool:
-    from alt_i2v.optim import has_accelerator
+    from alt_i2v.training.optim import has_accelerator
 
     return has_accelerator()
 
 
 def make_model_dir(model_dir: Path, num_tags: int, image_size: int, backbone: str = "tiny") -> None:
-    """A model directory in the documented format (CONTRACTS section 4) around an untrained model."""
-    from alt_i2v.model import build_model, embedding_dim
-    from alt_i2v.vocab import Vocab
+    """A model directory in the documented format (docs/formats.md) around an untrained model."""
+    from alt_i2v.model.build import build_model, embedding_dim
+    from alt_i2v.data.vocab import Vocab
 
     model_dir.mkdir(parents=True)
     vocab = Vocab(tags=[{"name": f"tag_{i:04d}", "category": "general", "count": num_tags - i}
@@ -162,7 +162,7 @@ def make_model_dir(model_dir: Path, num_tags: int, image_size: int, backbone: st
 
 def naive(files: list[Path], model, cfg, names: list[str], thr: np.ndarray) -> tuple[list[dict], np.ndarray]:
     """The loop the issue compares with: one image at a time through model.predict."""
-    from alt_i2v.imaging import load_image_config
+    from alt_i2v.data.imaging import load_image_config
 
     out, probs = [], []
     for f in files:
@@ -187,7 +187,7 @@ def main() -> int:
     import keras
 
     from alt_i2v.cli import main as cli_main
-    from alt_i2v.tagger import Tagger
+    from alt_i2v.tagging.tagger import Tagger
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -67,9 +67,9 @@ def cpu_budget_callback(seconds: float):
 
 def small_dataset(root: Path, n: int, size: int) -> Path:
     """Draw ``n`` faces, import them and build a ``size`` px store (the no-argument smoke run)."""
-    from alt_i2v.dataset import import_folder
+    from alt_i2v.data.posts import import_folder
     from alt_i2v.store import build_store
-    from alt_i2v.vocab import build_vocab
+    from alt_i2v.data.vocab import build_vocab
 
     src, data = root / "src", root / "data"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "make_faces.py"), str(src), "--n", str(n),
@@ -82,13 +82,13 @@ def small_dataset(root: Path, n: int, size: int) -> Path:
 
 def run_one(name: str, data: Path, model_dir: Path, settings: dict, budget: float) -> dict:
     """Train one recipe under the CPU budget and score it on the test split."""
-    from alt_i2v.evaluate import predict_split
-    from alt_i2v.metrics import compute_metrics, prf_at
-    from alt_i2v.thresholds import calibrate_thresholds, read_thresholds, thresholds_vector
-    from alt_i2v.model import load_model
+    from alt_i2v.training.evaluation import predict_split
+    from alt_i2v.training.metrics import compute_metrics, prf_at
+    from alt_i2v.training.thresholds import calibrate_thresholds, read_thresholds, thresholds_vector
+    from alt_i2v.model.build import load_model
     from alt_i2v.store import Store
-    from alt_i2v.train import train
-    from alt_i2v.vocab import Vocab
+    from alt_i2v.training.run import train
+    from alt_i2v.data.vocab import Vocab
 
     cb = cpu_budget_callback(budget)
     c0, w0 = time.process_time(), time.perf_counter()

@@ -39,7 +39,7 @@ def percentiles(seconds: list[float]) -> tuple[float, float]:
 
 def in_process(images: list[bytes], model: Path) -> tuple[float, list[float]]:
     """``predict_tags(image, threshold=0.0)`` one upload after another: calls/s and each call's time."""
-    from alt_i2v.tagger import predict_tags
+    from alt_i2v.tagging.tagger import predict_tags
 
     for data in images[:8]:  # compile the batch-1 predict function first, as the server warm-up does
         predict_tags(data, model=model, threshold=0.0)
@@ -100,7 +100,7 @@ def main() -> int:
 
     import requests
 
-    from alt_i2v.dataset import iter_posts, post_image_path
+    from alt_i2v.data.posts import iter_posts, post_image_path
     from alt_i2v.demo import run_demo
     from alt_i2v.serve import create_app
     from alt_i2v.serve.server import running

@@ -50,7 +50,7 @@ import numpy as np  # noqa: E402
 def make_data(data_dir: Path, n: int, size: int, seed: int = 0) -> None:
     """``n`` posts of the demo's generated illustrations (contract layout) with vocab.json."""
     from alt_i2v.demo import generate_demo_dataset
-    from alt_i2v.vocab import build_vocab
+    from alt_i2v.data.vocab import build_vocab
 
     generate_demo_dataset(data_dir, n_images=n, seed=seed, size=size)
     build_vocab(data_dir)
@@ -78,8 +78,8 @@ def pipeline_rate(store, batch: int, *, processes: int = 0, threads: int = 1, ba
                   repeat: int = 3) -> float:
     """img/s of the train split's batches (shuffled, augmentation parameters) with no model: threads of
     this process, or ``processes`` reader processes; best of ``repeat`` passes."""
-    from alt_i2v.pipeline import StoreDataset, measure_pipeline
-    from alt_i2v.readers import ReaderPool
+    from alt_i2v.training.pipeline import StoreDataset, measure_pipeline
+    from alt_i2v.training.readers import ReaderPool
 
     pool = ReaderPool(store, processes=processes) if processes else None
     try:
@@ -102,8 +102,8 @@ def build_models(backbone: str, tags: int, size: int, policy: str):
     """(training model with the on-device augmentation, the tagger inside it), compiled like --train."""
     import keras
 
-    from alt_i2v.augment import training_model
-    from alt_i2v.model import build_model, get_loss
+    from alt_i2v.training.augment import training_model
+    from alt_i2v.model.build import build_model, get_loss
 
     previous = keras.config.dtype_policy().name
     keras.config.set_dtype_policy(policy)
@@ -123,7 +123,7 @@ def model_rate(model, batch: int, steps: int, num_tags: int, size: int, train: b
     """img/s of the model alone: one random batch, already a backend tensor, ``steps`` times."""
     import keras
 
-    from alt_i2v.augment import augment_params
+    from alt_i2v.training.augment import augment_params
 
     rng = np.random.default_rng(0)
     x = keras.ops.convert_to_tensor(rng.integers(0, 256, (batch, size, size, 3)).astype(np.uint8))
@@ -147,7 +147,7 @@ def model_rate(model, batch: int, steps: int, num_tags: int, size: int, train: b
 
 def fed_train_rate(model, store, batch: int, steps: int, tags: int, pool) -> float:
     """img/s of ``model.fit`` fed by the store (reader processes when ``pool``), as ``--train`` runs it."""
-    from alt_i2v.pipeline import EpochSetter, StoreDataset
+    from alt_i2v.training.pipeline import EpochSetter, StoreDataset
 
     def ds(n: int, epoch: int):
         return StoreDataset.from_split(store, "train", num_tags=tags, batch_size=batch, shuffle=True, augment=True,
@@ -166,7 +166,7 @@ def fed_train_rate(model, store, batch: int, steps: int, tags: int, pool) -> flo
 
 def fed_predict_rate(tagger, store, batch: int, pool) -> float:
     """img/s of ``predict_split`` (what --evaluate and the calibration run) over the train split."""
-    from alt_i2v.evaluate import predict_split
+    from alt_i2v.training.evaluation import predict_split
 
     predict_split(tagger, store, "val", batch_size=batch, readers=pool)  # compile, warm up
     t0 = time.perf_counter()
@@ -279,8 +279,8 @@ def device_name() -> str:
 
 def gpu_mode(args, root: Path, policy: str) -> int:
     from alt_i2v.config import resolve_workers
-    from alt_i2v.model import get_backbone
-    from alt_i2v.readers import ReaderPool
+    from alt_i2v.model.build import get_backbone
+    from alt_i2v.training.readers import ReaderPool
     from alt_i2v.store import Store
 
     bb = get_backbone(args.backbone)
@@ -325,7 +325,7 @@ def gpu_mode(args, root: Path, policy: str) -> int:
 
 
 def cpu_mode(args, root: Path, policy: str) -> int:
-    from alt_i2v.readers import ReaderPool
+    from alt_i2v.training.readers import ReaderPool
     from alt_i2v.store import Store
 
     size, batch = args.image_size or 150, args.batch_size or 64
@@ -384,7 +384,7 @@ def main() -> int:
 
     import keras
 
-    from alt_i2v.optim import precision_policy
+    from alt_i2v.training.optim import precision_policy
 
     t_start = time.perf_counter()
     policy = precision_policy(args.mixed_precision)

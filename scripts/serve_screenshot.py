@@ -37,7 +37,7 @@ def main() -> int:
     from alt_i2v.demo import run_demo
     from alt_i2v.serve import create_app
     from alt_i2v.serve.server import running
-    from alt_i2v.tagger import predict_tags
+    from alt_i2v.tagging.tagger import predict_tags
 
     run = Path(args.demo) / "quick"
     if not (run / "demo.json").exists():
@@ -45,7 +45,7 @@ def main() -> int:
     summary = json.loads((run / "demo.json").read_text())
     query = Path(summary["similar"]["query"])
     if args.post is not None:
-        from alt_i2v.dataset import iter_posts, post_image_path
+        from alt_i2v.data.posts import iter_posts, post_image_path
 
         post = next(p for p in iter_posts(run / "data") if p["id"] == args.post)
         query = post_image_path(post, run / "data")

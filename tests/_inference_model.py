@@ -19,9 +19,9 @@ CATEGORY_OF = {"red": "character", "green": "character", "blue": "copyright"}
 
 
 def trained_model(built_data: Path, tmp_path_factory) -> Path:
-    """``alt_i2v.train.train`` of the tiny backbone (2 epochs, 32px) on the conftest ``built_data``."""
+    """``alt_i2v.training.run.train`` of the tiny backbone (2 epochs, 32px) on the conftest ``built_data``."""
     if "model" not in _cache:
-        from alt_i2v.train import train
+        from alt_i2v.training.run import train
 
         model_dir = tmp_path_factory.mktemp("inference") / "model"
         train(built_data, model_dir, backbone="tiny", weights=None, epochs=2, image_size=32, quiet=True)

@@ -62,8 +62,8 @@ def located_model(tmp_path_factory) -> Path:
     """The tiny backbone trained on 600 located pictures at 48px (a 6x6 feature map), once per session."""
     if "model" not in _cache:
         from alt_i2v.store import build_store
-        from alt_i2v.train import train
-        from alt_i2v.vocab import build_vocab
+        from alt_i2v.training.run import train
+        from alt_i2v.data.vocab import build_vocab
 
         root = tmp_path_factory.mktemp("located")
         make_located_dataset(root / "data", 600, seed=3)

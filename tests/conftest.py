@@ -100,7 +100,7 @@ def rerun_killed_build(data: Path, cmd: list[str], total: int, timeout: float, s
 def jpeg_dataset(data_dir: Path, n: int, seed: int) -> Path:
     """``n`` posts of 640x800 JPEGs, big enough that building them takes seconds (for kill tests), with
     vocab.json."""
-    from alt_i2v.vocab import build_vocab
+    from alt_i2v.data.vocab import build_vocab
 
     rng = np.random.default_rng(seed)
     posts = []
@@ -124,7 +124,7 @@ def dataset_dir(tmp_path: Path) -> Path:
 def built_data(tmp_path_factory) -> Path:
     """A session-wide 400-post shapes dataset with vocab.json and a 32px store (read-only for tests)."""
     from alt_i2v.store import build_store
-    from alt_i2v.vocab import build_vocab
+    from alt_i2v.data.vocab import build_vocab
 
     data = tmp_path_factory.mktemp("built") / "data"
     make_dataset(data, n=400, seed=1, size=48)

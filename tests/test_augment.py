@@ -8,9 +8,9 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from alt_i2v.augment import (FlipCrop, augment_params, flip_crop, flip_crop_numpy, identity_params,  # noqa: E402
+from alt_i2v.training.augment import (FlipCrop, augment_params, flip_crop, flip_crop_numpy, identity_params,  # noqa: E402
                              tagger_of, training_model)
-from alt_i2v.model import build_model, load_model  # noqa: E402
+from alt_i2v.model.build import build_model, load_model  # noqa: E402
 
 
 def _on_backend(x, p):

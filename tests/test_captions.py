@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from _inference_model import categorised_model, shapes, truncated_png
-from alt_i2v.captions import (caption_conflicts, caption_path, format_caption, format_tag, merge_caption,
+from alt_i2v.data.captions import (caption_conflicts, caption_path, format_caption, format_tag, merge_caption,
                               select_tags, write_caption)
 from alt_i2v.cli import main
 

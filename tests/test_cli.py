@@ -97,13 +97,13 @@ def test_import_vocab_build_from_the_cli(tmp_path, capsys):
 def test_full_disk_is_reported_clearly(tmp_path, monkeypatch, capsys):
     import errno
 
-    import alt_i2v.vocab
+    import alt_i2v.data.vocab
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     make_dataset(tmp_path / "d", n=3)
-    monkeypatch.setattr(alt_i2v.vocab, "atomic_write_json", full)
+    monkeypatch.setattr(alt_i2v.data.vocab, "atomic_write_json", full)
     assert main(["--vocab", "--data", str(tmp_path / "d")]) == 1
     err = capsys.readouterr().err
     assert "No space left" in err and "disk is full" in err and "Traceback" not in err

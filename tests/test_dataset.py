@@ -8,7 +8,7 @@ import os
 import pytest
 from PIL import Image
 
-from alt_i2v.dataset import PostsWriter, import_folder, parse_caption, read_posts
+from alt_i2v.data.posts import PostsWriter, import_folder, parse_caption, read_posts
 from conftest import make_dataset
 
 MD5 = "0f343b0931126a20f133d67c2b018a3b"

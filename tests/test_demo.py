@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from alt_i2v.cli import main
-from alt_i2v.dataset import read_posts
+from alt_i2v.data.posts import read_posts
 from alt_i2v.demo import COUNT_TAGS, QUICK, draw_demo_image, generate_demo_dataset
 from alt_i2v.errors import AltI2VError
 

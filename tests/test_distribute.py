@@ -26,9 +26,9 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from alt_i2v.cli import main  # noqa: E402
-from alt_i2v.distribute import DistConfig, ProcessSlice, settings_from_env, start, store_view  # noqa: E402
+from alt_i2v.training.distribute import DistConfig, ProcessSlice, settings_from_env, start, store_view  # noqa: E402
 from alt_i2v.errors import UsageError  # noqa: E402
-from alt_i2v.pipeline import StoreDataset  # noqa: E402
+from alt_i2v.training.pipeline import StoreDataset  # noqa: E402
 from alt_i2v.store import Store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def test_store_views_are_private_hard_linked_and_wait_for_a_writer(built_data, t
     assert tables and all(os.stat(f).st_nlink > 1 for f in tables)  # linked, not copied
     with Store(view) as mine, Store(data) as original:  # both open at once
         assert mine.counts() == original.counts() and mine.ids("train") == original.ids("train")
-        code = ("import sys; from alt_i2v.distribute import store_view\n"
+        code = ("import sys; from alt_i2v.training.distribute import store_view\n"
                 "try:\n    store_view(sys.argv[1], timeout=1)\nexcept Exception as e:\n    print(e)")
         out = subprocess.run([sys.executable, "-c", code, str(data / "store")], cwd=ROOT, capture_output=True,
                              text=True, timeout=120)
@@ -173,7 +173,7 @@ def runs(tmp_path_factory):
     from conftest import make_dataset
 
     from alt_i2v.store import build_store
-    from alt_i2v.vocab import build_vocab
+    from alt_i2v.data.vocab import build_vocab
 
     root = tmp_path_factory.mktemp("dist")
     data = root / "data"

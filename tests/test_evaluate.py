@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alt_i2v.metrics import (average_precision, compute_metrics, confusion, is_single_label, most_wrong, prf_at,
+from alt_i2v.training.metrics import (average_precision, compute_metrics, confusion, is_single_label, most_wrong, prf_at,
                              roc_auc)
-from alt_i2v.thresholds import calibrate_thresholds, thresholds_vector
+from alt_i2v.training.thresholds import calibrate_thresholds, thresholds_vector
 
 
 def test_auc_and_average_precision_match_hand_computed_values():
@@ -100,7 +100,7 @@ def test_single_label_detection_and_confusion_matrix():
 
 
 def _train_tiny(data: Path, out: Path, epochs: int = 3):
-    from alt_i2v.train import train
+    from alt_i2v.training.run import train
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -108,7 +108,7 @@ def _train_tiny(data: Path, out: Path, epochs: int = 3):
 
 
 def test_evaluate_writes_metrics_report_and_plots(built_data, tmp_path):
-    from alt_i2v.evaluate import evaluate
+    from alt_i2v.training.evaluation import evaluate
 
     out = tmp_path / "model"
     _train_tiny(built_data, out)
@@ -149,9 +149,9 @@ def test_single_label_dataset_gets_top1_and_a_confusion_matrix(tmp_path):
     """Imported class folders: one tag per image."""
     from conftest import make_dataset
 
-    from alt_i2v.evaluate import evaluate
+    from alt_i2v.training.evaluation import evaluate
     from alt_i2v.store import build_store
-    from alt_i2v.vocab import build_vocab
+    from alt_i2v.data.vocab import build_vocab
 
     data = tmp_path / "data"
     posts = make_dataset(data, n=160, seed=4, size=32)

@@ -17,7 +17,7 @@ import pytest
 from _inference_model import shapes, trained_model
 from alt_i2v.cli import main
 from alt_i2v.errors import AltI2VError
-from alt_i2v.export import EXPORT_FILE, EXTRA, FORMATS, TOLERANCE, ExportParityError, export, missing_packages
+from alt_i2v.tagging.exporting import EXPORT_FILE, EXTRA, FORMATS, TOLERANCE, ExportParityError, export, missing_packages
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,7 +59,7 @@ def _runtime_probs(fmt: str, out: Path, images: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_export_runs_in_its_runtime_with_the_keras_probabilities(model_dir, tmp_path, fmt):
     _need(fmt)
-    from alt_i2v.tagger import Tagger
+    from alt_i2v.tagging.tagger import Tagger
 
     out = tmp_path / fmt
     assert main(["--export", "--model", str(model_dir), "--format", fmt, "--out", str(out), "--quiet"]) == 0
@@ -76,7 +76,7 @@ def test_export_runs_in_its_runtime_with_the_keras_probabilities(model_dir, tmp_
 
 
 def test_a_parity_failure_fails_loudly_and_leaves_nothing(model_dir, tmp_path, monkeypatch, capsys):
-    import alt_i2v.export as ex
+    import alt_i2v.tagging.exporting as ex
 
     real = ex.RUNTIMES["savedmodel"]
 
@@ -92,7 +92,7 @@ def test_a_parity_failure_fails_loudly_and_leaves_nothing(model_dir, tmp_path, m
 
 
 def test_an_earlier_export_is_replaced_only_by_one_that_passed(model_dir, tmp_path, monkeypatch):
-    import alt_i2v.export as ex
+    import alt_i2v.tagging.exporting as ex
 
     out = tmp_path / "sm"
     export(model_dir, out, "savedmodel", quiet=True)

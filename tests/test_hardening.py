@@ -14,7 +14,7 @@ import pytest
 
 from alt_i2v.errors import AltI2VError
 from alt_i2v.store import STORE_DIR, Store, build_store, pack
-from alt_i2v.vocab import build_vocab
+from alt_i2v.data.vocab import build_vocab
 from conftest import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +155,7 @@ def test_build_without_posts_is_an_error_and_a_large_prune_needs_the_flag(tmp_pa
 
 
 def test_out_of_range_ids_are_skipped_and_reported_by_every_reader(tmp_path):
-    from alt_i2v.dataset import read_posts
+    from alt_i2v.data.posts import read_posts
 
     data = tmp_path / "data"
     make_dataset(data, n=12, seed=4, size=24)
@@ -177,7 +177,7 @@ def test_out_of_range_ids_are_skipped_and_reported_by_every_reader(tmp_path):
 def test_scraper_never_writes_an_id_outside_64_bits(tmp_path):
     from fake_danbooru import FakeDanbooru, make_posts
 
-    from alt_i2v.dataset import PostsWriter, read_posts
+    from alt_i2v.data.posts import PostsWriter, read_posts
     from alt_i2v.scraper import scrape
 
     posts = make_posts(4, extra_tags=["kc"])
@@ -208,7 +208,7 @@ def test_a_deeply_nested_line_is_one_bad_line_for_every_stage(tmp_path):
 
 
 def test_torn_tail_repair_keeps_a_valid_last_line_and_reports_a_cut_one(tmp_path):
-    from alt_i2v.dataset import PostsWriter, read_posts
+    from alt_i2v.data.posts import PostsWriter, read_posts
 
     posts = tmp_path / "posts.jsonl"
     one = {"id": 1, "md5": "0" * 32, "file_ext": "png"}
@@ -284,8 +284,8 @@ def test_per_tag_thresholds_are_validated_like_the_global_one(bad, built_data, t
 
     from _inference_model import trained_model
 
-    from alt_i2v.layout import ModelDir
-    from alt_i2v.tagger import Tagger
+    from alt_i2v.data.layout import ModelDir
+    from alt_i2v.tagging.tagger import Tagger
 
     model = tmp_path_factory.mktemp("thr") / "model"
     shutil.copytree(trained_model(built_data, tmp_path_factory), model)
@@ -305,7 +305,7 @@ def test_max_pixels_is_capped_per_call_and_pillow_limit_never_changes(tmp_path):
     from PIL import Image
 
     from alt_i2v.errors import ImageLoadError
-    from alt_i2v.imaging import identify, load_image
+    from alt_i2v.data.imaging import identify, load_image
 
     limit = Image.MAX_IMAGE_PIXELS
     small = tmp_path / "small.png"
@@ -349,19 +349,19 @@ def test_import_takes_the_posts_lock_like_scrape(tmp_path):
 def test_disk_full_and_interrupt_hints_name_resume_for_train(monkeypatch, capsys):
     import errno
 
-    import alt_i2v.train
+    import alt_i2v.training.run
     from alt_i2v.cli import main
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(alt_i2v.train, "train", full)
+    monkeypatch.setattr(alt_i2v.training.run, "train", full)
     assert main(["--train", "--data", "d", "--model", "m"]) == 1
     assert "run the same command again with --resume" in capsys.readouterr().err
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(alt_i2v.train, "train", interrupted)
+    monkeypatch.setattr(alt_i2v.training.run, "train", interrupted)
     assert main(["--train", "--data", "d", "--model", "m"]) == 1
     assert "with --resume to resume" in capsys.readouterr().err

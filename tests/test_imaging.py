@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from alt_i2v.errors import ImageLoadError
-from alt_i2v.imaging import identify, load_image, load_many
+from alt_i2v.data.imaging import identify, load_image, load_many
 from alt_i2v.config import ImageConfig
 
 RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)

@@ -9,8 +9,8 @@ import warnings
 import pytest
 
 from alt_i2v.errors import AltI2VError, UnsafePathError
-from alt_i2v.layout import DataDir, ModelDir, store_matches
-from alt_i2v.vocab import Vocab
+from alt_i2v.data.layout import DataDir, ModelDir, store_matches
+from alt_i2v.data.vocab import Vocab
 
 
 def _model_dir(tmp_path, *, config=None, thresholds=None):

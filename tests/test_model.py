@@ -15,7 +15,7 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from alt_i2v.errors import AltI2VError, UsageError  # noqa: E402
-from alt_i2v.model import (AsymmetricLoss, FocalLoss, Preprocess, build_model, count_params,  # noqa: E402
+from alt_i2v.model.build import (AsymmetricLoss, FocalLoss, Preprocess, build_model, count_params,  # noqa: E402
                            embedding_model, get_backbone, get_loss, keras_cache_dir, load_model,
                            resolve_weights)
 
@@ -145,7 +145,7 @@ def test_tiny_resnet_trunk_is_the_default_and_plain_the_original_cnn():
 
 def test_trunk_option_is_checked_and_old_tiny_configs_read_as_plain():
     from alt_i2v.config import ModelConfig
-    from alt_i2v.model import resolve_config
+    from alt_i2v.model.build import resolve_config
 
     cfg = resolve_config(ModelConfig(backbone="tiny", weights=None, num_tags=3, image_size=64))
     assert cfg.trunk == "resnet" and cfg.filters == (24, 32, 64, 128)
@@ -213,8 +213,8 @@ JAX_SCRIPT = r"""
 import json, sys, warnings
 warnings.filterwarnings("ignore")
 import numpy as np, keras
-from alt_i2v.train import train
-from alt_i2v.model import load_model, embedding_model
+from alt_i2v.training.run import train
+from alt_i2v.model.build import load_model, embedding_model
 data, out = sys.argv[1], sys.argv[2]
 r = train(data, out, backbone="tiny", epochs=2, batch_size=32, lr=3e-3, quiet=True, workers=2)
 m = load_model(out)

@@ -10,7 +10,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from alt_i2v.pipeline import StoreDataset, measure_pipeline  # noqa: E402
+from alt_i2v.training.pipeline import StoreDataset, measure_pipeline  # noqa: E402
 from alt_i2v.store import Store, multi_hot  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def test_shuffle_changes_every_epoch_covers_every_image_and_is_reproducible(stor
 
 
 def test_validation_batches_are_neither_shuffled_nor_augmented(store):
-    from alt_i2v.augment import identity_params
+    from alt_i2v.training.augment import identity_params
 
     ds = StoreDataset.from_split(store, "val", batch_size=16)
     a = ds[0][0]["image"].copy()
@@ -111,8 +111,8 @@ def test_keras_fit_sees_each_epochs_own_order_through_worker_threads(store):
     """Every batch Keras trains on in epoch e comes from epoch e's permutation (EpochSetter)."""
     import threading
 
-    from alt_i2v.model import build_model
-    from alt_i2v.pipeline import EpochSetter
+    from alt_i2v.model.build import build_model
+    from alt_i2v.training.pipeline import EpochSetter
 
     seen, lock = [], threading.Lock()
 
@@ -129,7 +129,7 @@ def test_keras_fit_sees_each_epochs_own_order_through_worker_threads(store):
 
     keys, labels = store.index("train")
     ds = Logged(store, keys, labels, batch_size=64, shuffle=True, augment=True, workers=2, epoch=1)
-    from alt_i2v.augment import training_model
+    from alt_i2v.training.augment import training_model
 
     model = training_model(build_model(num_tags=store.num_tags, image_size=32, backbone="tiny", weights=None))
     model.compile(optimizer="adam", loss="binary_crossentropy")

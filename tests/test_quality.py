@@ -13,12 +13,12 @@ keras = pytest.importorskip("keras")
 
 from alt_i2v.config import ModelConfig, TrainConfig  # noqa: E402
 from alt_i2v.errors import UsageError  # noqa: E402
-from alt_i2v.metrics import prf_at  # noqa: E402
-from alt_i2v.model import build_model, get_loss, load_model, resolve_config  # noqa: E402
-from alt_i2v.thresholds import calibrate_thresholds, thresholds_vector  # noqa: E402
-from alt_i2v.history import read_history  # noqa: E402
-from alt_i2v.optim import learning_rate, make_optimizer  # noqa: E402
-from alt_i2v.train import train  # noqa: E402
+from alt_i2v.training.metrics import prf_at  # noqa: E402
+from alt_i2v.model.build import build_model, get_loss, load_model, resolve_config  # noqa: E402
+from alt_i2v.training.thresholds import calibrate_thresholds, thresholds_vector  # noqa: E402
+from alt_i2v.training.history import read_history  # noqa: E402
+from alt_i2v.training.optim import learning_rate, make_optimizer  # noqa: E402
+from alt_i2v.training.run import train  # noqa: E402
 
 
 def test_cosine_schedule_warms_up_then_decays_to_one_percent():

@@ -19,7 +19,7 @@ import pytest
 from _inference_model import png_bytes, shapes, trained_model, truncated_png
 from alt_i2v.cli import main
 from alt_i2v.errors import UsageError
-from alt_i2v.screen import REPORT, decide, screen
+from alt_i2v.tagging.screening import REPORT, decide, screen
 
 ROOT = Path(__file__).resolve().parent.parent
 THRESHOLD = 0.5
@@ -59,7 +59,7 @@ def test_decide_applies_reject_before_keep():
 
 
 def test_screen_sorts_copies_reports_and_sets_errors_aside(model_dir, tmp_path):
-    from alt_i2v.tagger import Tagger
+    from alt_i2v.tagging.tagger import Tagger
 
     src = _folder(tmp_path / "raw", 24)
     tagger = Tagger(model_dir)
@@ -123,7 +123,7 @@ def test_dry_run_writes_only_the_report(model_dir, tmp_path):
 
 
 def test_a_crash_between_copy_and_journal_is_completed_without_duplicates(model_dir, tmp_path, monkeypatch):
-    import alt_i2v.screen as screen_module
+    import alt_i2v.tagging.screening as screen_module
 
     src = _folder(tmp_path / "raw", 40)
     before = _digests(src)

@@ -222,7 +222,7 @@ def gallery(tmp_path_factory) -> tuple[Path, list[Path], list[Path]]:
 
 
 def test_nearest_is_itself_then_its_near_duplicate(model_dir, gallery):
-    from alt_i2v.tagger import get_tagger
+    from alt_i2v.tagging.tagger import get_tagger
 
     d, originals, dups = gallery
     files = originals + dups
@@ -253,7 +253,7 @@ def test_cli_index_and_similar(model_dir, gallery, tmp_path, capsys):
 
 
 def test_cli_index_from_a_dataset_store(model_dir, built_data, tmp_path, capsys):
-    from alt_i2v.dataset import post_image_path, read_posts
+    from alt_i2v.data.posts import post_image_path, read_posts
 
     out = tmp_path / "data.index"
     assert main(["--index", "--model", str(model_dir), "--data", str(built_data), "--out", str(out), "-q"]) == 0

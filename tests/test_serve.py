@@ -26,14 +26,14 @@ from PIL import Image
 
 from _browser import BrowserMissing, chromium, show_heat_map, thumbnails_loaded, upload
 from _inference_model import categorised_model, png_bytes, shapes, truncated_png
-from alt_i2v.captions import format_caption
+from alt_i2v.data.captions import format_caption
 from alt_i2v.cli import main
 from alt_i2v.config import ServeConfig
 from alt_i2v.errors import AltI2VError
 from alt_i2v.serve import create_app, require_extra
 from alt_i2v.serve.engine import ModelEngine
 from alt_i2v.serve.server import running
-from alt_i2v.tagger import get_tagger, predict_tags
+from alt_i2v.tagging.tagger import get_tagger, predict_tags
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_BYTES = 300_000
@@ -212,7 +212,7 @@ def test_similar_images_and_thumbnails_by_index_position_only(site):
 
 
 def test_explain_answers_the_explain_map_over_the_picture(site):
-    from alt_i2v.explain import explain
+    from alt_i2v.tagging.gradcam import explain
 
     data = png_bytes(shapes(1, seed=12)[0].resize((300, 240)))
     probs = predict_tags(data, model=site.model, threshold=0.0)

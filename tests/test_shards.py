@@ -19,7 +19,7 @@ import pytest
 from alt_i2v.errors import AltI2VError, UsageError
 from alt_i2v.store import ShardedStore, shard_name, shard_of, shards_for_process
 from alt_i2v.store import Store, build_store
-from alt_i2v.vocab import build_vocab
+from alt_i2v.data.vocab import build_vocab
 
 from conftest import jpeg_dataset, rerun_killed_build
 
@@ -78,7 +78,7 @@ def test_a_rerun_keeps_the_layout_and_resharding_is_an_explicit_rebuild(sharded_
 
 
 def test_processes_own_disjoint_shards(sharded_data):
-    from alt_i2v.pipeline import StoreDataset
+    from alt_i2v.training.pipeline import StoreDataset
 
     assert shards_for_process(8, 1, 3) == [1, 4, 7]
     owned = [s for p in range(3) for s in shards_for_process(8, p, 3)]
@@ -92,8 +92,8 @@ def test_processes_own_disjoint_shards(sharded_data):
 
 
 def test_reader_processes_give_the_batches_threads_give(built_data, sharded_data):
-    from alt_i2v.pipeline import StoreDataset, measure_pipeline
-    from alt_i2v.readers import ReaderPool
+    from alt_i2v.training.pipeline import StoreDataset, measure_pipeline
+    from alt_i2v.training.readers import ReaderPool
 
     one = Store(built_data)
     many = Store(sharded_data)
@@ -161,10 +161,10 @@ def test_sharded_build_killed_with_sigkill_resumes_to_a_complete_store(tmp_path)
 
 @pytest.mark.slow
 def test_sharded_and_one_shard_stores_train_resume_and_evaluate_identically(built_data, sharded_data, tmp_path):
-    from alt_i2v.evaluate import evaluate
-    from alt_i2v.model import load_model
-    from alt_i2v.history import read_history
-    from alt_i2v.train import train
+    from alt_i2v.training.evaluation import evaluate
+    from alt_i2v.model.build import load_model
+    from alt_i2v.training.history import read_history
+    from alt_i2v.training.run import train
 
     # a constant learning rate (a cosine schedule spans the epochs a run starts with: 1 vs 2 here) and no
     # dropout (its masks after a resume are not those of an uninterrupted run)
@@ -192,8 +192,8 @@ def test_sharded_and_one_shard_stores_train_resume_and_evaluate_identically(buil
 def test_reader_processes_weight_a_bad_record_zero_and_report_it(tmp_path, built_data):
     import plyvel
 
-    from alt_i2v.pipeline import StoreDataset
-    from alt_i2v.readers import ReaderPool
+    from alt_i2v.training.pipeline import StoreDataset
+    from alt_i2v.training.readers import ReaderPool
     from alt_i2v.store import pack
 
     data = _copy_dataset(built_data, tmp_path / "data")
@@ -214,8 +214,8 @@ def test_reader_processes_weight_a_bad_record_zero_and_report_it(tmp_path, built
 
 
 def test_a_reader_process_that_dies_is_a_clear_error_not_a_hang(sharded_data):
-    from alt_i2v.pipeline import StoreDataset
-    from alt_i2v.readers import ReaderPool
+    from alt_i2v.training.pipeline import StoreDataset
+    from alt_i2v.training.readers import ReaderPool
 
     with Store(sharded_data) as store, ReaderPool(store, processes=2) as pool:
         ds = StoreDataset.from_split(store, "train", batch_size=32, readers=pool)

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alt_i2v.dataset import read_posts
+from alt_i2v.data.posts import read_posts
 from alt_i2v.errors import AltI2VError, StoreMismatchError
-from alt_i2v.imaging import load_image
+from alt_i2v.data.imaging import load_image
 from alt_i2v.store import SPLITS, Store, build_store, multi_hot, split_of, unpack
-from alt_i2v.vocab import Vocab, build_vocab
+from alt_i2v.data.vocab import Vocab, build_vocab
 from conftest import jpeg_dataset, rerun_killed_build
 from test_imaging import png_header_only
 

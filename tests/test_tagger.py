@@ -27,7 +27,7 @@ def cat_model_dir(built_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tagger(model_dir):
-    from alt_i2v.tagger import get_tagger
+    from alt_i2v.tagging.tagger import get_tagger
 
     return get_tagger(model_dir)
 
@@ -79,7 +79,7 @@ def test_a_list_gives_a_list_in_order(tagger, images, tmp_path):
 
 
 def test_batch_boundaries_do_not_change_results(model_dir, images):
-    from alt_i2v.tagger import Tagger
+    from alt_i2v.tagging.tagger import Tagger
 
     small = Tagger(model_dir, batch_size=2, workers=2)
     big = Tagger(model_dir, batch_size=64, workers=1)
@@ -110,7 +110,7 @@ def test_float_threshold_overrides_every_tag(tagger, images):
 
 
 def test_per_category_thresholds(cat_model_dir, images):
-    from alt_i2v.tagger import Tagger
+    from alt_i2v.tagging.tagger import Tagger
 
     t = Tagger(cat_model_dir)
     colours = {"red", "green", "blue"} & set(t.vocab.names)
@@ -139,7 +139,7 @@ def test_top_k(tagger, images):
 
 
 def test_a_bad_image_costs_only_itself(tagger, images, tmp_path):
-    from alt_i2v.tagger import BatchImageError
+    from alt_i2v.tagging.tagger import BatchImageError
 
     bad_file = tmp_path / "bad.png"
     bad_file.write_bytes(truncated_png(images[0]))
@@ -166,7 +166,7 @@ def test_a_bad_image_costs_only_itself(tagger, images, tmp_path):
 
 
 def test_embeddings_are_normalised_float32(tagger, model_dir, images):
-    from alt_i2v.tagger import extract_embeddings
+    from alt_i2v.tagging.tagger import extract_embeddings
 
     cfg = json.loads((model_dir / "config.json").read_text())
     one = tagger.embed(images[0])
@@ -179,7 +179,7 @@ def test_embeddings_are_normalised_float32(tagger, model_dir, images):
 
 
 def test_module_functions_cache_the_last_tagger(model_dir, images):
-    from alt_i2v import tagger as tg
+    from alt_i2v.tagging import tagger as tg
 
     first = tg.get_tagger(model_dir)
     tg.predict_tags(images[0], model=model_dir)
@@ -192,7 +192,7 @@ def test_module_functions_cache_the_last_tagger(model_dir, images):
 
 def test_prediction_sees_the_pixels_training_saw(tagger, built_data):
     """The store's record and the original file, loaded by the Tagger, give the same embedding."""
-    from alt_i2v.dataset import post_image_path, read_posts
+    from alt_i2v.data.posts import post_image_path, read_posts
     from alt_i2v.store import Store
 
     post = read_posts(built_data).posts[0]
@@ -205,7 +205,7 @@ def test_prediction_sees_the_pixels_training_saw(tagger, built_data):
 
 def test_missing_model_directory_is_a_clear_error(tmp_path):
     from alt_i2v.errors import AltI2VError
-    from alt_i2v.tagger import Tagger
+    from alt_i2v.tagging.tagger import Tagger
 
     with pytest.raises(AltI2VError, match="no such model directory"):
         Tagger(tmp_path / "nope")
@@ -273,9 +273,9 @@ def test_cli_embed_writes_npy_and_ids(model_dir, folder, tagger, tmp_path):
 
 
 def test_many_files_decode_in_worker_processes_with_the_same_results(model_dir, images, tmp_path, monkeypatch):
-    import alt_i2v.imaging
-    import alt_i2v.tagger
-    from alt_i2v.tagger import Tagger
+    import alt_i2v.data.imaging
+    import alt_i2v.tagging.tagger
+    from alt_i2v.tagging.tagger import Tagger
 
     files = []
     for i in range(10):
@@ -286,10 +286,10 @@ def test_many_files_decode_in_worker_processes_with_the_same_results(model_dir, 
     files = [str(f) for f in files]
     by_threads = Tagger(model_dir, batch_size=4, workers=2).predict_tags(files, threshold=0.0, errors="return")
     used = []
-    monkeypatch.setattr(alt_i2v.tagger, "PROCESS_DECODE_MIN", 8)
-    monkeypatch.setattr(alt_i2v.tagger, "PROCESS_DECODE_WORKERS", 2)
-    monkeypatch.setattr(alt_i2v.imaging.DecodePool, "close",
-                        lambda self, close=alt_i2v.imaging.DecodePool.close: (used.append(self.processes), close(self)))
+    monkeypatch.setattr(alt_i2v.tagging.tagger, "PROCESS_DECODE_MIN", 8)
+    monkeypatch.setattr(alt_i2v.tagging.tagger, "PROCESS_DECODE_WORKERS", 2)
+    monkeypatch.setattr(alt_i2v.data.imaging.DecodePool, "close",
+                        lambda self, close=alt_i2v.data.imaging.DecodePool.close: (used.append(self.processes), close(self)))
     by_procs = Tagger(model_dir, batch_size=4, workers=2).predict_tags(files, threshold=0.0, errors="return")
     assert used == [2]  # the files went through two decoding processes
     assert isinstance(by_procs[5], ImageLoadError) and by_procs[5].reason == by_threads[5].reason

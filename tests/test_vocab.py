@@ -7,7 +7,7 @@ import json
 import pytest
 
 from alt_i2v.errors import AltI2VError, UsageError
-from alt_i2v.vocab import Vocab, build_vocab
+from alt_i2v.data.vocab import Vocab, build_vocab
 
 MD5 = "0f343b0931126a20f133d67c2b018a3b"
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from .. import __version__
 from ..errors import AltI2VError, UsageError
-from ..layout import DataDir
+from ..data.layout import DataDir
 from .infer import EXPORT_FORMATS, PRED_FORMATS, cmd_embed, cmd_explain, cmd_export, cmd_index, cmd_pred, \
     cmd_screen, cmd_similar
 
@@ -349,7 +349,7 @@ def cmd_scrape(args: argparse.Namespace) -> int:
 
 def cmd_import_src(args: argparse.Namespace) -> int:
     from ..config import resolve_workers
-    from ..dataset import import_folder
+    from ..data.posts import import_folder
     from ..progress import summary
 
     data = _need(args, "data", "import")
@@ -363,7 +363,7 @@ def cmd_import_src(args: argparse.Namespace) -> int:
 def cmd_vocab(args: argparse.Namespace) -> int:
     from ..config import DEFAULT_CATEGORIES
     from ..progress import summary
-    from ..vocab import build_vocab
+    from ..data.vocab import build_vocab
 
     data = _need(args, "data", "vocab")
     cats = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else DEFAULT_CATEGORIES
@@ -389,7 +389,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..progress import summary
-    from ..train import train
+    from ..training.run import train
 
     data = _need(args, "data", "train")
     model = _need(args, "model", "train")
@@ -405,7 +405,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _dist_config(args: argparse.Namespace) -> Any:
     """--distribute/--devices/--coordinator/... over the cluster launcher's environment variables."""
-    from ..distribute import DistConfig, settings_from_env
+    from ..training.distribute import DistConfig, settings_from_env
 
     kw = settings_from_env(os.environ)
     kw.update({k: getattr(args, k) for k in ("distribute", "devices", "coordinator", "num_processes",
@@ -415,7 +415,7 @@ def _dist_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ..evaluate import evaluate
+    from ..training.evaluation import evaluate
     from ..progress import summary
 
     result = evaluate(_need(args, "data", "evaluate"), _need(args, "model", "evaluate"),

@@ -31,10 +31,10 @@ def _emit(progress: Any, text: str, file: Any = None) -> None:
 
 def cmd_pred(args: argparse.Namespace) -> int:
     """``--pred FILES/DIRS --model DIR``: print tags (text/json/caption) and/or write caption files."""
-    from ..captions import (DEFAULT_CAPTION_MODE, DEFAULT_TAG_STYLE, caption_conflicts, caption_path,
+    from ..data.captions import (DEFAULT_CAPTION_MODE, DEFAULT_TAG_STYLE, caption_conflicts, caption_path,
                             format_caption, format_tag, parse_tag_list, select_tags, write_caption)
     from ..progress import bar, summary
-    from ..tagger import check_top_k, get_tagger, list_images, parse_threshold
+    from ..tagging.tagger import check_top_k, get_tagger, list_images, parse_threshold
 
     if not args.model:
         raise UsageError("--pred needs --model DIR (a trained model directory)")
@@ -132,7 +132,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     from ..fsutil import atomic_write_bytes, atomic_write_json
     from ..progress import summary
-    from ..tagger import get_tagger, list_images
+    from ..tagging.tagger import get_tagger, list_images
 
     if not args.model:
         raise UsageError("--embed needs --model DIR")
@@ -164,7 +164,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     """``--index --model DIR (--data DIR | --images DIR) --out INDEX [--approx]``."""
     from ..progress import summary
     from ..search import build_index, faiss_available
-    from ..tagger import get_tagger
+    from ..tagging.tagger import get_tagger
 
     if not args.model:
         raise UsageError("--index needs --model DIR (the model whose embeddings are indexed)")
@@ -219,9 +219,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     """``--explain FILES/DIRS --model DIR [--tag T,...] [--top-k K] [--out DIR]``: Grad-CAM pictures."""
     import os
 
-    from ..explain import DEFAULT_TOP_K, explain_images
+    from ..tagging.gradcam import DEFAULT_TOP_K, explain_images
     from ..progress import summary
-    from ..tagger import list_images
+    from ..tagging.tagger import list_images
 
     if not args.model:
         raise UsageError("--explain needs --model DIR (a trained model directory)")
@@ -243,8 +243,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_screen(args: argparse.Namespace) -> int:
     """``--screen SRC --model DIR --keep T,... [--reject T,...] --out DIR [--move] [--dry-run]``."""
     from ..progress import summary
-    from ..screen import screen
-    from ..tagger import parse_threshold
+    from ..tagging.screening import screen
+    from ..tagging.tagger import parse_threshold
 
     if not args.model:
         raise UsageError("--screen needs --model DIR (a trained model directory)")
@@ -264,7 +264,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``--export --model DIR --format savedmodel|onnx|tflite --out DIR``: written, then parity-checked."""
-    from ..export import export
+    from ..tagging.exporting import export
     from ..progress import summary
 
     if not args.model:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..layout import DataDir, ModelDir
+from ..data.layout import DataDir, ModelDir
 from .synthetic import generate_demo_dataset
 
 # ---------------------------------------------------------------------------------------------------------
@@ -123,11 +123,11 @@ def run_demo(out_dir: str | os.PathLike = "alt-i2v-demo", *, quick: bool = False
     reports/report.md), ``OUT/similar.index`` and ``OUT/demo.json`` (this run's summary); ``--quick`` uses
     ``OUT/quick/`` the same way. Anything an earlier run finished is reused, an interrupted training resumes.
     """
-    from ..dataset import iter_posts, post_image_path
+    from ..data.posts import iter_posts, post_image_path
     from ..fsutil import atomic_write_json
     from ..progress import summary
     from ..store import build_store
-    from ..vocab import Vocab, build_vocab
+    from ..data.vocab import Vocab, build_vocab
 
     cfg = QUICK if quick else FULL
     t_start = time.perf_counter()
@@ -174,7 +174,7 @@ def run_demo(out_dir: str | os.PathLike = "alt-i2v-demo", *, quick: bool = False
             quiet=quiet)
 
     # 4. training
-    from ..train import train
+    from ..training.run import train
 
     t0 = time.perf_counter()
     if md.is_finished():
@@ -190,7 +190,7 @@ def run_demo(out_dir: str | os.PathLike = "alt-i2v-demo", *, quick: bool = False
     t0 = time.perf_counter()
     metrics = _fresh_metrics(md)
     if metrics is None:
-        from ..evaluate import evaluate
+        from ..training.evaluation import evaluate
 
         evaluated = evaluate(data, model_dir, split="test", quiet=quiet)
         metrics = evaluated.metrics
@@ -204,7 +204,7 @@ def run_demo(out_dir: str | os.PathLike = "alt-i2v-demo", *, quick: bool = False
     result.metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
 
     # 6. tag a few test images
-    from ..tagger import Tagger
+    from ..tagging.tagger import Tagger
 
     t0 = time.perf_counter()
     tagger = Tagger(model_dir)
@@ -269,7 +269,7 @@ def _similar(tagger: Any, data: Path, index_path: Path, posts: dict, test_ids: l
              quiet: bool, k: int = 5) -> tuple[dict[str, Any], bool]:
     """Index every stored image (or reuse the index of this model), query one test image, and measure
     how many tags the nearest neighbours of each test image share with it versus random pairs."""
-    from ..dataset import post_image_path
+    from ..data.posts import post_image_path
     from ..progress import summary
     from ..search import SimilarityIndex, build_index
 

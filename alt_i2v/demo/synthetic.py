@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AltI2VError
-from ..layout import DataDir
+from ..data.layout import DataDir
 
 DEMO_VERSION = 1
 MARKER = "demo_dataset.json"
@@ -283,7 +283,7 @@ def generate_demo_dataset(data_dir: str | os.PathLike, n_images: int = 3000, see
     """
     from ..config import resolve_workers
     from ..fsutil import atomic_write_json, atomic_write_text
-    from ..layout import POSTS_FILE
+    from ..data.layout import POSTS_FILE
     from ..progress import bar
 
     data_dir = Path(data_dir)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 from urllib.parse import urljoin, urlsplit
 
-from ..dataset import CATEGORIES, RATINGS, check_post_id, normalize_tag
+from ..data.posts import CATEGORIES, RATINGS, check_post_id, normalize_tag
 from ..fsutil import image_relpath
 from .http import DanbooruClient, PageFormatError, _int
 
@@ -173,7 +173,7 @@ def parse_post_page(text: str, page_url: str, expected_id: int | None = None) ->
 
 
 def post_record(info: PostInfo, base_url: str, *, md5: str, ext: str, original_md5: str | None = None) -> dict:
-    """The ``posts.jsonl`` line (CONTRACTS section 1) for a post whose file is ``<md5>.<ext>``."""
+    """The ``posts.jsonl`` line (docs/formats.md, "posts.jsonl") for a post whose file is ``<md5>.<ext>``."""
     post = {"id": info.id, "md5": md5, "file_ext": ext, "file": image_relpath(md5, ext),
             "tags": {c: list(info.tags.get(c, [])) for c in CATEGORIES}, "rating": info.rating,
             "score": info.score, "width": info.width, "height": info.height, "source": "danbooru",

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urljoin, urlsplit
 
-from ..dataset import PostsWriter, id_key, iter_posts
+from ..data.posts import PostsWriter, id_key, iter_posts
 from ..errors import AltI2VError, ImageLoadError, UnsafePathError, UsageError
 from ..fsutil import commit, file_digest, fsync_dir, image_relpath, is_md5, normalize_ext, remove_stale_temps
-from ..layout import DataDir
+from ..data.layout import DataDir
 from ..progress import count_reasons
 from .danbooru import PAGE_SIZE, ListItem, PostInfo, _pages, parse_post_page, post_record
 from .http import DEFAULT_BASE_URL, DanbooruClient, FetchError, _unlink, check_url, normalize_base_url
@@ -388,7 +388,7 @@ class _Scrape:
                 self._ensure_dir(self.images)
                 got = self.client.download(job.url, self.images / "sample", max_bytes=self.max_bytes)
                 try:
-                    from ..imaging import identify
+                    from ..data.imaging import identify
 
                     ext = identify(str(got.tmp))[0]
                 except ImageLoadError as e:
@@ -439,7 +439,7 @@ def _sigint_stops(stop: threading.Event, client: DanbooruClient) -> Iterator[Non
 @contextmanager
 def _exclusive(data_dir: Path) -> Iterator[None]:
     """One writer of posts.jsonl per data directory at a time (--scrape and --import share the lock)."""
-    from ..dataset import posts_lock
+    from ..data.posts import posts_lock
 
     with posts_lock(data_dir):
         yield

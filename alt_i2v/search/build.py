@@ -20,8 +20,8 @@ def embed_store(tagger: Any, data_dir: str | os.PathLike, *, quiet: bool = True,
     ``(embeddings, post ids, image paths, failures)`` (failures: store records that did not decode), or
     None when the store is missing or was built with other image settings than the model's (its pixels
     would not be what the model expects)."""
-    from ..dataset import id_key, iter_posts, post_image_path
-    from ..layout import DataDir, store_matches
+    from ..data.posts import id_key, iter_posts, post_image_path
+    from ..data.layout import DataDir, store_matches
     from ..progress import bar
     from ..store import Store
 
@@ -58,8 +58,8 @@ def build_index(tagger: Any, *, data: str | os.PathLike | None = None, images: s
     """An index of a dataset (``data``: its store when it matches the model, else its image files) or of an
     image folder (``images``), embedded by ``tagger``. Returns ``(index, failures)``, failures as
     ``[{"file", "reason", "error"}]``; the index records the model and the source in ``info``."""
-    from ..dataset import iter_posts, post_image_path
-    from ..tagger import list_images
+    from ..data.posts import iter_posts, post_image_path
+    from ..tagging.tagger import list_images
 
     if (data is None) == (images is None):
         raise UsageError("build an index from exactly one of a dataset directory or an image folder")
@@ -95,8 +95,8 @@ def build_index(tagger: Any, *, data: str | os.PathLike | None = None, images: s
 def open_index(index_path: str | os.PathLike, model: str | os.PathLike | None = None) -> tuple["SimilarityIndex", Any]:
     """An index and the Tagger that embeds its queries: ``model`` or the model the index records, checked
     to be the very model (weights fingerprint, embedding size) the index was built with."""
-    from ..layout import ModelDir
-    from ..tagger import get_tagger
+    from ..data.layout import ModelDir
+    from ..tagging.tagger import get_tagger
 
     index = SimilarityIndex.load(index_path)
     model_info = index.info.get("model") or {}

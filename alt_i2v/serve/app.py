@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from .. import __version__
-from ..captions import CATEGORY_ORDER, format_caption
+from ..data.captions import CATEGORY_ORDER, format_caption
 from ..config import ServeConfig
 from ..errors import AltI2VError, ImageLoadError, UsageError
 from .engine import ModelEngine
@@ -77,7 +77,7 @@ class Service:
 
     def __init__(self, model: Any, index: Any, config: ServeConfig):
         from ..search import open_index
-        from ..tagger import Tagger, get_tagger
+        from ..tagging.tagger import Tagger, get_tagger
 
         self.config = config
         self.index = None
@@ -231,10 +231,10 @@ def create_app(model: Any, index: Any = None, config: ServeConfig | None = None)
     async def explain_tag(request: Request, tag: str | None = Query(None),
                           format: str = Query("json", pattern="^(json|png)$")) -> Any:
         """Where the model finds ``tag`` (form field or query; default the most probable tag) in the
-        picture: the map of :func:`alt_i2v.explain.explain`, as ``overlay`` (the picture with the map
+        picture: the map of :func:`alt_i2v.tagging.gradcam.explain`, as ``overlay`` (the picture with the map
         laid over it) and ``heatmap`` (the map alone, grey 0-255), PNG data URLs at display size (long
         side 256-640 px). ``?format=png`` answers the overlay as a PNG."""
-        from ..explain import get_explainer
+        from ..tagging.gradcam import get_explainer
 
         t0 = time.perf_counter()
         upload, image = await service.receive(request)

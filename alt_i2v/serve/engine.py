@@ -45,7 +45,7 @@ class EngineStats:
 
 
 class ModelEngine:
-    """Serialises every use of a :class:`~alt_i2v.tagger.Tagger` onto one thread and batches its
+    """Serialises every use of a :class:`~alt_i2v.tagging.tagger.Tagger` onto one thread and batches its
     forward passes: ``tags(image)`` (probabilities, like ``predict_tags``), ``embed(image)`` (the
     L2-normalised embedding, like ``extract_embeddings``) and ``call(fn)`` (anything else)."""
 

@@ -1,6 +1,6 @@
 """Pictures the page shows: a tag's Grad-CAM map over the uploaded picture, and index thumbnails.
 
-The map comes from :mod:`alt_i2v.explain` (its Grad-CAM, its way back from the model's square to the
+The map comes from :mod:`alt_i2v.tagging.gradcam` (its Grad-CAM, its way back from the model's square to the
 picture, its colours); here it is only laid over the picture at a size a screen can use. Pictures are
 decoded by the one image loader, so a damaged file or a decompression bomb is refused as on upload.
 """
@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ..config import ImageConfig
-from ..imaging import load_image
+from ..data.imaging import load_image
 
 DISPLAY_MIN, DISPLAY_MAX = 256, 640  # the long side of a shown heat map, in pixels
 THUMB_SIZE = 192
@@ -34,8 +34,8 @@ def heat_pictures(data: bytes, cam: np.ndarray, config: ImageConfig) -> tuple[by
     model's input square: the map is taken back to the whole picture (pad / crop / stretch undone) at the
     display size; the overlay is the picture with the coloured map blended in, the heat map the values
     as 8-bit grey (255 = strongest evidence)."""
-    from ..explain import colorize, to_picture
-    from ..imaging import open_rgb
+    from ..tagging.gradcam import colorize, to_picture
+    from ..data.imaging import open_rgb
 
     picture = open_rgb(data, config)
     width, height = picture.size

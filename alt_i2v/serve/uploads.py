@@ -2,7 +2,7 @@
 
 Nothing of an upload touches the disk: the body is counted while it streams in (a request over the cap
 is answered 413 as soon as its ``Content-Length`` says so, or once that many bytes have arrived), parsed
-in memory, and decoded by :func:`alt_i2v.imaging.load_image` with the model's settings and its
+in memory, and decoded by :func:`alt_i2v.data.imaging.load_image` with the model's settings and its
 decompression-bomb guard. Every refusal is an :class:`UploadError` carrying an HTTP status, a stable
 ``reason`` code and a message that says what to send instead.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from ..errors import AltI2VError, ImageLoadError
-from ..imaging import describe, load_image
+from ..data.imaging import describe, load_image
 
 FILE_FIELD = "file"
 MULTIPART_SLACK = 64 << 10  # boundaries, part headers and small form fields around the file
@@ -137,7 +137,7 @@ def parse_form(body: bytes, content_type: str | None, max_bytes: int) -> Upload:
 
 
 def decode(upload: Upload, image_size: int, resize: str, max_pixels: int, pad_color: Any) -> Any:
-    """The upload through :func:`alt_i2v.imaging.load_image` (uint8 (S, S, 3)), or an UploadError."""
+    """The upload through :func:`alt_i2v.data.imaging.load_image` (uint8 (S, S, 3)), or an UploadError."""
     try:
         return load_image(upload.data, image_size, resize, max_pixels=max_pixels, pad_color=pad_color)
     except ImageLoadError as e:

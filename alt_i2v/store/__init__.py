@@ -10,7 +10,7 @@ One LevelDB (the default, ``--shards 1``), or N shards written and read by one p
 ``--build`` stage, ``shards`` the sharded layout (docs/feeding.md).
 """
 
-from ..layout import STORE_DIR
+from ..data.layout import STORE_DIR
 from .build import PRUNE_SHARE, BuildResult, _finish_swap, build_shard, build_store
 from .reader import Store, is_sharded, open_store, store_lock, store_path
 from .records import (IDX, LAYOUT_FILE, META_KEY, REC, SPLITS, STORE_VERSION, check_meta, check_record,

@@ -18,9 +18,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ..config import BuildConfig, ImageConfig, resolve_workers
-from ..layout import STORE_DIR
+from ..data.layout import STORE_DIR
 from ..errors import AltI2VError, ImageLoadError, StoreMismatchError
-from ..vocab import VOCAB_FILE, Vocab
+from ..data.vocab import VOCAB_FILE, Vocab
 from .reader import _open_db, store_lock
 from .records import IDX, META_KEY, REC, SPLITS, STORE_VERSION, check_meta, encode_record, pack, split_of, unpack
 
@@ -66,7 +66,7 @@ def _work(task: tuple) -> tuple:
 
 
 def _load(path: str, cfg: tuple) -> np.ndarray:
-    from ..imaging import load_image
+    from ..data.imaging import load_image
 
     size, resize, max_pixels = cfg
     return load_image(path, size, resize, max_pixels=max_pixels)
@@ -152,7 +152,7 @@ def _finish_swap(path: Path) -> None:
 def _build(data_dir: Path, path: Path, cfg: BuildConfig, vocab: Vocab, *, prune: bool, quiet: bool,
            shards: int = 1) -> BuildResult:
     """The build itself, into ``path`` (one LevelDB, or ``shards`` of them), under the caller's store lock."""
-    from ..dataset import PostsRead, id_key, iter_posts, post_image_path, posts_path
+    from ..data.posts import PostsRead, id_key, iter_posts, post_image_path, posts_path
     from ..progress import bar
     from .shards import build_sharded
 

@@ -13,8 +13,8 @@ import numpy as np
 
 from ..config import ImageConfig
 from ..errors import AltI2VError, BadRecordError, StoreMismatchError
-from ..layout import STORE_DIR
-from ..vocab import Vocab
+from ..data.layout import STORE_DIR
+from ..data.vocab import Vocab
 from .records import (IDX, LAYOUT_FILE, META_KEY, REC, SPLITS, STORE_VERSION, check_meta, check_record,
                       unpack)
 
@@ -43,7 +43,7 @@ class Store:
     ``vocab`` / ``image_size`` / ``resize`` given: a store built differently is a StoreMismatchError.
     A sharded store (``--build --shards N``) opens as a :class:`~alt_i2v.store.shards.ShardedStore`, which
     reads the same way. :meth:`release` closes the LevelDB so another process (a reader of
-    :mod:`alt_i2v.readers`) may open it; the next read here opens it again. ``lock=False`` is for the
+    :mod:`alt_i2v.training.readers`) may open it; the next read here opens it again. ``lock=False`` is for the
     shards of a sharded store, whose lock the ShardedStore holds.
     """
 
@@ -255,7 +255,7 @@ class Store:
 
     @staticmethod
     def _key(key: bytes | str | int) -> bytes:
-        from ..dataset import id_key
+        from ..data.posts import id_key
 
         if isinstance(key, bytes):
             return key

@@ -17,7 +17,7 @@ import msgpack_numpy
 import numpy as np
 
 from ..errors import BadRecordError, StoreMismatchError
-from ..vocab import Vocab
+from ..data.vocab import Vocab
 
 STORE_VERSION = 1
 META_KEY = b"__meta__"
@@ -29,7 +29,7 @@ LAYOUT_FILE = "meta.json"  # a sharded store's layout (alt_i2v.store.shards); ab
 
 def split_of(pid: Any, val_fraction: float = 0.1, test_fraction: float = 0.1) -> str:
     """A stable split from a hash of the id: rebuilding never moves an image between splits."""
-    from ..dataset import id_key
+    from ..data.posts import id_key
 
     h = int.from_bytes(hashlib.sha256(id_key(pid).encode()).digest()[:8], "big") / 2.0 ** 64
     if h < test_fraction:

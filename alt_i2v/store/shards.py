@@ -33,7 +33,7 @@ import numpy as np
 from ..config import BuildConfig, resolve_workers
 from ..errors import AltI2VError, StoreMismatchError, UsageError
 from ..fsutil import atomic_write_json
-from ..vocab import Vocab
+from ..data.vocab import Vocab
 from .build import build_shard
 from .reader import Store, is_sharded, store_lock, store_path
 from .records import LAYOUT_FILE, REC, SPLITS, check_meta

@@ -14,7 +14,6 @@ import importlib
 import importlib.util
 import os
 import shutil
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -23,8 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import CallableModule
-from .errors import AltI2VError, UsageError
+from ..errors import AltI2VError, UsageError
 
 EXPORT_FILE = "export.json"
 TOLERANCE = 1e-3
@@ -121,8 +119,8 @@ RUNTIMES = {"savedmodel": _run_savedmodel, "onnx": _run_onnx, "tflite": _run_tfl
 
 def parity_images(image_config: Any, n: int = PARITY_IMAGES) -> np.ndarray:
     """``n`` generated illustrations (the demo's drawings) as model inputs (n, S, S, 3) uint8."""
-    from .demo import draw_demo_image
-    from .imaging import load_image_config
+    from ..demo import draw_demo_image
+    from ..data.imaging import load_image_config
 
     size = int(image_config.image_size)
     return np.stack([load_image_config(draw_demo_image(20240, i, max(16, min(size, 512)))[0], image_config)
@@ -157,9 +155,9 @@ def export(model: Any, out: str | os.PathLike, format: str = "onnx", *, quiet: b
     import io
     import secrets
 
-    from . import __version__
-    from .fsutil import atomic_write_json, fsync_dir
-    from .progress import bar
+    from .. import __version__
+    from ..fsutil import atomic_write_json, fsync_dir
+    from ..progress import bar
     from .tagger import get_tagger
 
     check_format(format)
@@ -213,5 +211,3 @@ def export(model: Any, out: str | os.PathLike, format: str = "onnx", *, quiet: b
 
 __all__ = ["export", "check_parity", "check_format", "missing_packages", "parity_images", "ExportResult",
            "ExportParityError", "FORMATS", "TOLERANCE", "EXPORT_FILE"]
-
-sys.modules[__name__].__class__ = CallableModule  # ``from alt_i2v import export`` is this module: callable

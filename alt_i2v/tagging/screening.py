@@ -13,15 +13,13 @@ from __future__ import annotations
 import csv
 import io
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from . import CallableModule
-from .errors import AltI2VError, ImageLoadError, UsageError
+from ..errors import AltI2VError, ImageLoadError, UsageError
 
 STATE_DIR = ".screen"
 JOURNAL = "journal.jsonl"
@@ -77,7 +75,7 @@ def decide(probs: np.ndarray, keep: Sequence[int], reject: Sequence[int], thresh
 def list_sources(src: Path, out: Path) -> tuple[list[Path], int]:
     """Image files under ``src`` (recursive, sorted, hidden ones and ``out`` left out), and how many other
     files were seen."""
-    from .fsutil import IMAGE_SUFFIXES
+    from ..fsutil import IMAGE_SUFFIXES
 
     out_resolved = out.resolve()
     files, others = [], 0
@@ -100,7 +98,7 @@ class _Journal:
     ``done`` records after it is verified; both fsync'ed, read back on the next run."""
 
     def __init__(self, out: Path):
-        from .fsutil import JsonlWriter, read_jsonl
+        from ..fsutil import JsonlWriter, read_jsonl
 
         self.path = out / STATE_DIR / JOURNAL
         self.plans: dict[str, dict] = {}
@@ -143,7 +141,7 @@ def _carry(src: Path, dst: Path, sha256: str, move: bool, *, check_source: bool)
     source; returns the directories whose entries changed (the caller fsyncs them, once per batch, before
     it marks the files done). Safe to call again after a crash at any point: a verified copy is not made
     twice. ``check_source``: hash the source again before removing it (when time passed since planning)."""
-    from .fsutil import atomic_copy, file_digest
+    from ..fsutil import atomic_copy, file_digest
 
     dirs = set()
     if not (dst.exists() and file_digest(dst) == sha256):
@@ -178,9 +176,9 @@ def screen(src: str | os.PathLike, model: Any, out: str | os.PathLike, *, keep: 
     category/tag (as ``predict_tags``). ``move`` removes each source after its copy is verified; ``dry_run``
     writes only the report. An interrupted run resumes where it stopped when called again the same way.
     """
-    from .fsutil import (atomic_write_json, atomic_write_text, file_digest, fsync_dir, read_json,
+    from ..fsutil import (atomic_write_json, atomic_write_text, file_digest, fsync_dir, read_json,
                          remove_stale_temps)
-    from .progress import bar
+    from ..progress import bar
     from .tagger import get_tagger
 
     src, out = Path(src), Path(out)
@@ -290,7 +288,7 @@ def _commit(batch: list[dict], journal: _Journal, src: Path, out: Path, move: bo
     """Plan a batch (one fsync), carry each file, then mark them done (one fsync)."""
     if not batch:
         return
-    from .fsutil import fsync_dir
+    from ..fsutil import fsync_dir
 
     journal.plan(batch)
     dirs: set[Path] = set()
@@ -326,5 +324,3 @@ def _csv(rows: list[dict]) -> str:
 
 
 __all__ = ["screen", "decide", "list_sources", "ScreenResult", "REPORT"]
-
-sys.modules[__name__].__class__ = CallableModule  # ``from alt_i2v import screen`` is this module: callable

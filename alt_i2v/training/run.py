@@ -1,4 +1,4 @@
-"""Training: the store in, a self-contained model directory out (CONTRACTS section 4).
+"""Training: the store in, a self-contained model directory out (docs/formats.md, "The model directory").
 
 ``MODEL/``::
 
@@ -31,23 +31,23 @@ import keras
 import numpy as np
 
 from .augment import tagger_of, training_model
-from .config import ImageConfig, ModelConfig, TrainConfig, resolve_workers
+from ..config import ImageConfig, ModelConfig, TrainConfig, resolve_workers
 from .distribute import Cluster, DistConfig, start
-from .errors import AltI2VError, UsageError
-from .evaluate import predict_split
+from ..errors import AltI2VError, UsageError
+from .evaluation import predict_split
 from .groups import exclusive_groups, label_matrix
 from .history import plot_curves, read_history, write_history
-from .fsutil import atomic_copy, atomic_path, atomic_write_json, remove_stale_temps
-from .layout import CHECKPOINTS_DIR as CKPT_DIR
-from .layout import CONFIG_FILE, CURVES_FILE, HISTORY_FILE, MODEL_FILE, THRESHOLDS_FILE, ModelDir
+from ..fsutil import atomic_copy, atomic_path, atomic_write_json, remove_stale_temps
+from ..data.layout import CHECKPOINTS_DIR as CKPT_DIR
+from ..data.layout import CONFIG_FILE, CURVES_FILE, HISTORY_FILE, MODEL_FILE, THRESHOLDS_FILE, ModelDir
 from .metrics import prf_at
 from .optim import compile_model, learning_rate, precision_policy
-from .model import build_model, count_params, embedding_dim, get_backbone, resolve_config
+from ..model.build import build_model, count_params, embedding_dim, get_backbone, resolve_config
 from .pipeline import EpochSetter, StoreDataset
 from .readers import ReaderPool
-from .store import Store
+from ..store import Store
 from .thresholds import calibrate_thresholds, thresholds_vector
-from .vocab import VOCAB_FILE, Vocab
+from ..data.vocab import VOCAB_FILE, Vocab
 
 CONFIG_VERSION = 1
 STATE_FILE = "state.json"
@@ -368,7 +368,7 @@ def train(data_dir: str | os.PathLike, model_dir: str | os.PathLike, *, resume: 
     interrupted run from its last completed epoch with the settings it was started with. ``callbacks`` are
     extra Keras callbacks (one that sets ``model.stop_training`` mid-epoch ends the run after that epoch
     is validated and recorded, as with a budget). ``distribution`` spreads the global batch over devices
-    and processes (distribute.py; default: every local device of the JAX backend); only process 0 reads
+    and processes (training/distribute.py; default: every local device of the JAX backend); only process 0 reads
     and writes ``MODEL``.
     """
     t_start = time.perf_counter()
@@ -639,7 +639,3 @@ def _last_name(run: _Run) -> str | None:
 
 
 __all__ = ["train", "TrainResult", "save_model_atomic"]
-
-from . import CallableModule  # noqa: E402
-
-sys.modules[__name__].__class__ = CallableModule  # ``from alt_i2v import train`` is this module: callable

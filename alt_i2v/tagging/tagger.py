@@ -1,7 +1,7 @@
 """Using a trained model directory: tags with probabilities and embeddings, one
 model directory loaded once.
 
-Every input goes through :func:`alt_i2v.imaging.load_image_config` with the image settings the model was
+Every input goes through :func:`alt_i2v.data.imaging.load_image_config` with the image settings the model was
 trained with, so prediction sees exactly the pixels the build stored. Images are decoded while the previous
 batch is in the model (by worker processes for many files, else threads); a bad image costs only its own
 result.
@@ -20,12 +20,12 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from .config import resolve_workers
-from .errors import AltI2VError, ImageLoadError, UsageError
-from .fsutil import IMAGE_SUFFIXES, file_digest
-from .imaging import DecodePool, describe, load_image_config
-from .layout import ModelDir
-from .thresholds import DEFAULT_THRESHOLD, check_probability, parse_threshold, thresholds_vector
+from ..config import resolve_workers
+from ..errors import AltI2VError, ImageLoadError, UsageError
+from ..fsutil import IMAGE_SUFFIXES, file_digest
+from ..data.imaging import DecodePool, describe, load_image_config
+from ..data.layout import ModelDir
+from ..training.thresholds import DEFAULT_THRESHOLD, check_probability, parse_threshold, thresholds_vector
 
 DEFAULT_BATCH_SIZE = 64
 PROCESS_DECODE_MIN = 256  # files from which --pred / predict_tags decode in worker processes, not threads,
@@ -93,7 +93,7 @@ class Tagger:
     """
 
     def __init__(self, model_dir: str | os.PathLike, *, batch_size: int | None = None, workers: int | None = None):
-        from .model import load_model
+        from ..model.build import load_model
 
         self.model_dir = Path(model_dir)
         self.files = ModelDir(model_dir).read()
@@ -122,7 +122,7 @@ class Tagger:
     # ------------------------------------------------------------------------------------------ metadata
     @property
     def embedding_dim(self) -> int:
-        from .model import embedding_dim
+        from ..model.build import embedding_dim
 
         return embedding_dim(self.model)
 
@@ -171,7 +171,7 @@ class Tagger:
 
     # ------------------------------------------------------------------------------------------ forward
     def _forward(self, model: Any, batch: np.ndarray) -> Any:
-        from .model import predict_batch
+        from ..model.build import predict_batch
 
         with self._lock, warnings.catch_warnings():
             # Keras' TF backend converts outputs with np.array(tensor), which NumPy 2 flags; harmless
@@ -180,7 +180,7 @@ class Tagger:
 
     def _embedder(self) -> Any:
         if self._embed_model is None:
-            from .model import embedding_model
+            from ..model.build import embedding_model
 
             self._embed_model = embedding_model(self.model)
         return self._embed_model
@@ -198,7 +198,7 @@ class Tagger:
         """Yield ``(start, loaded, ok, outputs)`` per batch: ``loaded`` holds arrays or ImageLoadError,
         ``ok`` the positions (in the batch) that reached the model, ``outputs`` = ``fn(stacked ok images)``.
         The next batches are decoded while ``fn`` runs: by worker processes for many files
-        (:class:`~alt_i2v.imaging.DecodePool`), else on threads."""
+        (:class:`~alt_i2v.data.imaging.DecodePool`), else on threads."""
         n, bs = len(sources), self.batch_size
         if n == 0:
             return
@@ -337,7 +337,7 @@ class Tagger:
                     ) -> tuple[np.ndarray, list[int], list[dict]]:
         """Embeddings of files with a progress bar: ``(embeddings of the good ones, their positions,
         failures [{"file", "reason", "error"}])``."""
-        from .progress import bar
+        from ..progress import bar
 
         rows, ok_pos, failures = [], [], []
         progress = bar(total=len(files), desc=desc, unit="img", quiet=quiet)

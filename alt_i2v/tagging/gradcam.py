@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -20,8 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from . import CallableModule
-from .errors import AltI2VError, ImageLoadError, UsageError
+from ..errors import AltI2VError, ImageLoadError, UsageError
 
 DEFAULT_TOP_K = 3
 PANEL = 320  # pixels of the long side of each half of a written heat-map picture
@@ -107,7 +105,7 @@ def _logit_gradients(score: Any, fmap: np.ndarray, onehot: np.ndarray) -> tuple[
 
 
 class Explainer:
-    """Grad-CAM of one loaded :class:`~alt_i2v.tagger.Tagger`, split once at its last feature map."""
+    """Grad-CAM of one loaded :class:`~alt_i2v.tagging.tagger.Tagger`, split once at its last feature map."""
 
     def __init__(self, tagger: Any, layer: str | None = None):
         model = tagger.model
@@ -174,12 +172,12 @@ def to_picture(cam: np.ndarray, width: int, height: int, image_config: Any) -> n
     """A map over the model's input square as an (height, width) map over the picture it came from,
     undoing the pad / stretch / crop of loading (a cropped-away border gets 0: the model never saw it),
     scaled so its peak is 1 (all 0 when nothing in the picture raises the tag)."""
-    from .imaging import fit_geometry
+    from ..data.imaging import fit_geometry
 
     size = int(image_config.image_size)
     square = _resize_map(cam, size, size)
     nw, nh, dx, dy = fit_geometry(width, height, size, image_config.resize)
-    if image_config.resize == "pad":
+    if image_config.resize in ("pad", "square"):
         region = square[dy:dy + nh, dx:dx + nw]
     elif image_config.resize == "crop":
         region = np.zeros((nh, nw), np.float32)
@@ -208,8 +206,8 @@ def explain(image: Any, tag: str | None = None, model: Any = None) -> np.ndarray
     """Grad-CAM heat map of ``tag`` on ``image``: an (H, W) float32 array in [0, 1] at the picture's own
     size (1 = strongest evidence). ``image``: a path, bytes, PIL image or array (as ``predict_tags``);
     ``tag`` None = the most probable tag; ``model``: a model directory (loaded once and cached) or a
-    loaded :class:`~alt_i2v.tagger.Tagger`."""
-    from .imaging import load_image_config, open_rgb
+    loaded :class:`~alt_i2v.tagging.tagger.Tagger`."""
+    from ..data.imaging import load_image_config, open_rgb
     from .tagger import get_tagger
 
     tagger = get_tagger(model)
@@ -281,9 +279,9 @@ def explain_images(files: Sequence[str | os.PathLike], model: Any, out_dir: str 
     each file and each of ``tags`` (or its ``top_k`` most probable tags). ``roots``: folders the files
     were found in, whose relative paths name the pictures (``a/b.jpg`` -> ``a/b.<tag>.png``). A file
     that cannot be read is reported and skipped."""
-    from .fsutil import atomic_path
-    from .imaging import load_image_config, open_rgb
-    from .progress import bar
+    from ..fsutil import atomic_path
+    from ..data.imaging import load_image_config, open_rgb
+    from ..progress import bar
     from .tagger import get_tagger
 
     if top_k < 1:
@@ -339,5 +337,3 @@ def _picture_stem(file: Path, roots: Sequence[Path], used: set[str]) -> str:
 
 __all__ = ["explain", "explain_images", "Explainer", "ExplainResult", "feature_layer", "get_explainer",
            "to_picture", "render", "colorize", "DEFAULT_TOP_K"]
-
-sys.modules[__name__].__class__ = CallableModule  # ``from alt_i2v import explain`` is this module: callable

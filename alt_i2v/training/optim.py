@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import keras
 
-from .config import TrainConfig
-from .errors import UsageError
-from .model import get_loss
+from ..config import TrainConfig
+from ..errors import UsageError
+from ..model.build import get_loss
 
 
 def precision_policy(mixed_precision: str | None) -> str:

@@ -23,9 +23,9 @@ from typing import Any, Sequence
 import keras
 from keras import layers, ops
 
-from .config import ModelConfig
-from .layout import MODEL_FILE
-from .errors import AltI2VError, UsageError
+from ..config import ModelConfig
+from ..data.layout import MODEL_FILE
+from ..errors import AltI2VError, UsageError
 
 PACKAGE = "alt_i2v"
 

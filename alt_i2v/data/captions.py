@@ -14,9 +14,9 @@ import re
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from .dataset import normalize_tag
-from .errors import UsageError
-from .fsutil import atomic_write_text
+from .posts import normalize_tag
+from ..errors import UsageError
+from ..fsutil import atomic_write_text
 
 CATEGORY_ORDER = ("character", "copyright", "artist", "general", "meta", "rating")
 CAPTION_MODES = ("append", "skip", "overwrite")

@@ -5,7 +5,7 @@ last, partial batch is padded with the first images of the epoch's order and tho
 0, as does a record that fails to decode, so neither counts in the loss (``mean_with_sample_weight``)
 nor in the metrics. A batch is ``({"image": uint8 (B, S, S, 3), "augment": int32 (B, 5)}, multi-hot
 float32 (B, T), weights float32 (B,))``; the images are raw (the model normalises them) and the flip
-and crop/zoom run on the accelerator (:mod:`alt_i2v.augment`): the host only reads records.
+and crop/zoom run on the accelerator (:mod:`alt_i2v.training.augment`): the host only reads records.
 
 Records are read by threads of this process (a one-shard store) or, with a :class:`ReaderPool`, by
 reader processes that own the shards of a sharded store and write into shared memory (LevelDB allows
@@ -27,7 +27,7 @@ from keras.utils import PyDataset
 
 from .augment import augment_params, identity_params
 from .readers import ReaderPool, SharedBatches
-from .store import Store, multi_hot
+from ..store import Store, multi_hot
 
 
 class StoreDataset(PyDataset):
@@ -197,7 +197,7 @@ class StoreDataset(PyDataset):
 
     def close(self) -> None:
         """Stop reading ahead; free the threads or the shared-memory slots."""
-        from .errors import AltI2VError
+        from ..errors import AltI2VError
 
         with self._lock:
             try:

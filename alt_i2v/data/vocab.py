@@ -11,9 +11,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .config import DEFAULT_CATEGORIES, VocabConfig
-from .errors import AltI2VError
-from .fsutil import atomic_write_json
+from ..config import DEFAULT_CATEGORIES, VocabConfig
+from ..errors import AltI2VError
+from ..fsutil import atomic_write_json
 from .layout import VOCAB_FILE
 
 VOCAB_VERSION = 1
@@ -130,7 +130,7 @@ def build_vocab(data_dir: str | os.PathLike, size: int = 4096, min_count: int = 
                 categories: Sequence[str] = DEFAULT_CATEGORIES, *, write: bool = True) -> Vocab:
     """Top ``size`` tags of ``DATA/posts.jsonl`` with at least ``min_count`` posts, from ``categories``;
     deterministic (count descending, then name). Writes ``DATA/vocab.json`` unless ``write=False``."""
-    from .dataset import iter_posts, posts_path
+    from .posts import iter_posts, posts_path
 
     cfg = VocabConfig(size=size, min_count=min_count, categories=tuple(categories))
     if not posts_path(data_dir).exists():

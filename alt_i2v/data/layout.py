@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ImageConfig
-from .errors import AltI2VError
-from .fsutil import atomic_write_bytes, image_relpath, read_json_object, safe_join
+from ..config import ImageConfig
+from ..errors import AltI2VError
+from ..fsutil import atomic_write_bytes, image_relpath, read_json_object, safe_join
 
 if TYPE_CHECKING:  # pragma: no cover
     from .vocab import Vocab
@@ -173,7 +173,7 @@ class ModelDir:
     def read(self) -> ModelFiles:
         """Config, vocabulary (checked against the one the model was trained with), image settings and
         thresholds (checked; a missing thresholds.json warns, as every tag then gets the default)."""
-        from .thresholds import DEFAULT_THRESHOLD, read_thresholds
+        from ..training.thresholds import DEFAULT_THRESHOLD, read_thresholds
         from .vocab import Vocab
 
         self.require()

@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import AltI2VError, UsageError
-from .fsutil import read_json_object
+from ..errors import AltI2VError, UsageError
+from ..fsutil import read_json_object
 from .metrics import f1_from_counts
 
 THRESHOLDS_VERSION = 1

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .fsutil import atomic_write_bytes, atomic_write_text
+from ..fsutil import atomic_write_bytes, atomic_write_text
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:

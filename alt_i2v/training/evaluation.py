@@ -1,8 +1,8 @@
 """Scoring a model on a split of the store: ``evaluate`` writes ``MODEL/reports/`` (``metrics.json``,
 ``per_tag.json``, ``report.md`` and PNGs).
 
-The numbers come from :mod:`alt_i2v.metrics` (mAP, micro/macro F1, precision and recall at the calibrated
-thresholds of :mod:`alt_i2v.thresholds` and at 0.5, ROC AUC, the images the model gets most wrong, and
+The numbers come from :mod:`alt_i2v.training.metrics` (mAP, micro/macro F1, precision and recall at the calibrated
+thresholds of :mod:`alt_i2v.training.thresholds` and at 0.5, ROC AUC, the images the model gets most wrong, and
 top-1 accuracy with a confusion matrix for single-label datasets); this module predicts the split and
 writes the report.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import AltI2VError
-from .layout import ModelDir
+from ..errors import AltI2VError
+from ..data.layout import ModelDir
 from .metrics import compute_metrics, confusion, is_single_label, most_wrong
 from .thresholds import thresholds_vector
 
@@ -40,10 +39,10 @@ def predict_split(model, store, split: str | None, *, batch_size: int = 64, work
     read ahead by ``workers`` threads, or by the reader processes of ``readers`` (a sharded store). A record that
     does not decode is left out (keys and rows) and noted in ``store.bad``.
     """
-    from .config import resolve_workers
-    from .model import predict_batch
+    from ..config import resolve_workers
+    from ..model.build import predict_batch
     from .pipeline import StoreDataset
-    from .progress import bar
+    from ..progress import bar
 
     keys, labels = store.index(split)
     ds = StoreDataset(store, keys, labels, batch_size=batch_size, workers=resolve_workers(workers), readers=readers)
@@ -111,11 +110,11 @@ def evaluate(data_dir: str | os.PathLike, model_dir: str | os.PathLike, split: s
              batch_size: int | None = None, quiet: bool = False, workers: int = 0, top: int = 20) -> EvalResult:
     """Score ``MODEL`` on ``split`` of ``DATA/store`` and write ``MODEL/reports/`` (metrics.json, report.md,
     PNGs). Uses the calibrated thresholds of thresholds.json, and also reports everything at 0.5."""
-    from .config import resolve_workers
-    from .fsutil import atomic_write_json, atomic_write_text
-    from .model import load_model
+    from ..config import resolve_workers
+    from ..fsutil import atomic_write_json, atomic_write_text
+    from ..model.build import load_model
     from .readers import ReaderPool
-    from .store import SPLITS, Store
+    from ..store import SPLITS, Store
 
     t0 = time.perf_counter()
     data_dir, model_dir = Path(data_dir), Path(model_dir)
@@ -188,7 +187,7 @@ def evaluate(data_dir: str | os.PathLike, model_dir: str | os.PathLike, split: s
 
 def _post_files(data_dir: Path, ids: list) -> dict[str, str]:
     """Image file (relative to DATA) of each post id, from posts.jsonl when it is there."""
-    from .dataset import iter_posts, posts_path
+    from ..data.posts import iter_posts, posts_path
 
     want = {str(i) for i in ids}
     out: dict[str, str] = {}
@@ -215,7 +214,7 @@ def _round(v: Any) -> Any:
 def _save_fig(fig, path: Path) -> str:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from .fsutil import atomic_write_bytes
+    from ..fsutil import atomic_write_bytes
 
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
@@ -266,7 +265,7 @@ def _plots(reports: Path, m: dict, names, present, cm, y_true, data_dir, wrong, 
 
     shown = [w for w in wrong if w.get("file")][:12]
     if shown:
-        from .imaging import load_image
+        from ..data.imaging import load_image
 
         cols = 4
         rows_n = math.ceil(len(shown) / cols)
@@ -330,7 +329,3 @@ def _fmt(v: Any) -> str:
 
 
 __all__ = ["evaluate", "EvalResult", "predict_split"]
-
-from . import CallableModule  # noqa: E402
-
-sys.modules[__name__].__class__ = CallableModule  # ``from alt_i2v import evaluate`` is this module: callable

@@ -35,8 +35,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 from keras.utils import PyDataset
 
-from .config import JsonConfig
-from .errors import AltI2VError, UsageError
+from ..config import JsonConfig
+from ..errors import AltI2VError, UsageError
 
 DISTRIBUTE_MODES = ("auto", "none")
 # Settings a cluster launcher may give as environment variables (ours first, then Keras' own names).
@@ -248,7 +248,7 @@ class Cluster:
     def open_store(self, data_dir: Path, **kw: Any) -> Any:
         """The store for this process: the store itself, or with several processes a private view of it
         (LevelDB lets one process open a database; processes sharing a host each read their own view)."""
-        from .store import STORE_DIR, Store, store_lock
+        from ..store import STORE_DIR, Store, store_lock
 
         if not self.multi_process:
             return Store(data_dir, **kw)

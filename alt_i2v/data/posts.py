@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import AltI2VError, ImageLoadError, UnsafePathError, UsageError
-from .fsutil import IMAGE_SUFFIXES, JsonlWriter, fsync_dir, image_relpath, is_md5, normalize_ext, safe_join
+from ..errors import AltI2VError, ImageLoadError, UnsafePathError, UsageError
+from ..fsutil import IMAGE_SUFFIXES, JsonlWriter, fsync_dir, image_relpath, is_md5, normalize_ext, safe_join
 from .layout import IMAGES_DIR, DataDir
 
 CATEGORIES = ("general", "character", "copyright", "artist", "meta")
@@ -45,7 +45,7 @@ def posts_path(data_dir: str | os.PathLike) -> Path:
 
 def posts_lock(data_dir: str | os.PathLike):
     """The lock every command that appends to posts.jsonl holds (--scrape, --import): one at a time."""
-    from .fsutil import lock_file
+    from ..fsutil import lock_file
 
     return lock_file(DataDir(data_dir).posts_lock, f"{data_dir}: another --scrape or --import is writing into "
                                                   "this data directory; wait for it to finish or stop it first")
@@ -213,7 +213,7 @@ class ImportResult:
     mode: str = ""
 
     def summary(self) -> dict[str, Any]:
-        from .progress import count_reasons
+        from ..progress import count_reasons
 
         reasons = count_reasons(self.skipped)
         return {"mode": self.mode, "added": self.added, "already present": self.already_present,
@@ -262,7 +262,7 @@ def import_folder(src: str | os.PathLike, data_dir: str | os.PathLike, mode: str
 
 def _import_locked(src: Path, data_dir: Path, mode: str, workers: int, quiet: bool) -> ImportResult:
     from .imaging import identify
-    from .progress import bar, write_report
+    from ..progress import bar, write_report
 
     images = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     result = ImportResult(mode=_detect_mode(images, src) if mode == "auto" and images else mode)
