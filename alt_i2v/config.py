@@ -179,9 +179,12 @@ class ModelConfig(JsonConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "ModelConfig":
-        """As JsonConfig's; a tiny model recorded before ``trunk`` existed was the plain design."""
+        """As JsonConfig's; a tiny model recorded before ``trunk`` existed was the plain design, and a resnet
+        one recorded before ``stem`` existed had two strided convs."""
         if config.get("backbone") == "tiny" and "trunk" not in config:
             config = {**config, "trunk": "plain"}
+        if config.get("backbone") == "tiny" and config.get("trunk") == "resnet" and "stem" not in config:
+            config = {**config, "stem": 2}
         return super().from_config(config)
 
 
@@ -213,6 +216,13 @@ class TrainConfig(JsonConfig):
     label_smoothing: float = 0.1  # bce only: targets 0/1 become s/2 and 1 - s/2 (missing tags cost less)
     group_loss: float = 0.0  # bce only: weight of a softmax term per group of exclusive tags (groups.py); 0 = off
     ema: float = 0.0  # momentum of an exponential moving average of the weights (e.g. 0.995); 0 = off
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "TrainConfig":
+        """As JsonConfig's; a run recorded before ``group_loss`` existed trained without the group term."""
+        if "group_loss" not in config:
+            config = {**config, "group_loss": 0.0}
+        return super().from_config(config)
 
     def __post_init__(self):
         if self.loss not in LOSSES:
