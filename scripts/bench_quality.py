@@ -21,7 +21,7 @@ validated and counted). On an idle machine, wall time is about CPU time / cores.
 micro-F1, macro-F1, mAP (and the defaults' macro-F1 at 0.5 against calibrated thresholds, per-tag AP and
 thresholds in ``--json``). The last line is ``RESULT quality ...`` (``quality_smoke`` without DATA).
 
-``--curves`` trains the defaults instead on 25% and 50% of the training pictures (the same validation and
+``--curves`` trains the defaults instead on 25% and 50% of the training pictures (the same epochs, validation and
 test pictures; subsets drawn by a hash of the post id, stores built in a temp dir) and on 2x the epochs with
 2x the budget (``--multiples 2,4`` adds 4x): a learning curve and a budget curve, recorded as ``NAME_curves``.
 """
@@ -180,7 +180,7 @@ def curves(data: Path, tmp: Path, models: Path, budget: float, multiples: list[f
     for fraction in (0.25, 0.5):
         sub = subset_dataset(data, tmp / "subsets", fraction)
         r = run_one(f"pictures_{int(fraction * 100)}", sub, models / f"pictures_{int(fraction * 100)}", DEFAULTS,
-                    budget * fraction)
+                    budget)  # the same epochs (they end there, in less time); validation is not fewer pictures
         out.append({**r, "fraction": fraction, "multiple": 1})
         report(r)
     for k in multiples:
@@ -281,8 +281,8 @@ def record_curves(data: Path, budget: float, points: list[dict], full: dict | No
     bench_all.record(results, name, measured, None, "which helps more: pictures or time", bench_all.this_device())
     row = next(e for e in results["results"] if e["name"] == name)
     row["benchmark"] = "`bench_quality.py --curves`"
-    row["compares"] = (f"test mAP of the defaults trained on 25% / 50% / 100% of the training pictures (budget "
-                       f"scaled with them) and with 1x / 2x{'/4x' if len(times) > 2 else ''} the epochs and budget "
+    row["compares"] = (f"test mAP of the defaults trained on 25% / 50% / 100% of the training pictures (the same "
+                       f"epochs) and with 1x / 2x{'/4x' if len(times) > 2 else ''} the epochs and budget "
                        f"({budget:g} CPU-s = 1x); {about}")
     _place(results, entry)
     bench_all.save_results(results)
@@ -310,6 +310,9 @@ def main(argv=None) -> int:
     ap.add_argument("--full", help="with --curves --record: the --json of a main run, its defaults are the 100%% / 1x "
                                    "point")
     ap.add_argument("--about", help="with --record: what DATA is, for the results table (default: its counts)")
+    ap.add_argument("--combine", nargs="+", metavar="JSON",
+                    help="train nothing: the recipes of these --json files (e.g. --only runs made side by side in "
+                         "separate processes) are reported and, with --record, recorded")
     args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_quality_"))
@@ -341,7 +344,16 @@ def main(argv=None) -> int:
                 record_curves(data, budget, points, full, args.about, args.entry)
             return 0
         results = []
+        for file in args.combine or []:
+            got = json.loads(Path(file).read_text())
+            if Path(got["data"]).resolve() != data.resolve() or float(got["cpu_budget_s"]) != budget:
+                print(f"{file}: measured on {got['data']} with {got['cpu_budget_s']} CPU-s, not {data} with "
+                      f"{budget:g}", file=sys.stderr)
+                return 2
+            results += got["results"]
         for name, settings in RECIPES.items():
+            if args.combine:
+                break
             if args.only and name not in args.only:
                 continue
             if not args.data and name == "previous":
