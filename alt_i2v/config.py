@@ -215,7 +215,6 @@ class TrainConfig(JsonConfig):
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1  # bce only: targets 0/1 become s/2 and 1 - s/2 (missing tags cost less)
     group_loss: float = 0.0  # bce only: weight of a softmax term per group of exclusive tags (groups.py); 0 = off
-    ema: float = 0.0  # momentum of an exponential moving average of the weights (e.g. 0.995); 0 = off
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "TrainConfig":
@@ -252,8 +251,6 @@ class TrainConfig(JsonConfig):
             raise UsageError("label smoothing must be in [0, 0.5)")
         if not float(self.group_loss) >= 0:
             raise UsageError(f"group loss weight must be >= 0, got {self.group_loss!r}")
-        if not 0.0 <= float(self.ema) < 1.0:
-            raise UsageError(f"ema momentum must be in [0, 1) (0 turns it off), got {self.ema!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ BASELINE = {"backbone": "tiny", "weights": None, "trunk": "plain", "filters": (1
             "loss": "bce", "lr": 1e-3, "batch_size": 32, "epochs": 200, "patience": 0, "monitor": "val_auc"}
 DEFAULTS = {"backbone": "tiny", "weights": None}
 # the defaults before the real-faces round (docs/quality.md): what that round changed, pinned to the old values
-PREVIOUS = {"backbone": "tiny", "weights": None, "group_loss": 0.0, "ema": 0.0, "stem": 2}
+PREVIOUS = {"backbone": "tiny", "weights": None, "group_loss": 0.0, "stem": 2}
 RECIPES = {"baseline": BASELINE, "previous": PREVIOUS, "defaults": DEFAULTS}
 
 

@@ -69,7 +69,7 @@ ACTION_OPTIONS: dict[str, set[str]] = {
               "test_fraction"},
     "train": {"data", "model", "epochs", "batch_size", "lr", "backbone", "weights", "frozen", "image_size",
               "mixed_precision", "resume", "patience", "loss", "workers", "optimizer", "weight_decay",
-              "schedule", "warmup_epochs", "label_smoothing", "group_loss", "ema", "pooling", "dropout", "trunk", "stem",
+              "schedule", "warmup_epochs", "label_smoothing", "group_loss", "pooling", "dropout", "trunk", "stem",
               "distribute", "devices",
               "coordinator", "num_processes", "process_id", "peer_timeout", "record_log"},
     "evaluate": {"data", "model", "split", "batch_size"},
@@ -196,9 +196,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--group-loss", type=float, metavar="W",
                    help="weight of a softmax term per group of exclusive tags found in the training labels "
                         "(hair colours, eye colours; bce only; 0 turns it off)")
-    g.add_argument("--ema", type=float, metavar="M",
-                   help="keep an exponential moving average of the weights with this momentum (e.g. 0.995) and "
-                        "validate and save it (default 0: off)")
     g.add_argument("--pooling", choices=["flatten", "avg", "avgmax"],
                    help="head: flatten the feature map, or global average / average+max pooling "
                         "(default: the backbone's)")
@@ -405,7 +402,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     kw = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "backbone", "weights", "frozen",
                                          "image_size", "mixed_precision", "patience", "loss", "workers",
                                          "optimizer", "weight_decay", "schedule", "warmup_epochs",
-                                         "label_smoothing", "group_loss", "ema", "pooling", "dropout", "trunk",
+                                         "label_smoothing", "group_loss", "pooling", "dropout", "trunk",
                                          "stem")
           if getattr(args, k) is not None}
     result = train(data, model, resume=args.resume, quiet=args.quiet, distribution=_dist_config(args), **kw)

@@ -59,13 +59,11 @@ def learning_rate(tc: TrainConfig, steps_per_epoch: int) -> float | keras.optimi
 
 
 def make_optimizer(tc: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """AdamW (decoupled weight decay, the default) or Adam, on :func:`learning_rate`'s schedule; with ``tc.ema``,
-    keeping an exponential moving average of the weights (validated and saved in their place, train.py)."""
+    """AdamW (decoupled weight decay, the default) or Adam, on :func:`learning_rate`'s schedule."""
     lr = learning_rate(tc, steps_per_epoch)
-    ema = {"use_ema": True, "ema_momentum": float(tc.ema)} if tc.ema else {}
     if tc.optimizer == "adamw" and float(tc.weight_decay) > 0:
-        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=float(tc.weight_decay), **ema)
-    return keras.optimizers.Adam(learning_rate=lr, **ema)
+        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=float(tc.weight_decay))
+    return keras.optimizers.Adam(learning_rate=lr)
 
 
 def compile_model(model: keras.Model, tc: TrainConfig, steps_per_epoch: int,

@@ -435,12 +435,6 @@ def _train_on(cluster: Cluster, data_dir: Path, model_dir: Path, resume: bool, q
         store.close()
 
 
-def _ema(tc: TrainConfig) -> list:
-    """With ``tc.ema``: validate and checkpoint the moving average of the weights in their place (it is in
-    the model from each epoch's end to the next epoch's start, so RunState saves it)."""
-    return [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if tc.ema else []
-
-
 def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: TrainConfig, vocab: Vocab,
            state: dict | None, resumed: bool, quiet: bool, t_start: float, cluster: Cluster,
            history: list[dict[str, Any]], callbacks: list | None = None) -> TrainResult:
@@ -513,8 +507,7 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
                 with cluster.scope():
                     model.fit(cluster.dataset(train_ds), epochs=tc.epochs, initial_epoch=initial_epoch,
                               validation_data=cluster.dataset(val_ds, "val") if val_ds is not None else None,
-                              callbacks=[EpochSetter(train_ds), run.nan_guard, *(callbacks or []), *_ema(tc),
-                                         RunState(run)],
+                              callbacks=[EpochSetter(train_ds), run.nan_guard, *(callbacks or []), RunState(run)],
                               verbose=verbose, shuffle=False)
             finally:
                 for ds in (train_ds, val_ds):
