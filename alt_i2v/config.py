@@ -214,7 +214,7 @@ class TrainConfig(JsonConfig):
     schedule: str = "cosine"  # cosine: linear warm-up, then cosine decay to 1% over all epochs; or constant
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1  # bce only: targets 0/1 become s/2 and 1 - s/2 (missing tags cost less)
-    group_loss: float = 0.0  # bce only: weight of a softmax term per group of exclusive tags (groups.py); 0 = off
+    group_loss: float = 1.0  # bce only: weight of a softmax term per group of exclusive tags (groups.py); 0 = off
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "TrainConfig":

@@ -172,12 +172,13 @@ def subset_dataset(data: Path, root: Path, fraction: float) -> Path:
     return out
 
 
-def curves(data: Path, tmp: Path, models: Path, budget: float, multiples: list[float]) -> list[dict]:
-    """The defaults on 25% / 50% of the training pictures, and on ``multiples`` x the epochs and budget."""
+def curves(data: Path, tmp: Path, models: Path, budget: float, fractions: list[float], multiples: list[float]
+           ) -> list[dict]:
+    """The defaults on ``fractions`` of the training pictures, and on ``multiples`` x the epochs and budget."""
     from alt_i2v.config import TrainConfig
 
     out = []
-    for fraction in (0.25, 0.5):
+    for fraction in fractions:
         sub = subset_dataset(data, tmp / "subsets", fraction)
         r = run_one(f"pictures_{int(fraction * 100)}", sub, models / f"pictures_{int(fraction * 100)}", DEFAULTS,
                     budget)  # the same epochs (they end there, in less time); validation is not fewer pictures
@@ -299,7 +300,10 @@ def main(argv=None) -> int:
                     help="override a setting of the defaults run (experiments), e.g. --set dropout=0.3")
     ap.add_argument("--curves", action="store_true",
                     help="the learning curve (25%%, 50%% of the training pictures) and the budget curve instead")
-    ap.add_argument("--multiples", default="2", help="with --curves: time multiples to run (default 2; e.g. 2,4)")
+    ap.add_argument("--fractions", default="0.25,0.5",
+                    help="with --curves: fractions of the training pictures to run (default 0.25,0.5; '' for none)")
+    ap.add_argument("--multiples", default="2",
+                    help="with --curves: time multiples to run (default 2; e.g. 2,4; '' for none)")
     ap.add_argument("--keep", help="keep the model directories here")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--record", action="store_true",
@@ -332,7 +336,8 @@ def main(argv=None) -> int:
             k, v = kv.split("=", 1)
             DEFAULTS[k] = json.loads(v)
         if args.curves:
-            points = curves(data, tmp, models, budget, [float(x) for x in args.multiples.split(",") if x])
+            points = curves(data, tmp, models, budget, [float(x) for x in args.fractions.split(",") if x],
+                            [float(x) for x in args.multiples.split(",") if x])
             if args.json:
                 Path(args.json).write_text(json.dumps({"data": str(data), "cpu_budget_s": budget,
                                                        "curves": points}, indent=2))

@@ -78,7 +78,7 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in [
     Backbone("convnext_tiny", "ConvNeXtTiny", "raw", 224, 32, "avg", 768),
     Backbone("xception", "Xception", "tf", 299, 71, "avg", 2048),
     Backbone("inception_v3", "InceptionV3", "tf", 299, 75, "avg", 2048),
-    Backbone("tiny", None, "unit", 64, 16, "flatten", 256, 0, dropout=0.2, lr=3e-3, trunk="resnet", stem=2),
+    Backbone("tiny", None, "unit", 64, 16, "flatten", 256, 0, dropout=0.2, lr=3e-3, trunk="resnet", stem=1),
 ]}
 
 
