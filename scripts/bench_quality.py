@@ -339,8 +339,8 @@ def main(argv=None) -> int:
             points = curves(data, tmp, models, budget, [float(x) for x in args.fractions.split(",") if x],
                             [float(x) for x in args.multiples.split(",") if x])
             if args.json:
-                Path(args.json).write_text(json.dumps({"data": str(data), "cpu_budget_s": budget,
-                                                       "curves": points}, indent=2))
+                Path(args.json).write_text(json.dumps({"data": str(data), "about": describe(data),
+                                                       "cpu_budget_s": budget, "curves": points}, indent=2))
             full = None
             if args.full:
                 full = next(r for r in json.loads(Path(args.full).read_text())["results"] if r["name"] == "defaults")
@@ -351,9 +351,9 @@ def main(argv=None) -> int:
         results = []
         for file in args.combine or []:
             got = json.loads(Path(file).read_text())
-            if Path(got["data"]).resolve() != data.resolve() or float(got["cpu_budget_s"]) != budget:
-                print(f"{file}: measured on {got['data']} with {got['cpu_budget_s']} CPU-s, not {data} with "
-                      f"{budget:g}", file=sys.stderr)
+            if got.get("about") != describe(data) or float(got["cpu_budget_s"]) != budget:
+                print(f"{file}: measured on {got.get('about')} with {got['cpu_budget_s']} CPU-s, not "
+                      f"{describe(data)} with {budget:g}", file=sys.stderr)
                 return 2
             results += got["results"]
         for name, settings in RECIPES.items():
@@ -370,7 +370,7 @@ def main(argv=None) -> int:
             results.append(r)
             report(r)
         if args.json:
-            Path(args.json).write_text(json.dumps({"data": str(data), "cpu_budget_s": budget,
+            Path(args.json).write_text(json.dumps({"data": str(data), "about": describe(data), "cpu_budget_s": budget,
                                                    "results": results}, indent=2))
         by = {r["name"]: r for r in results}
         name = args.entry if args.data else "quality_smoke"  # the smoke run must not overwrite the real figures
