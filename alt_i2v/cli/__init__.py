@@ -36,8 +36,8 @@ ACTIONS: dict[str, tuple[str, str]] = {
               "alt-i2v --build --data data --image-size 150 --resize pad"),
     "train": ("train a tagger into a model directory",
               "alt-i2v --train --data data --model model --epochs 20 --weights imagenet"),
-    "evaluate": ("score a model on a split; writes MODEL/reports/",
-                 "alt-i2v --evaluate --data data --model model --split test"),
+    "evaluate": ("score a model on a split (MODEL/reports/); several --model: one comparison report",
+                 "alt-i2v --evaluate --data data --model model --model wd14-folder/ --split test"),
     "pred": ("tag images or folders",
              "alt-i2v --pred img.jpg folder/ --model model --format json"),
     "embed": ("write L2-normalised embeddings of images to a .npy file",
@@ -70,9 +70,9 @@ ACTION_OPTIONS: dict[str, set[str]] = {
     "train": {"data", "model", "epochs", "batch_size", "lr", "backbone", "weights", "frozen", "image_size",
               "mixed_precision", "resume", "patience", "loss", "workers", "optimizer", "weight_decay",
               "schedule", "warmup_epochs", "label_smoothing", "group_loss", "pooling", "dropout", "trunk", "stem",
-              "distribute", "devices",
+              "distribute", "devices", "init_from",
               "coordinator", "num_processes", "process_id", "peer_timeout", "record_log"},
-    "evaluate": {"data", "model", "split", "batch_size"},
+    "evaluate": {"data", "model", "split", "batch_size", "out", "workers"},
     "pred": {"model", "threshold", "top_k", "format", "write_captions", "caption_mode", "recursive",
              "exclude", "max_tags", "tag_style", "no_escape", "batch_size", "workers"},
     "embed": {"model", "out", "recursive", "batch_size", "workers"},
@@ -135,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("common")
     g.add_argument("--data", metavar="DIR", help="dataset directory (posts.jsonl, images/, vocab.json, store/)")
-    g.add_argument("--model", metavar="DIR", help="model directory")
+    g.add_argument("--model", metavar="DIR", action="append",
+                   help="model directory: an alt-i2v model, a WD14 tagger folder (model.onnx + selected_tags.csv) "
+                        "or a DeepDanbooru project (--evaluate takes several)")
     g.add_argument("--workers", type=_count(0), metavar="N",
                    help="parallel workers (default: scrape 4, others cores)")
     g.add_argument("--batch-size", type=_count(1), metavar="N", help="batch size (train default 32, predict 64)")
@@ -180,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, metavar="N", help="epochs (default 8; the learning-rate schedule spans them)")
     g.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (default 3e-3 for tiny, else 1e-3)")
     g.add_argument("--backbone", metavar="NAME", help="vgg16 (default), tiny, or another keras.applications name")
+    g.add_argument("--init-from", metavar="PROJECT",
+                   help="start from a DeepDanbooru project's network: its trunk, and the head weights of the tags "
+                        "it knows (new tags start fresh)")
     g.add_argument("--weights", metavar="W", help="imagenet (default for vgg16), none, or a weights file path")
     g.add_argument("--frozen", type=int, metavar="N", help="freeze the first N backbone layers (default 12)")
     g.add_argument("--mixed-precision", nargs="?", const="auto", metavar="DTYPE",
@@ -221,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("--pred / --embed / --index / --similar")
     g.add_argument("--threshold", metavar="T",
-                   help="float, or per category 'general=0.4,character=0.8' (default: calibrated)")
+                   help="float, 'mcut', or per category 'general=0.4,character=mcut' (default: calibrated; "
+                        "WD14 general 0.35 character 0.85; DeepDanbooru 0.5)")
     g.add_argument("--top-k", type=int, metavar="K", help="at most K tags / neighbours")
     g.add_argument("--format", choices=[*PRED_FORMATS, *EXPORT_FORMATS],
                    help="--pred: text (default), json or caption; --export: savedmodel, onnx or tflite")
@@ -234,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tag-style", choices=["underscores", "spaces"], help="caption tag style (default spaces)")
     g.add_argument("--no-escape", action="store_true", help="do not escape parentheses in captions")
     g.add_argument("--out", metavar="PATH",
-                   help="output: .npy file (--embed), index path (--index), folder (--explain, --screen, --export)")
+                   help="output: .npy file (--embed), index path (--index), folder (--explain, --screen, --export, "
+                        "--evaluate of a ready model or several models)")
     g.add_argument("--images", metavar="DIR", help="--index: an image folder instead of --data")
     g.add_argument("--approx", action="store_true", help="--index: also build an approximate (faiss) index")
     g.add_argument("--index-path", dest="index", metavar="INDEX", help=argparse.SUPPRESS)
@@ -275,6 +282,11 @@ def _parse(argv: Sequence[str] | None) -> tuple[str, argparse.Namespace]:
         if _given(value):
             flag = "--" + dest.replace("_", "-")
             parser.error(f"{flag} does not apply to --{action.replace('_src', '')}")
+    models = args.model or []  # --model is repeatable for --evaluate only; elsewhere it is one directory
+    if len(models) > 1 and action != "evaluate":
+        parser.error(f"--model is given once for --{action.replace('_src', '')} (only --evaluate compares several)")
+    args.model = models[0] if models else None
+    args.models = models
     return action, args
 
 
@@ -405,6 +417,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                                          "label_smoothing", "group_loss", "pooling", "dropout", "trunk",
                                          "stem")
           if getattr(args, k) is not None}
+    if args.init_from:
+        if args.backbone or args.weights:
+            raise UsageError("--init-from PROJECT is the starting network: leave --backbone and --weights out")
+        kw.update(backbone="deepdanbooru", weights=args.init_from)
     result = train(data, model, resume=args.resume, quiet=args.quiet, distribution=_dist_config(args), **kw)
     summary("train", result.summary(), quiet=args.quiet or result.process != 0)
     return 0
@@ -422,9 +438,19 @@ def _dist_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ..training.evaluation import evaluate
     from ..progress import summary
+    from ..ready import ALT_I2V, detect
+    from ..training.evaluation import evaluate
 
+    data = _need(args, "data", "evaluate")
+    models = args.models or [_need(args, "model", "evaluate")]
+    if len(models) > 1 or args.out or any(detect(m) != ALT_I2V for m in models):
+        from ..training.compare import compare
+
+        result = compare(data, models, split=_opt(args, "split", "test"), out=args.out, quiet=args.quiet,
+                         batch_size=args.batch_size, workers=args.workers)
+        summary("evaluate" if len(models) == 1 else "compare", result.summary(), quiet=args.quiet)
+        return 1 if result.failed else 0
     result = evaluate(_need(args, "data", "evaluate"), _need(args, "model", "evaluate"),
                       split=_opt(args, "split", "test"), batch_size=args.batch_size, quiet=args.quiet)
     summary("evaluate", result.summary(), quiet=args.quiet)

@@ -79,7 +79,10 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in [
     Backbone("xception", "Xception", "tf", 299, 71, "avg", 2048),
     Backbone("inception_v3", "InceptionV3", "tf", 299, 75, "avg", 2048),
     Backbone("tiny", None, "unit", 64, 16, "flatten", 256, 0, dropout=0.2, lr=3e-3, trunk="resnet", stem=1),
+    # a DeepDanbooru project's network (--init-from PROJECT: weights = the project), fine-tuned gently
+    Backbone("deepdanbooru", None, "unit", 512, 32, "avg", 0, 0, lr=1e-4),  # 0 units: the trunk's own width
 ]}
+FROM_PROJECT = "deepdanbooru"
 
 
 def get_backbone(name: str) -> Backbone:
@@ -288,6 +291,12 @@ def resolve_weights(weights: Any, backbone: str | Backbone = "vgg16") -> str | N
     """Check ``weights`` before building: "imagenet" (fetched once into the Keras cache, a clear error
     offline), None/"none", or an existing weights file. Returns "imagenet", None or an absolute path."""
     bb = backbone if isinstance(backbone, Backbone) else get_backbone(backbone)
+    if bb.name == FROM_PROJECT:
+        from ..ready.deepdanbooru import check_project
+
+        if weights is None or not isinstance(weights, (str, os.PathLike)):
+            raise UsageError("the deepdanbooru backbone starts from a DeepDanbooru project: --init-from PROJECT")
+        return check_project(weights)
     if weights is None or (isinstance(weights, str) and weights.strip().lower() in ("none", "", "random")):
         return None
     if not isinstance(weights, (str, os.PathLike)):
@@ -345,7 +354,7 @@ def resolve_config(config: ModelConfig | None = None, *, check_weights: bool = T
     filters = tuple(cfg.filters) if cfg.filters else (tiny_filters(size, trunk) if trunk else None)
     dropout = bb.dropout if cfg.dropout is None else float(cfg.dropout)
     return cfg.replace(backbone=bb.name, image_size=size, weights=weights, frozen=frozen,
-                       dense_units=cfg.dense_units or bb.dense_units, pooling=cfg.pooling or bb.pooling,
+                       dense_units=cfg.dense_units or bb.dense_units or None, pooling=cfg.pooling or bb.pooling,
                        filters=filters, dropout=dropout, trunk=trunk, stem=stem)
 
 
@@ -414,7 +423,7 @@ def _trunk(cfg: ModelConfig, bb: Backbone, load_weights: bool) -> keras.Model:
 
 def build_model(num_tags: int | ModelConfig = 4096, image_size: int | None = None, backbone: str = "vgg16",
                 weights: str | None = "imagenet", frozen: int | None = None, *, config: ModelConfig | None = None,
-                load_weights: bool = True, **kw: Any) -> keras.Model:
+                load_weights: bool = True, tag_names: Any = None, **kw: Any) -> keras.Model:
     """The tagger: RGB 0-255 ``(None, S, S, 3)`` in, ``"tags"`` sigmoid probabilities ``(None, T)`` out.
 
     ``image_size``/``frozen`` None take the backbone's defaults (vgg16: 150px, 12 frozen). ``frozen``
@@ -422,6 +431,8 @@ def build_model(num_tags: int | ModelConfig = 4096, image_size: int | None = Non
     (12 = VGG16 blocks 1-3 and block4_conv1); with ``weights=None`` the default is 0 (with a warning).
     A ``ModelConfig`` may be given instead of the arguments (first argument or ``config=``).
     ``load_weights=False`` builds the architecture only, to receive the weights of a checkpoint.
+    The ``deepdanbooru`` backbone (``weights`` = a DeepDanbooru project) is the project's network with a
+    head for ``num_tags`` tags; ``tag_names`` (the vocabulary) keeps the head weights of tags it knows.
     """
     if isinstance(num_tags, ModelConfig):
         config, num_tags = num_tags, None
@@ -431,6 +442,11 @@ def build_model(num_tags: int | ModelConfig = 4096, image_size: int | None = Non
     elif kw:
         config = config.replace(**kw)
     cfg = resolve_config(config, check_weights=load_weights, warn=load_weights)
+    if cfg.backbone == FROM_PROJECT:
+        from ..ready.deepdanbooru import build_from_project
+
+        return build_from_project(cfg.weights, int(cfg.num_tags), int(cfg.image_size),
+                                  tag_names=tag_names if load_weights else None, frozen=int(cfg.frozen or 0))
     return _assemble(cfg, load_weights)
 
 

@@ -42,7 +42,7 @@ from ..data.layout import CHECKPOINTS_DIR as CKPT_DIR
 from ..data.layout import CONFIG_FILE, CURVES_FILE, HISTORY_FILE, MODEL_FILE, THRESHOLDS_FILE, ModelDir
 from .metrics import prf_at
 from .optim import compile_model, learning_rate, precision_policy
-from ..model.build import build_model, count_params, embedding_dim, get_backbone, resolve_config
+from ..model.build import FROM_PROJECT, build_model, count_params, embedding_dim, get_backbone, resolve_config
 from .pipeline import EpochSetter, StoreDataset
 from .readers import ReaderPool
 from ..store import Store
@@ -352,6 +352,12 @@ class _Run:
 
 def _config_record(mc: ModelConfig, tc: TrainConfig, image: ImageConfig, vocab: Vocab, dim: int | None,
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    if mc.backbone == FROM_PROJECT:  # --init-from: how much of the project's head the vocabulary kept
+        from ..ready.deepdanbooru import tags_kept
+
+        kept = tags_kept(mc.weights, vocab.names)
+        extra = {"init_from": {"project": mc.weights, "tags_kept": kept, "tags_new": len(vocab) - kept},
+                 **(extra or {})}
     return {"version": CONFIG_VERSION, "model": mc.get_config(), "train": tc.get_config(),
             "image": image.get_config(), "backend": keras.backend.backend(), "keras_version": keras.__version__,
             "num_tags": mc.num_tags, "vocab_sha256": vocab.sha256, "embedding_dim": dim, **(extra or {})}
@@ -483,9 +489,9 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
         steps = len(train_ds)
         groups = run.groups = _groups(store, tc)
         if cluster.distribution is None:
-            model = _model(mc, tc, checkpoint, steps, groups)
+            model = _model(mc, tc, checkpoint, steps, vocab.names, groups)
         else:
-            model = _replicated_model(cluster, mc, tc, checkpoint, steps, groups)
+            model = _replicated_model(cluster, mc, tc, checkpoint, steps, vocab.names, groups)
             if cluster.is_writer:
                 with cluster.host_scope():
                     run.shadow = training_model(build_model(config=mc, load_weights=False))
@@ -557,11 +563,12 @@ def _groups_record(groups: list[list[int]], vocab: Vocab) -> dict[str, Any]:
 
 
 def _model(mc: ModelConfig, tc: TrainConfig, checkpoint: Path | None, steps: int,
-           groups: list[list[int]] | None = None) -> keras.Model:
-    """The compiled training model (augmentation step + tagger): fresh, or the checkpoint's."""
+           tag_names: Sequence[str] | None = None, groups: list[list[int]] | None = None) -> keras.Model:
+    """The compiled training model (augmentation step + tagger): fresh, or the checkpoint's. ``tag_names``
+    map a DeepDanbooru project's head onto the vocabulary (--init-from); ``groups`` are the loss's."""
     keras.utils.set_random_seed(int(tc.seed))  # the same initial weights for the same settings
     if checkpoint is None:
-        model = training_model(build_model(config=mc))
+        model = training_model(build_model(config=mc, tag_names=tag_names))
         compile_model(model, tc, steps, groups)
         return model
     model = keras.saving.load_model(checkpoint, safe_mode=True, compile=True)
@@ -576,19 +583,21 @@ def _model(mc: ModelConfig, tc: TrainConfig, checkpoint: Path | None, steps: int
 
 
 def _replicated_model(cluster: Cluster, mc: ModelConfig, tc: TrainConfig, checkpoint: Path | None,
-                      steps: int, groups: list[list[int]] | None = None) -> keras.Model:
+                      steps: int, tag_names: Sequence[str] | None = None,
+                      groups: list[list[int]] | None = None) -> keras.Model:
     """The training model with its variables on the device mesh, every replica starting from process 0's
     values: its fresh weights, or the checkpoint only process 0 reads (the model directory may be local
     to process 0)."""
     keras.utils.set_random_seed(int(tc.seed))
     with cluster.scope():
-        model = training_model(build_model(config=mc, load_weights=cluster.is_writer and checkpoint is None))
+        model = training_model(build_model(config=mc, load_weights=cluster.is_writer and checkpoint is None,
+                                           tag_names=tag_names))
         compile_model(model, tc, steps, groups)
         model.optimizer.build(model.trainable_variables)
     variables = [*model.trainable_variables, *model.non_trainable_variables, *model.optimizer.variables]
     values = None
     if cluster.is_writer:
-        source = _model(mc, tc, checkpoint, steps, groups) if checkpoint else model
+        source = _model(mc, tc, checkpoint, steps, tag_names, groups) if checkpoint else model
         if not source.optimizer.built:
             source.optimizer.build(source.trainable_variables)
         values = [keras.ops.convert_to_numpy(v) for v in
