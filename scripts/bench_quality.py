@@ -90,8 +90,10 @@ def small_dataset(root: Path, n: int, size: int) -> Path:
     return data
 
 
-def run_one(name: str, data: Path, model_dir: Path, settings: dict, budget: float) -> dict:
-    """Train one recipe under the CPU budget and score it on the test split."""
+def run_one(name: str, data: Path, model_dir: Path, settings: dict, budget: float,
+            trained: float | None = None) -> dict:
+    """Train one recipe under the CPU budget and score it on the test split; with ``trained`` (the CPU
+    seconds it took), score the model already in ``model_dir`` instead (``--trained``)."""
     from alt_i2v.training.evaluation import predict_split
     from alt_i2v.training.metrics import compute_metrics, prf_at
     from alt_i2v.training.thresholds import calibrate_thresholds, read_thresholds, thresholds_vector
@@ -100,12 +102,25 @@ def run_one(name: str, data: Path, model_dir: Path, settings: dict, budget: floa
     from alt_i2v.training.run import train
     from alt_i2v.data.vocab import Vocab
 
-    cb = cpu_budget_callback(budget)
-    c0, w0 = time.process_time(), time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = train(data, model_dir, quiet=True, callbacks=[cb], **settings)
-    cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+    if trained is None:
+        cb = cpu_budget_callback(budget)
+        c0, w0 = time.process_time(), time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = train(data, model_dir, quiet=True, callbacks=[cb], **settings)
+        cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+        history, best_epoch, stopped, hit = res.history, res.best_epoch, res.stopped_early, cb.hit
+        params, train_images = res.params.get("total", 0), res.counts.get("train", 0)
+    else:  # a model this recipe trained in another run: score it (its CPU seconds as that run measured them)
+        from alt_i2v.data.layout import ModelDir
+        from alt_i2v.model.build import count_params
+        from alt_i2v.training.history import read_history
+
+        cpu, wall = trained, None
+        record = ModelDir(model_dir).read_config()
+        history, best_epoch = read_history(model_dir / "history.csv"), record.get("best_epoch")
+        stopped, hit = bool(record.get("stopped_early")), False
+        params, train_images = count_params(load_model(model_dir))["total"], None
     vocab = Vocab.load(data / "vocab.json")
     store = Store(data, vocab=vocab)
     try:
@@ -119,19 +134,18 @@ def run_one(name: str, data: Path, model_dir: Path, settings: dict, budget: floa
     # the same calibration without its guards (no logit midpoint shrinkage or clamp), for comparison
     raw = calibrate_thresholds(y_val, p_val, vocab.names, clamp=None, shrink_prior=0)
     raw_macro = prf_at(y_true, y_prob, thresholds_vector(raw, vocab.names))["macro_f1"]
-    epochs = res.history[-1]["epoch"] if res.history else 0
+    epochs = int(history[-1]["epoch"]) if history else 0
     half = prf_at(y_true, y_prob, 0.5)
     per_tag = [{"tag": t, "test_positives": int(n), "ap": None if ap != ap else round(float(ap), 4),
                 "threshold": round(float(th), 4), "f1_calibrated": round(float(fc), 4), "f1_at_0.5": round(float(fh), 4)}
                for t, n, ap, th, fc, fh in zip(vocab.names, m["_support"], m["_ap"], thr, m["_f1"], half["_f1"])]
-    out = {"name": name, "cpu_s": round(cpu, 1), "wall_s": round(wall, 1), "epochs": epochs,
-           "best_epoch": res.best_epoch, "budget_hit": cb.hit, "stopped_early": res.stopped_early,
+    out = {"name": name, "cpu_s": round(cpu, 1), "wall_s": None if wall is None else round(wall, 1), "epochs": epochs,
+           "best_epoch": best_epoch, "budget_hit": hit, "stopped_early": stopped,
            "map": m["map"], "micro_f1_cal": m["micro_f1"], "macro_f1_cal": m["macro_f1"],
            "micro_f1_05": m["micro_f1_at_0.5"], "macro_f1_05": m["macro_f1_at_0.5"],
            "macro_f1_unguarded": raw_macro,
-           "params": res.params.get("total", 0),
-           "img_per_cpu_s": round(res.counts.get("train", 0) * epochs / max(cpu, 1e-9), 1),
-           "train_images": res.counts.get("train", 0), "settings": {k: v for k, v in settings.items()},
+           "params": params, "train_images": train_images, "settings": {k: v for k, v in settings.items()},
+           "trained_elsewhere": trained is not None,
            "tag_groups": json.loads((model_dir / "config.json").read_text()).get("tag_groups", []),
            "per_tag": per_tag}
     # how each recipe predicts tags: the baseline at a fixed 0.5, the defaults at calibrated thresholds
@@ -193,8 +207,9 @@ def curves(data: Path, tmp: Path, models: Path, budget: float, fractions: list[f
 
 
 def report(r: dict) -> None:
-    print(f"{r['name']:12s} cpu {r['cpu_s']:7.1f}s wall {r['wall_s']:7.1f}s epochs {r['epochs']:3d} "
-          f"(best {r['best_epoch']}, budget hit {r['budget_hit']}) params {r['params']:,} train {r['train_images']:,}  "
+    wall = "-" if r["wall_s"] is None else f"{r['wall_s']:.1f}s"
+    print(f"{r['name']:12s} cpu {r['cpu_s']:7.1f}s wall {wall:>8s} epochs {r['epochs']:3d} "
+          f"(best {r['best_epoch']}, budget hit {r['budget_hit']}) params {r['params']:,} train {r['train_images']}  "
           f"micro-F1 {r['micro_f1']:.4f}  macro-F1 {r['macro_f1']:.4f}  mAP {r['map']:.4f}  "
           f"[macro-F1 calibrated {r['macro_f1_cal']:.4f} (unguarded {r['macro_f1_unguarded']:.4f}) / at 0.5 "
           f"{r['macro_f1_05']:.4f}]", flush=True)
@@ -314,6 +329,9 @@ def main(argv=None) -> int:
     ap.add_argument("--full", help="with --curves --record: the --json of a main run, its defaults are the 100%% / 1x "
                                    "point")
     ap.add_argument("--about", help="with --record: what DATA is, for the results table (default: its counts)")
+    ap.add_argument("--trained", action="append", default=[], metavar="NAME=MODEL@CPU_S",
+                    help="score recipe NAME from a model directory it trained in another run, with the CPU "
+                         "seconds that run measured (it must have ended within the budget) instead of training")
     ap.add_argument("--combine", nargs="+", metavar="JSON",
                     help="train nothing: the recipes of these --json files (e.g. --only runs made side by side in "
                          "separate processes) are reported and, with --record, recorded")
@@ -356,8 +374,17 @@ def main(argv=None) -> int:
                       f"{describe(data)} with {budget:g}", file=sys.stderr)
                 return 2
             results += got["results"]
+        for spec in args.trained:
+            name, rest = spec.split("=", 1)
+            where, cpu = rest.rsplit("@", 1)
+            if float(cpu) > budget:
+                print(f"--trained {spec}: {cpu} CPU-s is over the budget of {budget:g}", file=sys.stderr)
+                return 2
+            r = run_one(name, data, Path(where), RECIPES[name], budget, trained=float(cpu))
+            results.append(r)
+            report(r)
         for name, settings in RECIPES.items():
-            if args.combine:
+            if args.combine or args.trained:
                 break
             if args.only and name not in args.only:
                 continue
