@@ -72,8 +72,8 @@ ACTION_OPTIONS: dict[str, set[str]] = {
               "test_fraction"},
     "train": {"data", "model", "epochs", "batch_size", "lr", "backbone", "weights", "frozen", "image_size",
               "mixed_precision", "resume", "patience", "loss", "workers", "optimizer", "weight_decay",
-              "schedule", "warmup_epochs", "label_smoothing", "pooling", "dropout", "trunk", "distribute", "devices",
-              "init_from",
+              "schedule", "warmup_epochs", "label_smoothing", "group_loss", "pooling", "dropout", "trunk", "stem",
+              "distribute", "devices", "init_from",
               "coordinator", "num_processes", "process_id", "peer_timeout", "record_log"},
     "evaluate": {"data", "model", "split", "batch_size", "out", "workers"},
     "pred": {"model", "threshold", "top_k", "format", "write_captions", "caption_mode", "recursive",
@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate: warm-up + cosine decay (default) or constant")
     g.add_argument("--warmup-epochs", type=float, metavar="N", help="warm-up epochs of the cosine schedule (1)")
     g.add_argument("--label-smoothing", type=float, metavar="S", help="bce label smoothing (default 0.1)")
+    g.add_argument("--group-loss", type=float, metavar="W",
+                   help="weight of a softmax term per group of exclusive tags found in the training labels "
+                        "(hair colours, eye colours; bce only; 0 turns it off)")
     g.add_argument("--pooling", choices=["flatten", "avg", "avgmax"],
                    help="head: flatten the feature map, or global average / average+max pooling "
                         "(default: the backbone's)")
@@ -211,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trunk", choices=["resnet", "plain"],
                    help="tiny backbone's design: resnet (default; strided stem, residual blocks) or plain "
                         "(the original 4-block CNN)")
+    g.add_argument("--stem", type=int, choices=[0, 1, 2],
+                   help="tiny resnet: stride-2 convs at its start (fewer keep finer maps for small details)")
     g.add_argument("--distribute", choices=["auto", "none"],
                    help="auto (default): split the global batch over every local device (JAX backend); none: one")
     g.add_argument("--devices", type=int, metavar="N", help="use N local devices per process (default all)")
@@ -442,7 +447,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     kw = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "backbone", "weights", "frozen",
                                          "image_size", "mixed_precision", "patience", "loss", "workers",
                                          "optimizer", "weight_decay", "schedule", "warmup_epochs",
-                                         "label_smoothing", "pooling", "dropout", "trunk")
+                                         "label_smoothing", "group_loss", "pooling", "dropout", "trunk",
+                                         "stem")
           if getattr(args, k) is not None}
     if args.init_from:
         if args.backbone or args.weights:
