@@ -285,7 +285,9 @@ def record_large(row: dict) -> None:
     import bench_all
 
     results = bench_all.load_results()
-    name = f"search_{row['n'] // 1_000_000}m_{row['dim']}"
+    n = row["n"]
+    size = f"{n // 1_000_000}m" if n % 1_000_000 == 0 else f"{n // 1000}k"
+    name = f"search_pq_{size}_{row['dim']}"
     measured = (f"{row['n'] / 1e6:g}M x {row['dim']} measured: recall@10 {row['recall10']:.3f}, {row['query_ms']:.2f} ms "
                 f"a query warm / {row['query_cold_ms']:.2f} ms cold (one core), RAM {row['ram_bytes'] / 2**20:.0f} MiB "
                 f"({row['ram_per_vector']} B a vector), build {row['train_s']:.0f} s train + "
