@@ -98,3 +98,22 @@ def test_scraped_posts_keep_their_danbooru_parent():
     assert post_record(info, "http://b", md5="a" * 32, ext="png")["parent_id"] == 7
     plain = parse_api_post({"id": 13, "md5": "b" * 32, "file_ext": "png", "tag_string": "x", "parent_id": None})
     assert "parent_id" not in post_record(plain, "http://b", md5="b" * 32, ext="png")
+
+
+def test_dedupe_with_a_model_groups_by_embeddings(built_data, tmp_path_factory, tmp_path):
+    """With --model the pairs come from the model's embeddings: a picture and its resized, re-encoded copy
+    (cosine ~1) form a group; the report names the method and the model."""
+    from _inference_model import trained_model
+
+    model = trained_model(built_data, tmp_path_factory)
+    data = tmp_path / "data"
+    write_copies_dataset(data, originals=12, with_copies=0, seed=4, size=96)
+    posts = [json.loads(line) for line in (data / "posts.jsonl").read_text().splitlines()]
+    twin = dict(posts[0], id=999)  # the same file under a second post: an exact copy
+    (data / "posts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in posts + [twin]))
+    assert main(["--dedupe", "--data", str(data), "--model", str(model), "-q"]) == 0
+    report = json.loads((data / "reports" / "dedupe.json").read_text())
+    assert report["method"] == "embedding" and report["thresholds"]["min_cosine"] == 0.95
+    assert report["thresholds"]["model"] == str(model.resolve())
+    assert any({posts[0]["id"], 999} <= set(g) for g in report["groups"])  # (this tiny shapes model also
+    # finds some of the drawn pictures alike: how close copies come depends on the model)
