@@ -405,3 +405,44 @@ def test_an_interrupted_add_leaves_the_index_whole(tmp_path):
     (tmp_path / "i" / "vectors.f16").write_bytes(b"\0" * 100)
     with pytest.raises(IndexFileError, match="truncated"):
         SimilarityIndex.load(tmp_path / "i")
+
+
+def test_cli_add_to_an_index_and_remove_from_it(model_dir, gallery, tmp_path, capsys):
+    """--index --add embeds only the pictures the index lacks and refuses another model's index;
+    --index --remove takes ids out."""
+    import shutil
+
+    from alt_i2v.search import build_index
+    from alt_i2v.tagging.tagger import get_tagger
+
+    _, originals, dups = gallery
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for f in originals[:20]:
+        shutil.copy(f, folder)
+    out = tmp_path / "pics.index"
+    assert main(["--index", "--model", str(model_dir), "--images", str(folder), "--out", str(out), "-q"]) == 0
+    assert SimilarityIndex.load(out).kind == "exact"  # auto: a small collection is searched exactly
+    for f in originals[20:] + dups:
+        shutil.copy(f, folder)
+    assert main(["--index", "--add", "--model", str(model_dir), "--images", str(folder), "--out", str(out)]) == 0
+    grown = SimilarityIndex.load(out)
+    assert len(grown) == 36 and len(set(grown.ids)) == 36
+    rebuilt, _ = build_index(get_tagger(model_dir), images=folder)  # the same pictures at once
+    q = rebuilt.vectors()[:8]
+    assert [[i for i, _ in r] for r in grown.search(q, 5)] == [[i for i, _ in r] for r in rebuilt.search(q, 5)]
+    assert main(["--index", "--add", "--model", str(model_dir), "--images", str(folder), "--out", str(out), "-q"]) == 0
+    assert len(SimilarityIndex.load(out)) == 36  # nothing new: nothing added
+
+    victim = str((folder / originals[3].name).resolve())
+    assert main(["--index", "--remove", victim, "--out", str(out), "-q"]) == 0
+    back = SimilarityIndex.load(out)
+    assert len(back) == 35 and victim not in [i for i, _ in back.search(q, 36)[0]]
+    assert main(["--index", "--remove", "no-such-id", "--out", str(out), "-q"]) == 2
+
+    header = json.loads((out / "index.json").read_text())
+    header["info"]["model"]["fingerprint"] = "0" * 64
+    (out / "index.json").write_text(json.dumps(header))
+    capsys.readouterr()
+    assert main(["--index", "--add", "--model", str(model_dir), "--images", str(folder), "--out", str(out)]) == 1
+    assert "different model" in capsys.readouterr().err
