@@ -292,7 +292,7 @@ def test_auto_index_type_by_size():
     assert choose_kind(400_000, 2048) == "ivf-sq8"
     assert choose_kind(10_000_000, 2048) == "ivf-pq"
     assert choose_kind(10_000_000, 128) == "ivf-pq" and choose_kind(1_000_000, 128) == "exact"
-    assert pq_shape(2048) == (256, 64) and pq_shape(128) == (128, 32) and pq_shape(100) == (100, 25)
+    assert pq_shape(2048) == (1024, 256) and pq_shape(128) == (128, 32) and pq_shape(100) == (100, 25)
     with pytest.raises(ValueError, match="index type"):
         SimilarityIndex.build(clustered(10), kind="hnsw")
 
@@ -303,7 +303,7 @@ def _chunks(x: np.ndarray, start: int = 0, step: int = 700):
 
 
 @needs_faiss
-def test_ivfpq_is_built_streaming_and_searches_from_a_memory_mapped_file(tmp_path):
+def test_ivfpq_is_built_streaming_and_searches_from_a_memory_mapped_file(tmp_path, monkeypatch):
     from alt_i2v.search.large import build_streaming
 
     x = clustered(4000, dim=64, clusters=40, seed=11)
@@ -322,6 +322,7 @@ def test_ivfpq_is_built_streaming_and_searches_from_a_memory_mapped_file(tmp_pat
     rows = index.vectors()[index.search_positions(q, 10)[1]].astype(np.float32)
     qn = q / np.linalg.norm(q, axis=1, keepdims=True)
     np.testing.assert_allclose(scores, np.einsum("qkd,qd->qk", rows, qn), atol=1e-5)
+    monkeypatch.setattr(search_index, "PQ_WIDTH", 256)  # wider than this: reduced (1024 by default; small here)
     wide = SimilarityIndex.build(clustered(1200, dim=288, clusters=12, seed=3), kind="ivf-pq", nlist=4)
     assert wide.approx_params["opq"] and wide.approx_params["width"] == 256  # OPQ reduces wide vectors
     assert wide.approx_params["recall10"] >= 0.9

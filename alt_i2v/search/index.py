@@ -6,8 +6,8 @@ temporary. The optional approximate backends (``pip install alt-i2v[faiss]``) ar
 the unit vectors, which ranks like cosine) whose candidates are re-ranked with the exact vectors:
 
 - ``ivf-sq8``: 8-bit scalar quantisation (d bytes a vector), the vectors in memory;
-- ``ivf-pq``: OPQ rotation (reducing wide embeddings to 256 dimensions) + product quantisation (d/4 bytes
-  of the reduced width, 64 bytes at 2048), the float16 vectors memory-mapped from disk: RAM holds the codes
+- ``ivf-pq``: OPQ rotation (reducing wide embeddings to 1024 dimensions) + product quantisation (width/4
+  bytes, 256 at 2048), the float16 vectors memory-mapped from disk: RAM holds the codes
   and the disk holds the rest. :mod:`.large` builds one of those in bounded memory.
 
 Removing an id leaves its row in place, marked removed (its codes leave the faiss index); a rebuild
@@ -30,7 +30,8 @@ from .kernels import _F16_SCALE, _as_f32, _f16_topk, _topk, normalize_rows
 
 _CHUNK_BYTES = 64 << 20  # largest temporary of an exact search (scores, or float16 rows made float32)
 KINDS = ("exact", "ivf-sq8", "ivf-pq")
-PQ_WIDTH = 256  # ivf-pq: wider embeddings are reduced to this by the OPQ transform
+PQ_WIDTH = 1024  # ivf-pq: wider embeddings are reduced to this by the OPQ transform (256 lost the ranking:
+# on 100k x 2048 vectors of 4,000 clusters recall@10 with every list visited was 0.36 at 256, 1.0 at 1024)
 _PQ_MIN = 1000  # fewer vectors cannot train 256 centroids per sub-quantiser
 
 
@@ -44,10 +45,10 @@ def choose_kind(count: int, dim: int) -> str:
 
 
 def pq_shape(dim: int) -> tuple[int, int]:
-    """``(width, m)`` of an ivf-pq index: the OPQ output width (``dim`` up to 256, else 256) and the number
-    of sub-quantisers (1 byte each): the largest divisor of the width up to width/4 and 64."""
+    """``(width, m)`` of an ivf-pq index: the OPQ output width (``dim`` up to PQ_WIDTH, else PQ_WIDTH) and
+    the number of sub-quantisers (1 byte each): the largest divisor of the width up to width/4 and 256."""
     width = min(int(dim), PQ_WIDTH)
-    m = max(x for x in range(1, max(1, width // 4) + 1) if width % x == 0 and x <= 64)
+    m = max(x for x in range(1, max(1, width // 4) + 1) if width % x == 0 and x <= 256)
     return width, m
 
 
