@@ -263,7 +263,7 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict:
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AltI2VError(f"{path}: damaged {what} ({e})") from None
+        raise AltI2VError(f"{path}: damaged {what}, not valid JSON ({e})") from None
     if not isinstance(doc, dict):
         raise AltI2VError(f"{path}: the {what} must be a JSON object")
     return doc
@@ -278,6 +278,28 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int =
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def list_image_files(folder: str | os.PathLike, *, recursive: bool = True, exclude: str | os.PathLike | None = None
+                     ) -> tuple[list[Path], int]:
+    """The image files (by extension) in ``folder``, sub-folders too when ``recursive``, sorted by path;
+    hidden files and folders (a leading dot: temporary files, ``.git``) and the folder ``exclude`` left
+    out. Also how many other files were seen. The one lister of image folders (import, tag, screen)."""
+    root = Path(folder)
+    skip = Path(exclude).resolve() if exclude is not None else None
+    files, others = [], 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if recursive and not d.startswith(".")
+                       and (skip is None or (here / d).resolve() != skip)]
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                files.append(here / name)
+            else:
+                others += 1
+    return sorted(files, key=str), others
 
 
 def remove_stale_temps(root: str | os.PathLike, *, recursive: bool = True) -> int:

@@ -84,9 +84,10 @@ def run_one(name: str, data: Path, model_dir: Path, settings: dict, budget: floa
     """Train one recipe under the CPU budget and score it on the test split."""
     from alt_i2v.training.evaluation import predict_split
     from alt_i2v.training.metrics import compute_metrics, prf_at
-    from alt_i2v.training.thresholds import calibrate_thresholds, read_thresholds, thresholds_vector
-    from alt_i2v.model.build import load_model
-    from alt_i2v.store import Store
+    from alt_i2v.model.modeldir import ModelDir, load_model
+    from alt_i2v.model.thresholds import thresholds_vector
+    from alt_i2v.training.thresholds import calibrate_thresholds
+    from alt_i2v.store import open_store
     from alt_i2v.training.run import train
     from alt_i2v.data.vocab import Vocab
 
@@ -97,14 +98,14 @@ def run_one(name: str, data: Path, model_dir: Path, settings: dict, budget: floa
         res = train(data, model_dir, quiet=True, callbacks=[cb], **settings)
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
     vocab = Vocab.load(data / "vocab.json")
-    store = Store(data, vocab=vocab)
+    store = open_store(data, vocab=vocab)
     try:
         model = load_model(model_dir)
         _, y_true, y_prob = predict_split(model, store, "test", batch_size=128)
         _, y_val, p_val = predict_split(model, store, "val", batch_size=128)
     finally:
         store.close()
-    thr = thresholds_vector(read_thresholds(model_dir / "thresholds.json"), vocab.names)
+    thr = thresholds_vector(ModelDir(model_dir).read_thresholds(), vocab.names)
     m = compute_metrics(y_true, y_prob, thr)
     # the same calibration without its guards (no logit midpoint shrinkage or clamp), for comparison
     raw = calibrate_thresholds(y_val, p_val, vocab.names, clamp=None, shrink_prior=0)
@@ -128,10 +129,10 @@ def record_results(data: Path, budget: float, b: dict, d: dict, about: str | Non
     """Write this run's figures as the ``quality`` entry of scripts/results.json."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench_all
-    from alt_i2v.store import Store
+    from alt_i2v.store import open_store
 
     if not about:
-        store = Store(data)
+        store = open_store(data)
         try:
             counts, size, tags = store.counts(), store.image_size, store.num_tags
         finally:

@@ -8,7 +8,8 @@ import os
 import pytest
 from PIL import Image
 
-from alt_i2v.data.posts import PostsWriter, import_folder, parse_caption, read_posts
+from alt_i2v.data.posts import PostsWriter, import_folder, read_posts
+from alt_i2v.data.tags import parse_tags
 from conftest import make_dataset
 
 MD5 = "0f343b0931126a20f133d67c2b018a3b"
@@ -132,7 +133,7 @@ def test_import_captions(tmp_path):
 
 
 def test_parse_caption_normalises():
-    assert parse_caption("A B,  c\\(d\\) ,,\nE") == ["a_b", "c(d)", "e"]
+    assert parse_tags("A B,  c\\(d\\) ,,\nE") == ["a_b", "c(d)", "e"]
 
 
 def test_make_dataset_fixture_is_readable(tmp_path):

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Sequence
 
 from ..config import DEFAULT_CATEGORIES, VocabConfig
 from ..errors import AltI2VError
-from ..fsutil import atomic_write_json
+from ..fsutil import atomic_write_json, read_json_object
 from .layout import VOCAB_FILE
 
 VOCAB_VERSION = 1
@@ -98,10 +98,7 @@ class Vocab:
             path = path / VOCAB_FILE
         if not path.exists():
             raise AltI2VError(f"{path}: no vocabulary; run `python -m alt_i2v --vocab --data DIR` first")
-        try:
-            return cls.from_config(json.loads(path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as e:
-            raise AltI2VError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_config(read_json_object(path, "vocabulary"))
 
 
 def count_tags(posts: Iterable[dict], categories: Sequence[str]) -> tuple[Counter, dict[str, str], int]:
@@ -144,8 +141,4 @@ def build_vocab(data_dir: str | os.PathLike, size: int = 4096, min_count: int = 
     return vocab
 
 
-def load_vocab(path: str | os.PathLike) -> Vocab:
-    return Vocab.load(path)
-
-
-__all__ = ["Vocab", "build_vocab", "load_vocab", "count_tags", "VOCAB_FILE"]
+__all__ = ["Vocab", "build_vocab", "count_tags", "VOCAB_FILE"]

@@ -1,4 +1,4 @@
-"""The tagging network: a backbone registry, the reference VGG16 tagger, losses, embeddings, loading.
+"""The tagging network: a backbone registry, the reference VGG16 tagger, losses, embeddings.
 
 The reference model (the default) is the original alt-i2v design::
 
@@ -24,7 +24,6 @@ import keras
 from keras import layers, ops
 
 from ..config import ModelConfig
-from ..data.layout import MODEL_FILE
 from ..errors import AltI2VError, UsageError
 
 PACKAGE = "alt_i2v"
@@ -440,20 +439,6 @@ def embedding_dim(model: keras.Model) -> int:
     return int(model.get_layer("features").output.shape[-1])
 
 
-def load_model(path: str | os.PathLike) -> keras.Model:
-    """Load ``MODEL/model.keras`` (or a ``.keras`` file) with safe_mode=True, uncompiled, for inference."""
-    path = Path(path)
-    file = path / MODEL_FILE if path.is_dir() else path
-    if not file.is_file():
-        hint = (" (a training run there has not finished: continue it with --train --resume)"
-                if (path / "checkpoints").is_dir() else "; train one with --train")
-        raise AltI2VError(f"{file}: no model file{hint}")
-    try:
-        return keras.saving.load_model(file, safe_mode=True, compile=False)
-    except Exception as e:  # noqa: BLE001 - corrupt zip, foreign file, newer format
-        raise AltI2VError(f"{file}: cannot load the model ({type(e).__name__}: {e})") from None
-
-
 def count_params(model: keras.Model) -> dict[str, int]:
     """Total, trainable and non-trainable parameter counts."""
     import numpy as np
@@ -464,5 +449,5 @@ def count_params(model: keras.Model) -> dict[str, int]:
 
 
 __all__ = ["BACKBONES", "Backbone", "get_backbone", "build_model", "embedding_model", "embedding_dim",
-           "load_model", "Preprocess", "FocalLoss", "AsymmetricLoss", "get_loss", "resolve_weights",
-           "resolve_config", "keras_cache_dir", "count_params", "tiny_filters", "MODEL_FILE"]
+           "Preprocess", "FocalLoss", "AsymmetricLoss", "get_loss", "resolve_weights",
+           "resolve_config", "keras_cache_dir", "count_params", "tiny_filters"]

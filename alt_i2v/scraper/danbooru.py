@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 from urllib.parse import urljoin, urlsplit
 
-from ..data.posts import CATEGORIES, RATINGS, check_post_id, normalize_tag
+from ..data.posts import RATINGS, check_post_id
+from ..data.tags import CATEGORIES, normalize_tag
 from ..fsutil import image_relpath
 from .http import DanbooruClient, PageFormatError, _int
 

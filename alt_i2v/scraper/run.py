@@ -445,7 +445,7 @@ def _exclusive(data_dir: Path) -> Iterator[None]:
         yield
 
 
-def scrape(data_dir: str | os.PathLike, queries: list[str] | str, *, limit: int | None = None,
+def scrape(data_dir: str | os.PathLike, queries: list[str] | str | None, *, limit: int | None = None,
            base_url: str = DEFAULT_BASE_URL, source: str = "api", rate: float = 1.0, workers: int = 4,
            file_size: str = "original", max_bytes: int | None = DEFAULT_MAX_BYTES, login: str | None = None,
            api_key: str | None = None, quiet: bool = False, tries: int = 5, backoff: float = 1.0,
@@ -458,13 +458,10 @@ def scrape(data_dir: str | os.PathLike, queries: list[str] | str, *, limit: int 
     request (the wait before try n+1 is ``backoff * 2**n`` plus jitter, or the server's Retry-After).
     Writes ``DATA/reports/scrape_report.json``.
     """
-    from ..progress import write_report
-
-    if isinstance(queries, str):
-        queries = [queries]
+    queries = [queries] if isinstance(queries, str) else list(queries or [])
     queries = [" ".join(q.split()) for q in queries if isinstance(q, str) and q.strip()]
     if not queries:
-        raise UsageError("--scrape needs at least one non-empty --query")
+        raise UsageError("--scrape needs at least one --query (a non-empty tag search)")
     if source not in SOURCES:
         raise UsageError(f"--source must be one of {', '.join(SOURCES)}")
     if file_size not in FILE_SIZES:
@@ -529,7 +526,7 @@ def scrape(data_dir: str | os.PathLike, queries: list[str] | str, *, limit: int 
                 "skipped_posts": result.skipped[:MAX_REPORTED_SKIPS],
                 "skipped_posts_not_listed": max(0, len(result.skipped) - MAX_REPORTED_SKIPS),
             }
-            result.report_path = str(write_report(data, "scrape_report", report))
+            result.report_path = str(DataDir(data).write_report("scrape_report", report))
     if result.failed_pages and result.stored == 0 and result.present == 0 and not result.skipped:
         first = result.failed_pages[0]
         raise AltI2VError(f"nothing scraped: query {first['query']!r} page {first['page']} failed "

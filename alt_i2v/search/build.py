@@ -23,13 +23,13 @@ def embed_store(tagger: Any, data_dir: str | os.PathLike, *, quiet: bool = True,
     from ..data.posts import id_key, iter_posts, post_image_path
     from ..data.layout import DataDir, store_matches
     from ..progress import bar
-    from ..store import Store
+    from ..store import open_store
 
     data = Path(data_dir)
     if not DataDir(data).store.is_dir():
         return None
     bs = int(batch_size or tagger.batch_size)
-    with Store(data) as store:
+    with open_store(data) as store:
         if not store_matches(tagger.image_config, store):
             return None
         by_key = {id_key(post["id"]).encode(): post for post in iter_posts(data)}
@@ -95,7 +95,7 @@ def build_index(tagger: Any, *, data: str | os.PathLike | None = None, images: s
 def open_index(index_path: str | os.PathLike, model: str | os.PathLike | None = None) -> tuple["SimilarityIndex", Any]:
     """An index and the Tagger that embeds its queries: ``model`` or the model the index records, checked
     to be the very model (weights fingerprint, embedding size) the index was built with."""
-    from ..data.layout import ModelDir
+    from ..model.modeldir import ModelDir
     from ..tagging.tagger import get_tagger
 
     index = SimilarityIndex.load(index_path)

@@ -72,27 +72,6 @@ def decide(probs: np.ndarray, keep: Sequence[int], reject: Sequence[int], thresh
     return ("ok", names[i], float(probs[i]), "keep tag") if hits else ("ng", names[i], float(probs[i]), "no keep tag")
 
 
-def list_sources(src: Path, out: Path) -> tuple[list[Path], int]:
-    """Image files under ``src`` (recursive, sorted, hidden ones and ``out`` left out), and how many other
-    files were seen."""
-    from ..fsutil import IMAGE_SUFFIXES
-
-    out_resolved = out.resolve()
-    files, others = [], 0
-    for dirpath, dirnames, filenames in os.walk(src):
-        here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and (here / d).resolve() != out_resolved)
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                files.append(here / name)
-            else:
-                others += 1
-    return files, others
-
-
 class _Journal:
     """The resume state: ``plan`` records (file -> destination, sha256, decision) written before a copy,
     ``done`` records after it is verified; both fsync'ed, read back on the next run."""
@@ -176,8 +155,8 @@ def screen(src: str | os.PathLike, model: Any, out: str | os.PathLike, *, keep: 
     category/tag (as ``predict_tags``). ``move`` removes each source after its copy is verified; ``dry_run``
     writes only the report. An interrupted run resumes where it stopped when called again the same way.
     """
-    from ..fsutil import (atomic_write_json, atomic_write_text, file_digest, fsync_dir, read_json,
-                         remove_stale_temps)
+    from ..fsutil import (atomic_write_json, atomic_write_text, file_digest, fsync_dir, list_image_files,
+                          read_json, remove_stale_temps)
     from ..progress import bar
     from .tagger import get_tagger
 
@@ -201,7 +180,7 @@ def screen(src: str | os.PathLike, model: Any, out: str | os.PathLike, *, keep: 
                 "reject": list(reject), "threshold": threshold, "mode": "move" if move else "copy"}
     report = out / REPORT
     result = ScreenResult(out_dir=out, report=report, mode=settings["mode"], dry_run=dry_run)
-    files, _ = list_sources(src, out)
+    files, _ = list_image_files(src, exclude=out)
     rel_of = {f: f.relative_to(src).as_posix() for f in files}
 
     if dry_run:
@@ -323,4 +302,4 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-__all__ = ["screen", "decide", "list_sources", "ScreenResult", "REPORT"]
+__all__ = ["screen", "decide", "ScreenResult", "REPORT"]

@@ -22,10 +22,10 @@ from PIL import Image
 
 from ..config import resolve_workers
 from ..errors import AltI2VError, ImageLoadError, UsageError
-from ..fsutil import IMAGE_SUFFIXES, file_digest
+from ..fsutil import IMAGE_SUFFIXES, file_digest, list_image_files
 from ..data.imaging import DecodePool, describe, load_image_config
-from ..data.layout import ModelDir
-from ..training.thresholds import DEFAULT_THRESHOLD, check_probability, parse_threshold, thresholds_vector
+from ..model.modeldir import ModelDir
+from ..model.thresholds import DEFAULT_THRESHOLD, check_probability, parse_threshold, thresholds_vector
 
 DEFAULT_BATCH_SIZE = 64
 PROCESS_DECODE_MIN = 256  # files from which --pred / predict_tags decode in worker processes, not threads,
@@ -71,10 +71,7 @@ def list_images(paths: Sequence[str | os.PathLike], recursive: bool = False) -> 
     for p in paths:
         path = Path(p)
         if path.is_dir():
-            found = path.rglob("*") if recursive else path.iterdir()
-            out.extend(str(f) for f in sorted(found, key=lambda f: str(f))
-                       if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
-                       and not any(part.startswith(".") for part in f.relative_to(path).parts[:-1]))
+            out.extend(str(f) for f in list_image_files(path, recursive=recursive)[0])
         else:
             out.append(os.fspath(p))
     return out
@@ -93,7 +90,7 @@ class Tagger:
     """
 
     def __init__(self, model_dir: str | os.PathLike, *, batch_size: int | None = None, workers: int | None = None):
-        from ..model.build import load_model
+        from ..model.modeldir import load_model
 
         self.model_dir = Path(model_dir)
         self.files = ModelDir(model_dir).read()
@@ -403,12 +400,6 @@ def get_tagger(model: Any = None, *, batch_size: int | None = None, workers: int
         return tagger
 
 
-def clear_cache() -> None:
-    """Forget the cached Tagger (frees its model)."""
-    with _cache_lock:
-        _cache.update(key=None, tagger=None)
-
-
 def predict_tags(images: Any, model: Any = None, threshold: Any = None, top_k: int | None = None, *,
                  errors: str = "raise") -> dict[str, float] | list:
     """Tags of one image (``{tag: probability}``, most probable first) or a list of them; see
@@ -421,5 +412,5 @@ def extract_embeddings(images: Any, model: Any = None, *, errors: str = "raise")
     return get_tagger(model).embed(images, errors=errors)
 
 
-__all__ = ["Tagger", "predict_tags", "extract_embeddings", "get_tagger", "clear_cache", "BatchImageError",
+__all__ = ["Tagger", "predict_tags", "extract_embeddings", "get_tagger", "BatchImageError",
            "list_images", "parse_threshold", "as_list", "IMAGE_SUFFIXES"]

@@ -22,7 +22,6 @@ import atexit
 import json
 import math
 import os
-import shutil
 import socket
 import sys
 import threading
@@ -39,16 +38,17 @@ from ..config import JsonConfig
 from ..errors import AltI2VError, UsageError
 
 DISTRIBUTE_MODES = ("auto", "none")
-# Settings a cluster launcher may give as environment variables (ours first, then Keras' own names).
+# Settings a cluster launcher may give as environment variables (ours first, then Keras' own names), and
+# ALT_I2V_RECORD_LOG: a diagnostic for checking how a run split its batches (no command-line flag).
 ENV_VARS: dict[str, tuple[str, ...]] = {
     "coordinator": ("ALT_I2V_COORDINATOR", "KERAS_DISTRIBUTION_JOB_ADDRESSES"),
     "num_processes": ("ALT_I2V_NUM_PROCESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES"),
     "process_id": ("ALT_I2V_PROCESS_ID", "KERAS_DISTRIBUTION_PROCESS_ID"),
+    "record_log": ("ALT_I2V_RECORD_LOG",),
 }
 KV = "alt_i2v/"
 BEAT_SECONDS = 1.0
 DEAD_AFTER_ERROR_SECONDS = 5.0  # a peer silent this long after a failed collective is taken as dead
-VIEWS_DIR = ".store-views"  # DATA/.store-views/<host>-<pid>/: one process's view of DATA/store
 
 
 class PeerError(AltI2VError):
@@ -95,8 +95,8 @@ class DistConfig(JsonConfig):
 
 
 def settings_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
-    """Coordinator, process count and id from a cluster launcher's environment variables (see ENV_VARS);
-    with Keras' comma-separated job list the first address is the coordinator."""
+    """Coordinator, process count and id from a cluster launcher's environment variables (see ENV_VARS),
+    and the record log; with Keras' comma-separated job list the first address is the coordinator."""
     out: dict[str, Any] = {}
     for key, names in ENV_VARS.items():
         for name in names:
@@ -105,6 +105,8 @@ def settings_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
                 continue
             if key == "coordinator":
                 out[key] = value.split(",")[0].strip()
+            elif key == "record_log":
+                out[key] = value
             else:
                 try:
                     out[key] = int(value)
@@ -248,22 +250,12 @@ class Cluster:
     def open_store(self, data_dir: Path, **kw: Any) -> Any:
         """The store for this process: the store itself, or with several processes a private view of it
         (LevelDB lets one process open a database; processes sharing a host each read their own view)."""
-        from ..store import STORE_DIR, Store, store_lock
+        from ..store import open_store
+        from ..store.views import open_view
 
         if not self.multi_process:
-            return Store(data_dir, **kw)
-        path = Path(data_dir)
-        path = path / STORE_DIR if (path / STORE_DIR).is_dir() else path
-        self._held.enter_context(store_lock(path, shared=True))  # no build swaps the store while we read it
-        view = store_view(path, timeout=self.config.peer_timeout)
-        atexit.register(_remove_view, view)
-        try:
-            store = Store(view, **kw)
-        except BaseException:
-            _remove_view(view)
-            raise
-        store.path = path
-        return store
+            return open_store(data_dir, **kw)
+        return open_view(data_dir, self._held, timeout=self.config.peer_timeout, **kw)
 
     # -- failures ----------------------------------------------------------------------------------------
 
@@ -585,78 +577,5 @@ class ProcessSlice(PyDataset):
         self.ds.close()
 
 
-# ---------------------------------------------------------------------------------------------------------
-# A private view of a LevelDB store for one of several processes on a host
-
-
-def store_view(store: Path, *, timeout: float = 120.0) -> Path:
-    """A private copy of the store at ``store`` (one LevelDB, or a sharded store's folder of them) that
-    costs almost no disk: LevelDB's table files (immutable) are hard-linked, the few small files around them
-    copied, into ``DATA/.store-views/``. Taken while holding every database's own LevelDB lock, so no
-    writer or other reader changes them meanwhile. Views of processes that are gone are removed first."""
-    import fcntl
-
-    store = Path(store)
-    dbs = sorted({f.parent for f in store.rglob("CURRENT")})
-    if not dbs:
-        raise AltI2VError(f"{store}: no store here; run `python -m alt_i2v --build --data DIR` first")
-    views = store.parent / VIEWS_DIR
-    _remove_stale_views(views)
-    view = views / f"{socket.gethostname()}-{os.getpid()}"
-    _remove_view(view)
-    deadline = time.monotonic() + timeout
-    with ExitStack() as held:
-        for db in dbs:
-            lock = held.enter_context(open(db / "LOCK", "a+b"))
-            while True:
-                try:
-                    fcntl.lockf(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    held.callback(fcntl.lockf, lock.fileno(), fcntl.LOCK_UN)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise AltI2VError(f"{db}: the store stayed in use by another process (a build, an "
-                                          f"evaluation?) for {timeout:.0f} s; wait for it to finish") from None
-                    time.sleep(0.2)
-        try:
-            for f in sorted(store.rglob("*")):
-                target = view / f.relative_to(store)
-                if f.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                if f.name == "LOCK" or f.name.startswith("LOG") or not f.is_file():
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if f.suffix in (".ldb", ".sst"):
-                    try:
-                        os.link(f, target)
-                        continue
-                    except OSError:
-                        pass  # another file system or no hard links there: copy instead
-                shutil.copy2(f, target)
-        except OSError as e:
-            _remove_view(view)
-            raise AltI2VError(f"{store}: cannot make this process's view of the store in {views} ({e}); "
-                              "several processes on one host need a writable data directory, or give each "
-                              "process its own copy of DATA") from None
-    return view
-
-
-def _remove_view(view: Path) -> None:
-    """A view and the reader lock file that opening it left beside it."""
-    shutil.rmtree(view, ignore_errors=True)
-    Path(view.parent, f".{view.name}.lock").unlink(missing_ok=True)
-
-
-def _remove_stale_views(views: Path) -> None:
-    for v in views.glob(f"{socket.gethostname()}-*"):
-        try:
-            os.kill(int(v.name.rsplit("-", 1)[-1]), 0)
-        except ProcessLookupError:
-            _remove_view(v)
-        except (ValueError, PermissionError):
-            continue
-
-
-__all__ = ["DistConfig", "Cluster", "PeerError", "ProcessSlice", "start", "settings_from_env", "store_view",
-           "DISTRIBUTE_MODES", "ENV_VARS"]
+__all__ = ["DistConfig", "Cluster", "PeerError", "ProcessSlice", "start", "settings_from_env", "DISTRIBUTE_MODES",
+           "ENV_VARS"]

@@ -17,7 +17,6 @@ keeps the history rows up to that epoch and continues with the next one. Killed 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -30,27 +29,21 @@ from typing import Any, Sequence
 import keras
 import numpy as np
 
-from .augment import tagger_of, training_model
 from ..config import ImageConfig, ModelConfig, TrainConfig, resolve_workers
-from .distribute import Cluster, DistConfig, start
+from ..data.vocab import VOCAB_FILE, Vocab
 from ..errors import AltI2VError, UsageError
+from ..model.build import build_model, count_params, embedding_dim, get_backbone, resolve_config
+from ..model.modeldir import BEST_FILE, ModelDir, config_record
+from ..model.thresholds import thresholds_vector
+from ..store import Store
+from .augment import tagger_of, training_model
+from .distribute import Cluster, DistConfig, start
 from .evaluation import predict_split
-from .history import plot_curves, read_history, write_history
-from ..fsutil import atomic_copy, atomic_path, atomic_write_json, remove_stale_temps
-from ..data.layout import CHECKPOINTS_DIR as CKPT_DIR
-from ..data.layout import CONFIG_FILE, CURVES_FILE, HISTORY_FILE, MODEL_FILE, THRESHOLDS_FILE, ModelDir
 from .metrics import prf_at
 from .optim import compile_model, learning_rate, precision_policy
-from ..model.build import build_model, count_params, embedding_dim, get_backbone, resolve_config
 from .pipeline import EpochSetter, StoreDataset
 from .readers import ReaderPool
-from ..store import Store
-from .thresholds import calibrate_thresholds, thresholds_vector
-from ..data.vocab import VOCAB_FILE, Vocab
-
-CONFIG_VERSION = 1
-STATE_FILE = "state.json"
-BEST_FILE = "best.keras"
+from .thresholds import calibrate_thresholds
 MODEL_FIELDS = {f.name for f in fields(ModelConfig)} - {"num_tags"}
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 RESUME_OVERRIDES = {"epochs", "patience", "workers"}  # what --resume may change
@@ -130,18 +123,6 @@ class TrainResult:
 
 # ---------------------------------------------------------------------------------------------------------
 # Helpers: files, precision, settings
-
-
-def save_model_atomic(model: keras.Model, path: Path) -> Path:
-    """``model.save`` to a temporary name in the same directory, then rename: never a torn file."""
-    with atomic_path(path, keep_suffix=True) as tmp:
-        model.save(tmp)
-    return Path(path)
-
-
-def _remove_temps(model_dir: Path) -> None:
-    """Temporary files of writes a kill interrupted (model saves, JSON/CSV writes)."""
-    remove_stale_temps(model_dir)
 
 
 def _split_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -277,16 +258,16 @@ class RunState(keras.callbacks.Callback):
         run = self.run
         if improved:
             run.export.set_weights(tagger_of(self.model).get_weights())
-            save_model_atomic(run.export, run.ckpt / BEST_FILE)
+            run.dir.write_checkpoint(run.export, BEST_FILE)
         last = f"last-e{epoch + 1:04d}.keras"
-        save_model_atomic(run.saveable(self.model), run.ckpt / last)
-        write_history(run.model_dir / HISTORY_FILE, run.history)
+        run.dir.write_checkpoint(run.saveable(self.model), last)
+        run.dir.write_history(run.history)
         run.write_state(epoch + 1, last)
-        for old in run.ckpt.glob("last-e*.keras"):
+        for old in run.dir.checkpoints.glob("last-e*.keras"):
             if old.name != last:
                 old.unlink(missing_ok=True)
         if seconds > 10:
-            plot_curves(run.history, run.model_dir / CURVES_FILE)
+            run.dir.write_curves(run.history)
 
 
 def _is_number(v: Any) -> bool:
@@ -337,22 +318,15 @@ class _Run:
         return self.cluster is None or self.cluster.is_writer
 
     @property
-    def ckpt(self) -> Path:
-        return self.model_dir / CKPT_DIR
+    def dir(self) -> ModelDir:
+        return ModelDir(self.model_dir)
 
     def write_state(self, epoch: int, last: str | None, finished: bool = False) -> None:
-        atomic_write_json(self.ckpt / STATE_FILE, {
+        self.dir.write_state({
             "version": 1, "epoch": epoch, "last": last, "best": BEST_FILE if self.best_epoch else None,
             "best_epoch": self.best_epoch, "best_value": self.best_value, "monitor": self.monitor,
             "mode": self.mode, "wait": self.wait, "stopped_early": self.stopped_early, "finished": finished,
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-
-
-def _config_record(mc: ModelConfig, tc: TrainConfig, image: ImageConfig, vocab: Vocab, dim: int | None,
-                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"version": CONFIG_VERSION, "model": mc.get_config(), "train": tc.get_config(),
-            "image": image.get_config(), "backend": keras.backend.backend(), "keras_version": keras.__version__,
-            "num_tags": mc.num_tags, "vocab_sha256": vocab.sha256, "embedding_dim": dim, **(extra or {})}
 
 
 def train(data_dir: str | os.PathLike, model_dir: str | os.PathLike, *, resume: bool = False,
@@ -384,13 +358,13 @@ def _train_on(cluster: Cluster, data_dir: Path, model_dir: Path, resume: bool, q
         raise AltI2VError(f"{data_dir / VOCAB_FILE} has no tags")
 
     def read_run() -> dict[str, Any]:  # process 0 reads MODEL; the others get what it read
-        state_path = model_dir / CKPT_DIR / STATE_FILE
-        saved = ModelDir(model_dir).read_config(required=False)
-        state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else None
+        md = ModelDir(model_dir)
+        saved = md.read_config(required=False)
+        state = md.read_state()
         if saved is not None and not resume:
             raise UsageError(f"{model_dir} already holds a training run; continue it with --resume, or train "
                              "into a new --model directory")
-        history = read_history(model_dir / HISTORY_FILE) if (resume and state) else []
+        history = md.read_history() if (resume and state) else []
         return {"saved": saved, "state": state, "history": history}
 
     got = cluster.agree(read_run)
@@ -448,10 +422,7 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
     mode = "min" if monitor.endswith("loss") else "max"
     image = store.image_config()
     if cluster.is_writer:
-        model_dir.mkdir(parents=True, exist_ok=True)
-        (model_dir / CKPT_DIR).mkdir(exist_ok=True)
-        _remove_temps(model_dir)
-        atomic_copy(data_dir / VOCAB_FILE, model_dir / VOCAB_FILE)
+        ModelDir(model_dir).create().write_vocab(data_dir / VOCAB_FILE)
 
     policy = precision_policy(tc.mixed_precision)
     previous_policy = keras.config.dtype_policy().name
@@ -477,7 +448,7 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
             run.best_value, run.best_epoch = state.get("best_value"), state.get("best_epoch")
             run.wait = int(state.get("wait", 0))
             run.stopped_early = tc.patience > 0 and run.wait >= tc.patience  # --patience may have changed
-        checkpoint = run.ckpt / state["last"] if state else None
+        checkpoint = run.dir.checkpoints / state["last"] if state else None
         steps = len(train_ds)
         if cluster.distribution is None:
             model = _model(mc, tc, checkpoint, steps)
@@ -493,8 +464,7 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
         keras.config.set_dtype_policy(policy)
         dim = embedding_dim(tagger_of(model))
         if cluster.is_writer:
-            atomic_write_json(model_dir / CONFIG_FILE, _config_record(mc, tc, image, vocab, dim, {
-                "precision_policy": policy, "finished": False}))
+            run.dir.write_config(config_record(mc, tc, image, vocab, dim, precision_policy=policy, finished=False))
 
         run.nan_guard = NaNGuard()
         done = run.stopped_early or initial_epoch >= tc.epochs
@@ -585,7 +555,7 @@ def _finish(run: _Run, store: Store, model_dir: Path, mc: ModelConfig, tc: Train
             vocab: Vocab, dim: int, has_val: bool, policy: str, quiet: bool, readers: ReaderPool | None = None
             ) -> TrainResult:
     """Best weights -> model.keras, thresholds on val -> thresholds.json, curves, final config.json."""
-    best = run.ckpt / BEST_FILE
+    best = run.dir.best_file
     run.export.load_weights(best)
     split = "val" if has_val else "train"
     _, y_true, y_prob = predict_split(run.export, store, split, batch_size=max(tc.batch_size, 64),
@@ -596,22 +566,19 @@ def _finish(run: _Run, store: Store, model_dir: Path, mc: ModelConfig, tc: Train
     half = prf_at(y_true, y_prob, 0.5)
     val_scores = {"micro_f1": cal["micro_f1"], "macro_f1": cal["macro_f1"],
                   "micro_f1_at_0.5": half["micro_f1"], "macro_f1_at_0.5": half["macro_f1"]}
-    atomic_write_json(model_dir / THRESHOLDS_FILE, thresholds)
-    plot_curves(run.history, model_dir / CURVES_FILE)
-    atomic_copy(best, model_dir / MODEL_FILE)
-    atomic_write_json(model_dir / CONFIG_FILE, _config_record(mc, tc, image, vocab, dim, {
+    md = run.dir
+    md.write_thresholds(thresholds)
+    md.write_curves(run.history)
+    md.write_model(best)
+    md.write_config(config_record(mc, tc, image, vocab, dim, **{
         "precision_policy": policy, "finished": True, "epochs_completed": run.history[-1]["epoch"],
         "best_epoch": run.best_epoch, "monitor": run.monitor, "best_value": run.best_value,
         "stopped_early": run.stopped_early, f"{split}_scores": val_scores}))
-    run.write_state(int(run.history[-1]["epoch"]), _last_name(run), finished=True)
+    last = md.last_checkpoint()
+    run.write_state(int(run.history[-1]["epoch"]), last.name if last else None, finished=True)
     return TrainResult(model_dir=model_dir, model_config=mc, train_config=tc, history=run.history,
                        best_epoch=run.best_epoch, best_value=run.best_value, stopped_early=run.stopped_early,
                        val_scores=val_scores, thresholds=thresholds, precision_policy=policy)
 
 
-def _last_name(run: _Run) -> str | None:
-    lasts = sorted(run.ckpt.glob("last-e*.keras"))
-    return lasts[-1].name if lasts else None
-
-
-__all__ = ["train", "TrainResult", "save_model_atomic"]
+__all__ = ["train", "TrainResult"]
