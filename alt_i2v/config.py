@@ -16,7 +16,7 @@ from .errors import UsageError
 
 T = TypeVar("T", bound="JsonConfig")
 
-RESIZE_MODES = ("pad", "stretch", "crop")
+RESIZE_MODES = ("pad", "stretch", "crop", "square")  # square: pad at full size, then resize (WD14)
 # Danbooru's tag categories (the lists of a post's "tags"), and "rating", which a vocabulary may learn as
 # tags (rating:g ...); alt_i2v.data.tags has the rest of what a tag is.
 TAG_CATEGORIES = ("general", "character", "copyright", "artist", "meta")

@@ -121,7 +121,7 @@ def _check_size(img: Image.Image, max_pixels: int, name: str) -> None:
 def _target_scale(w: int, h: int, size: int, resize: str) -> tuple[float, float]:
     if resize == "stretch":
         return size / w, size / h
-    s = size / max(w, h) if resize == "pad" else size / min(w, h)
+    s = size / max(w, h) if resize in ("pad", "square") else size / min(w, h)
     return s, s
 
 
@@ -155,6 +155,9 @@ def fit_geometry(w: int, h: int, size: int, resize: str) -> tuple[int, int, int,
     nw, nh = max(1, round(w * sx)), max(1, round(h * sy))
     if resize == "stretch":
         return size, size, 0, 0
+    if resize == "square":  # padded to a max(w, h) square first: the same place, rounded on the square
+        m = max(w, h)
+        return nw, nh, round((m - w) // 2 * size / m), round((m - h) // 2 * size / m)
     if resize == "crop":
         nw, nh = max(nw, size), max(nh, size)
         return nw, nh, (nw - size) // 2, (nh - size) // 2
@@ -163,6 +166,13 @@ def fit_geometry(w: int, h: int, size: int, resize: str) -> tuple[int, int, int,
 
 def _fit(img: Image.Image, size: int, resize: str, pad_color: Sequence[int]) -> Image.Image:
     w, h = img.size
+    if resize == "square":  # the WD14 taggers' own order: pad to a square at full size, then bicubic
+        m = max(w, h)
+        if (w, h) != (m, m):
+            canvas = Image.new("RGB", (m, m), tuple(pad_color))
+            canvas.paste(img, ((m - w) // 2, (m - h) // 2))
+            img = canvas
+        return img.resize((size, size), Image.Resampling.BICUBIC) if m != size else img
     nw, nh, dx, dy = fit_geometry(w, h, size, resize)
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.Resampling.LANCZOS, reducing_gap=3.0)
@@ -180,8 +190,10 @@ def load_image(source: ImageSource, image_size: int = 150, resize: str = "pad", 
     """Decode ``source`` (path, bytes, PIL image or array) into a uint8 ``(size, size, 3)`` RGB array.
 
     ``resize``: ``pad`` keeps the aspect and pads to a square (default), ``stretch`` ignores the aspect
-    (the original design), ``crop`` fills the square and cuts the centre. Raises ImageLoadError with a
-    ``reason`` code (missing, empty, html, not_an_image, truncated, corrupt, too_large, ...).
+    (the original design), ``crop`` fills the square and cuts the centre, ``square`` pads to a square at
+    full size and then resizes it (bicubic, no draft decoding: the WD14 taggers' preprocessing). Raises
+    ImageLoadError with a ``reason`` code (missing, empty, html, not_an_image, truncated, corrupt, too_large,
+    ...).
     """
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
@@ -219,7 +231,7 @@ def _decode(source: ImageSource, max_pixels: int, pad_color: Sequence[int],
         _check_size(img, max_pixels, name)
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)
-        if fit and img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
+        if fit and fit[1] != "square" and img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
             w, h = img.size
             sx, sy = _target_scale(w, h, fit[0], fit[1])
             img.draft(None, (max(1, math.ceil(w * sx)), max(1, math.ceil(h * sy))))

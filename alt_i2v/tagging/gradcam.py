@@ -177,7 +177,7 @@ def to_picture(cam: np.ndarray, width: int, height: int, image_config: Any) -> n
     size = int(image_config.image_size)
     square = _resize_map(cam, size, size)
     nw, nh, dx, dy = fit_geometry(width, height, size, image_config.resize)
-    if image_config.resize == "pad":
+    if image_config.resize in ("pad", "square"):
         region = square[dy:dy + nh, dx:dx + nw]
     elif image_config.resize == "crop":
         region = np.zeros((nh, nw), np.float32)
