@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("data",),
     ("scraper", "store"),
     ("model",),
+    ("ready",),
     ("training",),
     ("tagging",),
     ("search",),

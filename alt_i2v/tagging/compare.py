@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import AltI2VError, ImageLoadError, UsageError
-from .metrics import average_precision, prf_at
+from ..training.metrics import average_precision, prf_at
 
 COMPARE_VERSION = 1
 
@@ -146,7 +146,7 @@ def compare(data_dir: str | os.PathLike, models: Sequence[Any], split: str = "te
     ``DATA/reports/compare-<split>/``; ``DATA/reports/evaluate-<model>-<split>/`` for one model)."""
     from ..fsutil import atomic_write_json, atomic_write_text
     from ..data.layout import DataDir
-    from ..tagging.tagger import Tagger
+    from .tagger import Tagger
 
     t0 = time.perf_counter()
     if not models:
