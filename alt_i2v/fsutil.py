@@ -56,7 +56,10 @@ def commit(tmp: str | os.PathLike, path: str | os.PathLike, *, sync_dir: bool = 
     return Path(path)
 
 
-def _discard(path: Path) -> None:
+def discard(path: str | os.PathLike) -> None:
+    """Remove a file or folder if it is there; an error removing it is ignored (what is left is a temp
+    file that :func:`remove_stale_temps` clears later)."""
+    path = Path(path)
     try:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
@@ -77,7 +80,7 @@ def atomic_path(path: str | os.PathLike, *, keep_suffix: bool = False, sync_dir:
         yield tmp
         commit(tmp, path, sync_dir=sync_dir)
     finally:
-        _discard(tmp)
+        discard(tmp)
 
 
 @contextmanager
@@ -102,9 +105,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
         fsync_dir(path.parent)
         if old is not None:
-            _discard(old)
+            discard(old)
     finally:
-        _discard(tmp)
+        discard(tmp)
 
 
 @contextmanager

@@ -195,7 +195,7 @@ def _cursor_mode(query: str) -> bool:
                    for t in query.split())
 
 
-def _pages(client: DanbooruClient, query: str, source: str, page_size: int,
+def pages(client: DanbooruClient, query: str, source: str, page_size: int,
            notes: list[str]) -> Iterator[tuple[str, list[Any]]]:
     """Yield ``(page label, items)`` for one query: PostInfo (api) or ListItem (html) lists, in order.
     Raises FetchError for a page that could not be had."""

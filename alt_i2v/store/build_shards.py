@@ -9,11 +9,11 @@ Layout (each shard is a complete store in the one-LevelDB format of :mod:`alt_i2
     DATA/store/shard-00003-of-00004/
 
 A record's shard is a fixed function of its key (:func:`alt_i2v.store.layout.shard_of`), so every record
-is in exactly one shard and a rerun puts it where it was. ``meta.json`` is written (atomically) before any shard, and each
-shard commits its records with its own counts in WriteBatches, so a build killed at any moment resumes
-to a complete store. LevelDB lets one process open a database: that is why a shard is the unit of
-parallel writing and reading. A one-shard store keeps today's layout (the LevelDB in ``DATA/store``).
-Reshard by building again: ``--build --shards M --rebuild``.
+is in exactly one shard and a rerun puts it where it was. ``meta.json`` is written (atomically) before any
+shard, and each shard commits its records with its own counts in WriteBatches, so a build killed at any
+moment resumes to a complete store. LevelDB lets one process open a database: that is why a shard is the
+unit of parallel writing and reading. A one-shard store keeps today's layout (the LevelDB in
+``DATA/store``). Reshard by building again: ``--build --shards M --rebuild``.
 """
 
 from __future__ import annotations

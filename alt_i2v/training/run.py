@@ -17,108 +17,37 @@ keeps the history rows up to that epoch and continues with the next one. Killed 
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
 import keras
-import numpy as np
 
 from ..config import ImageConfig, ModelConfig, TrainConfig, resolve_workers
 from ..data.vocab import VOCAB_FILE, Vocab
 from ..errors import AltI2VError, UsageError
 from ..model.build import build_model, count_params, embedding_dim, get_backbone, resolve_config
-from ..model.modeldir import BEST_FILE, ModelDir, config_record
+from ..model.modeldir import ModelDir, config_record
 from ..model.thresholds import thresholds_vector
 from ..store import Store
 from .augment import tagger_of, training_model
 from .distribute import Cluster, DistConfig, start
+from .epochs import NaNGuard, Run, RunState
 from .evaluation import predict_split
 from .metrics import prf_at
 from .optim import compile_model, learning_rate, precision_policy
 from .pipeline import EpochSetter, StoreDataset
 from .readers import ReaderPool
+from .result import TrainResult
 from .thresholds import calibrate_thresholds
+
 MODEL_FIELDS = {f.name for f in fields(ModelConfig)} - {"num_tags"}
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 RESUME_OVERRIDES = {"epochs", "patience", "workers"}  # what --resume may change
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Result
-
-
-@dataclass
-class TrainResult:
-    """What a training run did; ``summary()`` is the one-screen report the CLI prints."""
-
-    model_dir: Path
-    model_config: ModelConfig
-    train_config: TrainConfig
-    history: list[dict[str, Any]] = field(default_factory=list)
-    initial_epoch: int = 0
-    best_epoch: int | None = None
-    best_value: float | None = None
-    stopped_early: bool = False
-    resumed: bool = False
-    params: dict[str, int] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
-    val_scores: dict[str, float] = field(default_factory=dict)
-    thresholds: dict[str, Any] = field(default_factory=dict)
-    precision_policy: str = "float32"
-    devices: str = "one device"
-    process: int = 0  # this process's index in a distributed run (0 writes MODEL and prints the summary)
-    seconds: float = 0.0
-    bad_records: list[dict] = field(default_factory=list)  # store records left out: they did not decode
-
-    @property
-    def epochs_completed(self) -> int:
-        return int(self.history[-1]["epoch"]) if self.history else 0
-
-    def summary(self) -> dict[str, Any]:
-        mc, tc = self.model_config, self.train_config
-        last = self.history[-1] if self.history else {}
-        ran = self.history[self.initial_epoch:]
-        steady = [r.get("steady_img_per_s") for r in (ran[1:] or ran) if r.get("steady_img_per_s")]
-        rows: dict[str, Any] = {
-            "model": str(self.model_dir),
-            "backbone": f"{mc.backbone} {mc.image_size}px, weights={mc.weights or 'none'}, frozen={mc.frozen}, "
-                        f"{self.precision_policy}",
-            "parameters": f"{self.params.get('total', 0):,} ({self.params.get('trainable', 0):,} trainable)",
-            "tags": mc.num_tags,
-            "devices": f"{self.devices}, global batch {tc.batch_size}",
-            "images": ", ".join(f"{k} {v}" for k, v in self.counts.items()),
-            "epochs": (f"{self.initial_epoch + 1}-{self.epochs_completed} of {tc.epochs}"
-                       if self.epochs_completed > self.initial_epoch else
-                       f"{self.epochs_completed} of {tc.epochs} (nothing left to train)")
-                      + (" (resumed)" if self.resumed else "") + (", stopped early" if self.stopped_early else ""),
-            "best epoch": f"{self.best_epoch} ({tc.monitor} {self.best_value:.4f})"
-                          if self.best_value is not None else "-",
-            "last epoch": ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "val_loss", "val_auc", "val_f1")
-                                    if isinstance(last.get(k), float)) or "-",
-        }
-        if self.val_scores:
-            v = self.val_scores
-            rows["val micro F1"] = (f"{v['micro_f1']:.4f} calibrated, {v['micro_f1_at_0.5']:.4f} at 0.5; "
-                                    f"macro {v['macro_f1']:.4f} / {v['macro_f1_at_0.5']:.4f}")
-        if self.thresholds:
-            rows["thresholds"] = (f"global {self.thresholds['global']:.2f}, "
-                                  f"{self.thresholds.get('tags_with_own_threshold', 0)} tags calibrated on "
-                                  f"{self.thresholds.get('calibrated_on')}")
-        if steady:
-            rows["train speed"] = (f"{np.median(steady):.1f} img/s steady (first epoch {ran[0]['img_per_s']:.1f} "
-                                   "img/s with compiling)")
-        if self.bad_records:
-            rows["bad store records"] = (f"{len(self.bad_records)} left out (first: {self.bad_records[0]['key']}: "
-                                         f"{self.bad_records[0]['reason'][:80]}); run --build --rebuild")
-        rows["seconds"] = round(self.seconds, 1)
-        rows["files"] = "model.keras, config.json, vocab.json, thresholds.json, history.csv, curves.png"
-        return rows
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -162,171 +91,6 @@ def _norm(v: Any) -> Any:
     if isinstance(v, float) and v.is_integer():
         return int(v)
     return v
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Callbacks
-
-
-class NaNGuard(keras.callbacks.TerminateOnNaN):
-    """TerminateOnNaN that remembers where the loss went bad, so train() can say so clearly."""
-
-    def __init__(self):
-        super().__init__()
-        self.epoch = 0
-        self.batch: int | None = None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_batch_end(self, batch, logs=None):
-        loss = (logs or {}).get("loss")
-        if loss is not None and self.batch is None and not math.isfinite(float(loss)):
-            self.batch = batch
-        super().on_batch_end(batch, logs)
-
-
-class RunState(keras.callbacks.Callback):
-    """After each epoch: best checkpoint (on the monitored metric), last checkpoint, history.csv, early
-    stopping counters and state.json, in an order that a kill at any moment cannot make inconsistent."""
-
-    def __init__(self, run: "_Run"):
-        super().__init__()
-        self.run = run
-        self._t0 = 0.0
-        self._train_seconds = 0.0
-        self._steps, self._first, self._last = 0, 0.0, 0.0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._t0 = time.perf_counter()
-        self._train_seconds = 0.0
-        self._steps = 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._steps += 1
-        self._last = time.perf_counter()
-        if self._steps == 1:
-            self._first = self._last
-
-    def steady_rate(self) -> float | None:
-        """img/s of this epoch's steps after its first (which compiles the step in a run's first epoch)."""
-        if self._steps < 2 or self._last <= self._first:
-            return None
-        return (self._steps - 1) * self.run.train_cfg.batch_size / (self._last - self._first)
-
-    def on_test_begin(self, logs=None):
-        if not self._train_seconds:
-            self._train_seconds = time.perf_counter() - self._t0
-
-    def on_epoch_end(self, epoch, logs=None):
-        run = self.run
-        logs = {k: float(v) for k, v in (logs or {}).items() if _is_number(v)}
-        if run.nan_guard.batch is not None or not all(math.isfinite(v) for v in logs.values()):
-            if run.nan_guard.batch is None:  # finite training loss, but a metric or the validation went bad
-                run.nan_guard.batch, run.nan_guard.epoch = -1, epoch
-                self.model.stop_training = True
-            return  # nothing of this epoch is kept
-        seconds = time.perf_counter() - self._t0
-        train_seconds = self._train_seconds or seconds
-        row = {"epoch": epoch + 1, **logs,
-               "lr": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
-               "seconds": round(seconds, 3),
-               "img_per_s": round(run.train_images_per_epoch / max(train_seconds, 1e-9), 2)}
-        steady = self.steady_rate()
-        if steady is not None:
-            row["steady_img_per_s"] = round(steady, 2)
-        value = logs.get(run.monitor)
-        if value is None:
-            raise AltI2VError(f"the monitored metric {run.monitor!r} is not in the training logs "
-                              f"({', '.join(logs)})")
-        improved = run.best_value is None or (value > run.best_value if run.mode == "max"
-                                              else value < run.best_value)
-        if improved:
-            run.best_value, run.best_epoch, run.wait = value, epoch + 1, 0
-        else:
-            run.wait += 1
-        run.history.append(row)
-        stop = run.train_cfg.patience > 0 and run.wait >= run.train_cfg.patience
-        run.stopped_early = stop
-        if run.writer:  # every process keeps the same counters; process 0 alone writes them
-            with run.cluster.local():
-                self._write(epoch, seconds, improved)
-        if stop:
-            self.model.stop_training = True
-
-    def _write(self, epoch: int, seconds: float, improved: bool) -> None:
-        run = self.run
-        if improved:
-            run.export.set_weights(tagger_of(self.model).get_weights())
-            run.dir.write_checkpoint(run.export, BEST_FILE)
-        last = f"last-e{epoch + 1:04d}.keras"
-        run.dir.write_checkpoint(run.saveable(self.model), last)
-        run.dir.write_history(run.history)
-        run.write_state(epoch + 1, last)
-        for old in run.dir.checkpoints.glob("last-e*.keras"):
-            if old.name != last:
-                old.unlink(missing_ok=True)
-        if seconds > 10:
-            run.dir.write_curves(run.history)
-
-
-def _is_number(v: Any) -> bool:
-    try:
-        float(v)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The run
-
-
-@dataclass
-class _Run:
-    model_dir: Path
-    model_cfg: ModelConfig
-    train_cfg: TrainConfig
-    monitor: str
-    mode: str
-    history: list = field(default_factory=list)
-    best_value: float | None = None
-    best_epoch: int | None = None
-    wait: int = 0
-    stopped_early: bool = False
-    train_images_per_epoch: int = 0
-    export: Any = None
-    nan_guard: Any = None
-    cluster: Any = None  # distribute.Cluster: which process this is, and its devices
-    shadow: Any = None  # distributed: a local copy of the training model that checkpoints are saved from
-
-    def saveable(self, model: keras.Model) -> keras.Model:
-        """What to save as the last checkpoint: the model itself, or (distributed) its local copy with the
-        same weights and optimizer state: saving variables that live on every process is collective."""
-        if self.shadow is None:
-            return model
-        src = [*model.trainable_variables, *model.non_trainable_variables, *model.optimizer.variables]
-        dst = [*self.shadow.trainable_variables, *self.shadow.non_trainable_variables,
-               *self.shadow.optimizer.variables]
-        with self.cluster.host_scope():
-            for d, v in zip(dst, src):
-                d.assign(keras.ops.convert_to_numpy(v))
-        return self.shadow
-
-    @property
-    def writer(self) -> bool:
-        return self.cluster is None or self.cluster.is_writer
-
-    @property
-    def dir(self) -> ModelDir:
-        return ModelDir(self.model_dir)
-
-    def write_state(self, epoch: int, last: str | None, finished: bool = False) -> None:
-        self.dir.write_state({
-            "version": 1, "epoch": epoch, "last": last, "best": BEST_FILE if self.best_epoch else None,
-            "best_epoch": self.best_epoch, "best_value": self.best_value, "monitor": self.monitor,
-            "mode": self.mode, "wait": self.wait, "stopped_early": self.stopped_early, "finished": finished,
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
 def train(data_dir: str | os.PathLike, model_dir: str | os.PathLike, *, resume: bool = False,
@@ -399,17 +163,37 @@ def _train_on(cluster: Cluster, data_dir: Path, model_dir: Path, resume: bool, q
         elif int(mc.image_size) != store.image_size:
             raise AltI2VError(f"{model_dir} was trained on {mc.image_size}px images but the store now holds "
                               f"{store.image_size}px ones; rebuild the store at {mc.image_size}px to resume")
-        result = _train(store, data_dir, model_dir, mc, tc, vocab, state if resumed else None, resumed, quiet,
-                        t_start, cluster, got["history"], callbacks)
+        result = _train(_Job(store, data_dir, model_dir, mc, tc, vocab, state if resumed else None, resumed, quiet,
+                             t_start, cluster, got["history"], callbacks))
         result.bad_records = store.bad_report()
         return result
     finally:
         store.close()
 
 
-def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: TrainConfig, vocab: Vocab,
-           state: dict | None, resumed: bool, quiet: bool, t_start: float, cluster: Cluster,
-           history: list[dict[str, Any]], callbacks: list | None = None) -> TrainResult:
+@dataclass
+class _Job:
+    """One training run as :func:`_train_on` resolved it: the open store, the directories, the settings
+    (fresh or resumed), where a resumed run stands, and this process's place in the cluster."""
+
+    store: Store
+    data_dir: Path
+    model_dir: Path
+    model: ModelConfig
+    train: TrainConfig
+    vocab: Vocab
+    state: dict[str, Any] | None  # checkpoints/state.json of a resumed run
+    resumed: bool
+    quiet: bool
+    t_start: float
+    cluster: Cluster
+    history: list[dict[str, Any]]
+    callbacks: list
+
+
+def _train(job: _Job) -> TrainResult:
+    store, data_dir, model_dir, mc, tc, vocab = job.store, job.data_dir, job.model_dir, job.model, job.train, job.vocab
+    state, cluster, quiet = job.state, job.cluster, job.quiet
     counts = store.counts()
     if counts["train"] == 0:
         raise AltI2VError(f"{store.path} has no training images; add data and run --build")
@@ -426,8 +210,8 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
 
     policy = precision_policy(tc.mixed_precision)
     previous_policy = keras.config.dtype_policy().name
-    run = _Run(model_dir, mc, tc, monitor, mode, cluster=cluster)
-    run.history = list(history) if state else []
+    run = Run(model_dir, mc, tc, monitor, mode, cluster=cluster)
+    run.history = list(job.history) if state else []
     initial_epoch = 0
     readers = None
     try:
@@ -474,7 +258,7 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
                 with cluster.scope():
                     model.fit(cluster.dataset(train_ds), epochs=tc.epochs, initial_epoch=initial_epoch,
                               validation_data=cluster.dataset(val_ds, "val") if val_ds is not None else None,
-                              callbacks=[EpochSetter(train_ds), run.nan_guard, *(callbacks or []), RunState(run)],
+                              callbacks=[EpochSetter(train_ds), run.nan_guard, *job.callbacks, RunState(run)],
                               verbose=verbose, shuffle=False)
             finally:
                 for ds in (train_ds, val_ds):
@@ -493,7 +277,7 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
         if not run.history:
             raise AltI2VError("no epoch completed; nothing to save")
         if cluster.is_writer:  # thresholds are calibrated on process 0 alone (one pass over val)
-            result = _finish(run, store, model_dir, mc, tc, image, vocab, dim, has_val, policy, quiet, readers)
+            result = _finish(job, run, image, dim, has_val, policy, readers)
         else:
             result = TrainResult(model_dir=model_dir, model_config=mc, train_config=tc, history=run.history,
                                  best_epoch=run.best_epoch, best_value=run.best_value,
@@ -502,11 +286,11 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
         keras.config.set_dtype_policy(previous_policy)
         if readers is not None:
             readers.close()
-    result.initial_epoch, result.resumed = initial_epoch, resumed
+    result.initial_epoch, result.resumed = initial_epoch, job.resumed
     result.params = count_params(run.export)
     result.counts = counts
     result.devices, result.process = cluster.describe(), cluster.process_index
-    result.seconds = time.perf_counter() - t_start
+    result.seconds = time.perf_counter() - job.t_start
     return result
 
 
@@ -551,10 +335,10 @@ def _replicated_model(cluster: Cluster, mc: ModelConfig, tc: TrainConfig, checkp
     return model
 
 
-def _finish(run: _Run, store: Store, model_dir: Path, mc: ModelConfig, tc: TrainConfig, image: ImageConfig,
-            vocab: Vocab, dim: int, has_val: bool, policy: str, quiet: bool, readers: ReaderPool | None = None
-            ) -> TrainResult:
+def _finish(job: _Job, run: Run, image: ImageConfig, dim: int, has_val: bool, policy: str,
+            readers: ReaderPool | None = None) -> TrainResult:
     """Best weights -> model.keras, thresholds on val -> thresholds.json, curves, final config.json."""
+    store, model_dir, mc, tc, vocab, quiet = job.store, job.model_dir, job.model, job.train, job.vocab, job.quiet
     best = run.dir.best_file
     run.export.load_weights(best)
     split = "val" if has_val else "train"
