@@ -27,8 +27,9 @@ _EXPORTS = {
     "TrainConfig": "config", "DistConfig": "training.distribute",
     # data stages
     "scrape": "scraper", "import_folder": "data.posts", "read_posts": "data.posts", "build_vocab": "data.vocab",
-    "Vocab": "data.vocab", "build_store": "store", "Store": "store", "open_store": "store", "load_image": "data.imaging",
-    "run_demo": "demo", "generate_demo_dataset": "data.synthetic", "DataDir": "data.layout", "ModelDir": "model.modeldir",
+    "Vocab": "data.vocab", "build_store": "store", "Store": "store", "open_store": "store",
+    "load_image": "data.imaging", "run_demo": "demo", "generate_demo_dataset": "data.synthetic",
+    "DataDir": "data.layout", "ModelDir": "model.modeldir",
     # settings and errors
     "ImageConfig": "config", "AltI2VError": "errors", "ImageLoadError": "errors",
 }

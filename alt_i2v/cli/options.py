@@ -123,8 +123,10 @@ OPTIONS: list[Option] = [
     # --train
     _opt("--epochs", TRAIN, "--train", type=int, metavar="N",
          help="epochs (default 8; the learning-rate schedule spans them)"),
-    _opt("--lr", TRAIN, "--train", type=float, metavar="LR", help="peak learning rate (default 3e-3 for tiny, else 1e-3)"),
-    _opt("--backbone", TRAIN, "--train", metavar="NAME", help="vgg16 (default), tiny, or another keras.applications name"),
+    _opt("--lr", TRAIN, "--train", type=float, metavar="LR",
+         help="peak learning rate (default 3e-3 for tiny, else 1e-3)"),
+    _opt("--backbone", TRAIN, "--train", metavar="NAME",
+         help="vgg16 (default), tiny, or another keras.applications name"),
     _opt("--weights", TRAIN, "--train", metavar="W", help="imagenet (default for vgg16), none, or a weights file path"),
     _opt("--frozen", TRAIN, "--train", type=int, metavar="N", help="freeze the first N backbone layers (default 12)"),
     _opt("--mixed-precision", TRAIN, "--train", nargs="?", const="auto", metavar="DTYPE",
