@@ -145,7 +145,8 @@ def make_model_dir(model_dir: Path, num_tags: int, image_size: int, backbone: st
     """A model directory in the documented format (docs/formats.md) around an untrained model."""
     from alt_i2v.config import ImageConfig, ModelConfig
     from alt_i2v.data.vocab import Vocab
-    from alt_i2v.model.build import build_model, embedding_dim, resolve_config
+    from alt_i2v.model.backbones import resolve_config
+    from alt_i2v.model.build import build_model, embedding_dim
     from alt_i2v.model.modeldir import ModelDir, config_record
     from alt_i2v.model.thresholds import uniform_thresholds
 

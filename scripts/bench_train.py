@@ -103,7 +103,8 @@ def build_models(backbone: str, tags: int, size: int, policy: str):
     import keras
 
     from alt_i2v.training.augment import training_model
-    from alt_i2v.model.build import build_model, get_loss
+    from alt_i2v.model.build import build_model
+    from alt_i2v.model.losses import get_loss
 
     previous = keras.config.dtype_policy().name
     keras.config.set_dtype_policy(policy)
@@ -279,7 +280,7 @@ def device_name() -> str:
 
 def gpu_mode(args, root: Path, policy: str) -> int:
     from alt_i2v.config import resolve_workers
-    from alt_i2v.model.build import get_backbone
+    from alt_i2v.model.backbones import get_backbone
     from alt_i2v.training.readers import ReaderPool
     from alt_i2v.store import open_store
 

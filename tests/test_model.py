@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 
 from alt_i2v.errors import AltI2VError, UsageError
-from alt_i2v.model.build import (AsymmetricLoss, FocalLoss, Preprocess, build_model, count_params,
-                                 embedding_model, get_backbone, get_loss, keras_cache_dir, resolve_weights)
+from alt_i2v.model.backbones import get_backbone, keras_cache_dir, resolve_weights
+from alt_i2v.model.build import build_model, count_params, embedding_model
+from alt_i2v.model.layers import Preprocess
+from alt_i2v.model.losses import AsymmetricLoss, FocalLoss, get_loss
 from alt_i2v.model.modeldir import load_model
 
 VGG16_FROZEN = ["input_layer", "block1_conv1", "block1_conv2", "block1_pool", "block2_conv1", "block2_conv2",
@@ -144,7 +146,7 @@ def test_tiny_resnet_trunk_is_the_default_and_plain_the_original_cnn():
 
 def test_trunk_option_is_checked_and_old_tiny_configs_read_as_plain():
     from alt_i2v.config import ModelConfig
-    from alt_i2v.model.build import resolve_config
+    from alt_i2v.model.backbones import resolve_config
 
     cfg = resolve_config(ModelConfig(backbone="tiny", weights=None, num_tags=3, image_size=64))
     assert cfg.trunk == "resnet" and cfg.filters == (24, 32, 64, 128)

@@ -13,7 +13,9 @@ import pytest
 from alt_i2v.config import ModelConfig, TrainConfig
 from alt_i2v.errors import UsageError
 from alt_i2v.training.metrics import prf_at
-from alt_i2v.model.build import build_model, get_loss, resolve_config
+from alt_i2v.model.backbones import resolve_config
+from alt_i2v.model.build import build_model
+from alt_i2v.model.losses import get_loss
 from alt_i2v.model.modeldir import load_model
 from alt_i2v.model.thresholds import thresholds_vector
 from alt_i2v.training.thresholds import calibrate_thresholds

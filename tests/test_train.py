@@ -240,7 +240,7 @@ def test_cli_trains_tiny_with_weights_none_and_evaluates(built_data, tmp_path, c
 _TRACE_SCRIPT = """
 import json, sys, warnings
 warnings.simplefilter("ignore")
-from alt_i2v.model.build import Preprocess
+from alt_i2v.model.layers import Preprocess
 shapes, call = [], Preprocess.call
 def traced(self, inputs):  # runs once per trace (jax.jit compiles one program per input shape)
     shapes.append([None if d is None else int(d) for d in inputs.shape])

@@ -264,7 +264,7 @@ def load_model(path: str | os.PathLike) -> "keras.Model":
     """Load ``MODEL/model.keras`` (or a ``.keras`` file) with safe_mode=True, uncompiled, for inference."""
     import keras
 
-    from . import build  # noqa: F401 - registers the layers a saved model names
+    from . import layers  # noqa: F401 - registers the layers a saved model names
 
     path = Path(path)
     file = path / MODEL_FILE if path.is_dir() else path

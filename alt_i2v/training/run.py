@@ -30,7 +30,8 @@ import keras
 from ..config import ImageConfig, ModelConfig, TrainConfig, resolve_workers
 from ..data.vocab import VOCAB_FILE, Vocab
 from ..errors import AltI2VError, UsageError
-from ..model.build import build_model, count_params, embedding_dim, get_backbone, resolve_config
+from ..model.backbones import get_backbone, resolve_config
+from ..model.build import build_model, count_params, embedding_dim
 from ..model.modeldir import ModelDir, config_record
 from ..model.thresholds import thresholds_vector
 from ..store import Store
