@@ -23,6 +23,7 @@ _EXPORTS = {
     "create_app": "serve", "run_server": "serve",
     # model and training
     "build_model": "model.build", "train": "training.run", "evaluate": "training.evaluation",
+    "compare": "tagging.compare",
     "load_model": "model.modeldir", "embedding_model": "model.build", "ModelConfig": "config",
     "TrainConfig": "config", "DistConfig": "training.distribute",
     # data stages

@@ -246,6 +246,7 @@ class ServeConfig(JsonConfig):
     max_pixels: int | None = None  # None: the model's own decompression-bomb limit (ImageConfig.max_pixels)
     top_k: int = 12  # similar images shown per query
     max_batch: int = 32  # uploads answered by one forward pass at most
+    body_timeout: float = 10.0  # seconds a request body may dawdle before it must average 8 KiB/s (else 408)
 
     def __post_init__(self):
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -258,6 +259,9 @@ class ServeConfig(JsonConfig):
             raise UsageError(f"top k must be an integer in 1..100, got {self.top_k!r}")
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise UsageError(f"max batch must be >= 1, got {self.max_batch!r}")
+        if isinstance(self.body_timeout, bool) or not isinstance(self.body_timeout, (int, float)) \
+                or not 0 < self.body_timeout <= 3600:
+            raise UsageError(f"body timeout must be a number of seconds in (0, 3600], got {self.body_timeout!r}")
 
 
 __all__ = [

@@ -10,7 +10,7 @@ import secrets
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from .errors import AltI2VError, UnsafePathError
 
@@ -19,6 +19,9 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "gif", "webp", "bmp", "tif", "tiff")
 # file names worth trying to decode when a folder is listed (content decides in the end)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
 TMP_SUFFIX = ".part"
+# every temp name this program makes starts with this: a sweep removes those and nothing a user named
+TMP_MARKER = ".~alt-i2v-"
+_TEMP_RE = re.compile(r"^\.~alt-i2v-(\d+)-[0-9a-f]{8}-.*\.part(\.[A-Za-z0-9]{1,8})?$", re.S)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -36,12 +39,35 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 def temp_path(path: str | os.PathLike, *, keep_suffix: bool = False) -> Path:
-    """A hidden, unique name beside ``path`` for writing it: ``.<name>.<pid>-<hex>.part`` (what
-    :func:`remove_stale_temps` clears after a kill). ``keep_suffix`` keeps the extension last (writers
-    such as Keras insist on ``.keras``)."""
+    """A hidden, unique name beside ``path`` for writing it: ``.~alt-i2v-<pid>-<hex>-<name>.part`` (the
+    marker and the writer's pid let :func:`remove_stale_temps` clear what a killed run of this program
+    left, and only that). ``keep_suffix`` keeps the extension last (writers such as Keras insist on
+    ``.keras``)."""
     path = Path(path)
     tail = path.suffix if keep_suffix else ""
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}{tail}")
+    return path.with_name(f"{TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}-{path.name}{TMP_SUFFIX}{tail}")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is a temp name :func:`temp_path` made (never a user's own ``*.part`` file)."""
+    return bool(_TEMP_RE.match(name))
+
+
+def _writer_alive(name: str) -> bool:
+    """Whether the process that made temp ``name`` still runs here (another command writing now)."""
+    m = _TEMP_RE.match(name)
+    if m is None:
+        return False
+    pid = int(m.group(1))
+    if pid == os.getpid():  # this process may be writing it on another thread
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def commit(tmp: str | os.PathLike, path: str | os.PathLike, *, sync_dir: bool = True) -> Path:
@@ -174,7 +200,7 @@ class JsonlWriter:
         self.append_many([record])
 
     def append_many(self, records: Any) -> None:
-        data = b"".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode() + b"\n" for r in records)
+        data = b"".join(_json_line(r) for r in records)
         if not data:
             return
         self._f.write(data)
@@ -193,6 +219,16 @@ class JsonlWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _json_line(record: Any) -> bytes:
+    """One JSON line in UTF-8; a string holding bytes that were not UTF-8 (a file name Python keeps as lone
+    surrogates) is written with \\u escapes, which read back to the very same string."""
+    line = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return line.encode() + b"\n"
+    except UnicodeEncodeError:
+        return json.dumps(record, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
 
 
 def repair_tail(path: str | os.PathLike) -> tuple[int, bytes]:
@@ -272,12 +308,53 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict:
     return doc
 
 
+class NotRegularFile(AltI2VError):
+    """A path that is a FIFO, a device, a socket or a directory where a regular file was expected
+    (reading it could block forever or never end)."""
+
+
+def open_regular(path: str | os.PathLike) -> Any:
+    """``open(path, "rb")`` of a regular file only (symlinks followed): a FIFO is opened without waiting
+    for a writer and refused, as are devices (``/dev/zero`` never ends), sockets and directories."""
+    import stat
+
+    try:
+        fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except IsADirectoryError:
+        raise NotRegularFile(f"{path}: not a regular file (a directory)") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+                else "a socket" if stat.S_ISSOCK(mode) else "a directory" if stat.S_ISDIR(mode) else "special"
+            raise NotRegularFile(f"{path}: not a regular file ({kind})")
+        if hasattr(os, "O_NONBLOCK"):
+            import fcntl
+
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def is_regular_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` (symlinks followed) is a regular file: never opens it, so never blocks."""
+    import stat
+
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int = 16 << 20) -> str:
-    """Hex digest of a file, read in chunks (checksums of images, models and index files)."""
+    """Hex digest of a regular file, read in chunks (checksums of images, models and index files); a FIFO
+    or a device is a :class:`NotRegularFile` error, never read."""
     import hashlib
 
     h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
@@ -305,16 +382,33 @@ def list_image_files(folder: str | os.PathLike, *, recursive: bool = True, exclu
     return sorted(files, key=str), others
 
 
-def remove_stale_temps(root: str | os.PathLike, *, recursive: bool = True) -> int:
-    """Delete temp files left by an interrupted atomic write under ``root``; returns how many."""
-    n = 0
+def remove_stale_temps(root: str | os.PathLike, *, recursive: bool = True,
+                       exclude: Iterable[str | os.PathLike] = ()) -> int:
+    """Delete what an interrupted atomic write of this program left under ``root`` (names :func:`temp_path`
+    made, files or folders, whose writer no longer runs); returns how many. Nothing else is touched: a
+    user's own ``*.part`` file stays, and no folder in ``exclude`` (a source folder inside ``root``) is
+    entered. Symlinks are never followed."""
     root = Path(root)
     if not root.is_dir():
         return 0
-    for p in (root.rglob if recursive else root.glob)(f".*{TMP_SUFFIX}*"):
-        if p.is_file() and (p.name.endswith(TMP_SUFFIX) or f"{TMP_SUFFIX}." in p.name):
+    skip = {os.path.realpath(p) for p in exclude}
+    n = 0
+    for top, dirs, files in os.walk(root):
+        if os.path.realpath(top) in skip:
+            dirs[:] = []
+            continue
+        found = [d for d in dirs if is_temp_name(d)] + [f for f in files if is_temp_name(f)]
+        dirs[:] = [d for d in dirs if not is_temp_name(d) and os.path.realpath(os.path.join(top, d)) not in skip] \
+            if recursive else []
+        for name in found:
+            if _writer_alive(name):
+                continue
+            p = Path(top) / name
             try:
-                p.unlink()
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
                 n += 1
             except OSError:
                 pass

@@ -163,6 +163,9 @@ def make_deepdanbooru(root: Path, size: int = 32, seed: int = 0, tags: list[str]
     return root
 
 
+_networks: dict = {}  # the project networks loaded by dd_reference, by file and mtime
+
+
 def dd_reference(project: Path, image_file: Path) -> np.ndarray:
     """Probabilities of the project's Keras model run by hand: the image loaded at image_width (padded
     square, RGB), divided by 255, model.predict."""
@@ -171,9 +174,13 @@ def dd_reference(project: Path, image_file: Path) -> np.ndarray:
     from alt_i2v.data.imaging import load_image
 
     doc = json.loads((project / "project.json").read_text())
-    model = keras.saving.load_model(project / f"model-{doc['model']}.h5", compile=False)
+    file = project / f"model-{doc['model']}.h5"
+    key = (str(file), file.stat().st_mtime_ns)
+    if key not in _networks:
+        _networks[key] = keras.saving.load_model(file, compile=False)
+    model = _networks[key]
     x = load_image(image_file, doc["image_width"], "pad").astype(np.float32) / 255.0
-    return np.asarray(model.predict(x[None], verbose=0))[0]
+    return np.asarray(model(x[None], training=False))[0]
 
 
 def pictures(folder: Path, n: int = 4, seed: int = 3) -> list[Path]:

@@ -48,6 +48,10 @@ def test_each_family_is_recognised_by_its_files(wd14, dd, tmp_path):
     for name in ("model.keras", "config.json", "vocab.json"):
         (alt / name).write_text("{}")
     assert detect(alt) == "alt-i2v"
+    hub = tmp_path / "hub"  # a snapshot of a WD14 model page also has a timm config.json
+    shutil.copytree(wd14, hub)
+    (hub / "config.json").write_text('{"architecture": "vit_base_patch16_224"}')
+    assert detect(hub) == "wd14"
 
 
 @pytest.mark.parametrize("family,missing,says", [
@@ -167,7 +171,7 @@ def test_deepdanbooru_predictions_equal_keras_on_its_documented_preprocessing(dd
     want = np.stack([dd_reference(dd, p) for p in images])
     np.testing.assert_allclose(probs, want, atol=1e-5, rtol=0)
     assert probs.std() > 0.01
-    assert [l.name for l in model.layers][:3] == ["image", "preprocess", "features"]
+    assert [l.name for l in model.layers][:4] == ["image", "preprocess", "trunk", "features"]
     assert model.layers[-1].name == "tags"
 
 
@@ -200,5 +204,5 @@ def test_a_model_started_from_a_project_keeps_the_head_of_the_tags_it_knows(dd, 
     # another input size: the same trunk weights, built for 48px
     bigger = build_from_project(dd, len(names), 48, tag_names=names)
     assert bigger.input_shape == (None, 48, 48, 3)
-    np.testing.assert_array_equal(bigger.get_layer("features").get_weights()[0],
-                                  model.get_layer("features").get_weights()[0])
+    np.testing.assert_array_equal(bigger.get_layer("trunk").get_weights()[0],
+                                  model.get_layer("trunk").get_weights()[0])

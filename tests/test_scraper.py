@@ -196,7 +196,7 @@ def test_resume_skips_stored_posts_repairs_files_and_adopts_orphans(tmp_path):
         (data / stored[0]["file"]).unlink()                    # lost
         (data / stored[1]["file"]).write_bytes(b"garbage")     # damaged
         stale = data / stored[2]["file"]
-        (stale.parent / f".{stale.name}.abc123.part").write_bytes(b"half")  # a killed download
+        (stale.parent / f".~alt-i2v-999999999-abc12345-{stale.name}.part").write_bytes(b"half")  # a killed download
         srv.reset_log()
         fixed = scrape(data, "kc", base_url=srv.base_url, **FAST)
         assert fixed.repaired == 2 and fixed.present == 10 and fixed.stored == 0

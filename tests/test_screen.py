@@ -203,3 +203,73 @@ def test_kill_9_in_the_middle_of_moving_1000_images_loses_and_duplicates_nothing
     assert len(rows) == 1000 and len({r["file"] for r in rows}) == 1000
     assert sum(1 for p in out.rglob("*.png")) == 1000
     assert not [p for p in out.rglob("*.part*")]
+
+
+# ------------------------------------------------------------------------------- issue 22: hostile folders
+
+def test_src_inside_out_keeps_the_users_hidden_part_files(model_dir, tmp_path):
+    """Case 1: ``--screen t/raw --out t`` deleted ``t/raw/.video.mkv.part`` (the stale-temp sweep)."""
+    t = tmp_path / "t"
+    src = _folder(t / "raw", 3)
+    (src / ".video.mkv.part").write_text("x")
+    (t / ".movie.part").write_text("y")
+    screen(src, model_dir, t, keep=["red"], threshold=THRESHOLD, quiet=True)
+    assert (src / ".video.mkv.part").read_text() == "x" and (t / ".movie.part").read_text() == "y"
+    assert len(_report(t)) == 3
+
+
+def test_two_screens_into_one_folder_at_once_copy_each_picture_once(model_dir, tmp_path):
+    """Case 3: two identical ``--screen --copy`` runs at once both succeeded, nearly doubling the copies.
+    The second is refused while the first holds OUT; the first leaves exactly one copy of each picture."""
+    from alt_i2v.errors import AltI2VError
+    from alt_i2v.tagging.tagger import Tagger
+
+    src = _folder(tmp_path / "raw", 300, size=32)
+    out = tmp_path / "sorted"
+    tagger = Tagger(model_dir)  # loaded before: the second run reaches OUT's lock at once
+    cmd = [sys.executable, "-m", "alt_i2v", "--screen", str(src), "--model", str(model_dir), "--out", str(out),
+           "--keep", "red", "--threshold", str(THRESHOLD), "--quiet"]
+    first = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    journal = out / ".screen" / "journal.jsonl"
+    deadline = time.monotonic() + 120
+    while not (journal.exists() and journal.stat().st_size) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, "the first screening ended before the second could start"
+    with pytest.raises(AltI2VError, match="another --screen is writing into this folder"):
+        screen(src, tagger, out, keep=["red"], threshold=THRESHOLD, quiet=True)
+    assert first.wait(300) == 0, first.stdout.read()
+    copies = [p for p in out.rglob("*.png") if ".screen" not in p.parts]
+    assert len(copies) == 300
+    assert Counter(hashlib.sha256(p.read_bytes()).hexdigest() for p in copies) == _digests(src)
+
+
+def test_fifos_and_devices_are_left_in_place_never_read(model_dir, tmp_path):
+    """Case 6: a FIFO named ``p.png`` or a symlink to /dev/zero was read for ever (file_digest)."""
+    src = _folder(tmp_path / "raw", 2)
+    os.mkfifo(src / "p.png")
+    (src / "z.png").symlink_to("/dev/zero")
+    out = tmp_path / "sorted"
+    result = screen(src, model_dir, out, keep=["red"], threshold=THRESHOLD, quiet=True)
+    rows = {r["file"]: r for r in _report(out)}
+    assert rows["p.png"]["decision"] == rows["z.png"]["decision"] == "error"
+    assert "not a regular file" in rows["p.png"]["rule"] and not rows["p.png"]["destination"]
+    assert sorted(u["file"] for u in result.unreadable) == ["p.png", "z.png"]
+    assert (src / "p.png").exists() and (src / "z.png").is_symlink()
+    assert not list((out / "error").rglob("*")) if (out / "error").exists() else True
+
+
+def test_a_name_that_is_not_utf8_is_screened_reported_and_resumed(model_dir, tmp_path):
+    """Case 7: a non-UTF-8 file name aborted after 32 files ("surrogates not allowed"), with no report,
+    and every rerun aborted the same way."""
+    src = _folder(tmp_path / "raw", 40, size=32)
+    odd = os.fsdecode(b"caf\xe9.png")
+    (src / "img0000.png").rename(src / odd)
+    out = tmp_path / "sorted"
+    result = screen(src, model_dir, out, keep=["red"], threshold=THRESHOLD, quiet=True)
+    assert result.images == 40
+    rows = {r["file"]: r for r in _report(out)}
+    assert "caf\\xe9.png" in rows and rows["caf\\xe9.png"]["destination"].endswith("caf\\xe9.png")
+    assert (out / rows["caf\\xe9.png"]["decision"] / odd).read_bytes() == (src / odd).read_bytes()
+    again = screen(src, model_dir, out, keep=["red"], threshold=THRESHOLD, quiet=True)
+    assert again.resumed == 40 and again.images == 40

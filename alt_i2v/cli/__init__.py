@@ -43,8 +43,8 @@ ACTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any], str, str]] = {
               "train a tagger into a model directory",
               "alt-i2v --train --data data --model model --epochs 20 --weights imagenet"),
     "evaluate": (("--evaluate",), {"action": "store_true"},
-                 "score a model on a split; writes MODEL/reports/",
-                 "alt-i2v --evaluate --data data --model model --split test"),
+                 "score a model on a split (MODEL/reports/); several --model: one comparison report",
+                 "alt-i2v --evaluate --data data --model model --model wd14-folder/ --split test"),
     "pred": (("--pred",), {"nargs": "+", "metavar": "FILE_OR_DIR"},
              "tag images or folders",
              "alt-i2v --pred img.jpg folder/ --model model --format json"),
@@ -111,6 +111,11 @@ def _parse(argv: Sequence[str] | None) -> tuple[str, argparse.Namespace]:
         if _given(value):
             flag = "--" + dest.replace("_", "-")
             parser.error(f"{flag} does not apply to --{action.replace('_src', '')}")
+    models = args.model or []  # --model is repeatable for --evaluate only; elsewhere it is one directory
+    if len(models) > 1 and action != "evaluate":
+        parser.error(f"--model is given once for --{action.replace('_src', '')} (only --evaluate compares several)")
+    args.model = models[0] if models else None
+    args.models = models
     return action, args
 
 
@@ -224,7 +229,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     data = _need(args, "data", "train")
     model = _need(args, "model", "train")
-    result = train(data, model, quiet=args.quiet, distribution=_dist_config(args), **keywords(args, "train"))
+    kw = keywords(args, "train")
+    if args.init_from:
+        if args.backbone or args.weights:
+            raise UsageError("--init-from PROJECT is the starting network: leave --backbone and --weights out")
+        kw.update(backbone="deepdanbooru", weights=args.init_from)
+    result = train(data, model, quiet=args.quiet, distribution=_dist_config(args), **kw)
     summary("train", result.summary(), quiet=args.quiet or result.process != 0)
     return 0
 
@@ -237,11 +247,19 @@ def _dist_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ..training.evaluation import evaluate
     from ..progress import summary
+    from ..ready import ALT_I2V, detect
+    from ..training.evaluation import evaluate
 
-    result = evaluate(_need(args, "data", "evaluate"), _need(args, "model", "evaluate"), quiet=args.quiet,
-                      **keywords(args, "evaluate"))
+    data = _need(args, "data", "evaluate")
+    models = args.models or [_need(args, "model", "evaluate")]
+    if len(models) > 1 or args.out or any(detect(m) != ALT_I2V for m in models):
+        from ..tagging.compare import compare
+
+        result = compare(data, models, out=args.out, quiet=args.quiet, **keywords(args, "evaluate"))
+        summary("evaluate" if len(models) == 1 else "compare", result.summary(), quiet=args.quiet)
+        return 1 if result.failed else 0
+    result = evaluate(data, models[0], quiet=args.quiet, **keywords(args, "evaluate"))
     summary("evaluate", result.summary(), quiet=args.quiet)
     return 0
 

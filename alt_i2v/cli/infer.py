@@ -37,7 +37,8 @@ def cmd_pred(args: argparse.Namespace) -> int:
     from ..tagging.tagger import check_top_k, get_tagger, list_images, parse_threshold
 
     if not args.model:
-        raise UsageError("--pred needs --model DIR (a trained model directory)")
+        raise UsageError("--pred needs --model DIR (a trained model directory, a WD14 folder or a DeepDanbooru "
+                         "project)")
     if args.format is not None and args.format not in PRED_FORMATS:
         raise UsageError(f"--pred --format is one of {', '.join(PRED_FORMATS)}, not {args.format}")
     if not args.write_captions:
@@ -70,7 +71,7 @@ def cmd_pred(args: argparse.Namespace) -> int:
     single_file = len(files) == 1 and not folders
     progress = bar(total=len(files), desc="tag", unit="img", quiet=args.quiet or not folders)
     try:
-        for i, result in tagger.iter_predict(files, threshold, top_k):
+        for i, result, ratings in tagger.iter_predict(files, threshold, top_k, with_ratings=True):
             file = files[i]
             progress.update(1)
             if isinstance(result, ImageLoadError):
@@ -83,7 +84,8 @@ def cmd_pred(args: argparse.Namespace) -> int:
                 continue
             counts["tagged"] += 1
             if fmt == "json":
-                _emit(progress, json.dumps({"file": file, "tags": result}, ensure_ascii=False))
+                _emit(progress, json.dumps({"file": file, "tags": result, **({"rating": ratings} if ratings else {})},
+                                           ensure_ascii=False))
             elif fmt == "caption":
                 line = format_caption(result, categories, style=style, escape=escape, exclude=exclude,
                                       max_tags=args.max_tags)
@@ -92,6 +94,8 @@ def cmd_pred(args: argparse.Namespace) -> int:
                 lines = [file] + [f"  {p:.3f}  {t}" for t, p in result.items()]
                 if not result:
                     lines.append("  (no tag above its threshold)")
+                if ratings:
+                    lines.append("  rating: " + ", ".join(f"{t} {p:.3f}" for t, p in ratings.items()))
                 _emit(progress, "\n".join(lines))
             if args.write_captions:
                 if file in conflicts:

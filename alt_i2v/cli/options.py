@@ -74,9 +74,12 @@ OPTIONS: list[Option] = [
     # common
     _opt("--data", "scrape import_src vocab build train evaluate index", "common", keyword=None, metavar="DIR",
          help="dataset directory (posts.jsonl, images/, vocab.json, store/)"),
-    _opt("--model", MODEL_USERS, "common", keyword=None, metavar="DIR", help="model directory"),
-    _opt("--workers", "scrape import_src build train pred embed index screen", "common",
-         keyword={"scrape": "workers", "build": "workers", "train": "workers"}, type=count(0), metavar="N",
+    _opt("--model", MODEL_USERS, "common", keyword=None, metavar="DIR", action="append",
+         help="model directory: an alt-i2v model, a WD14 tagger folder (model.onnx + selected_tags.csv) "
+              "or a DeepDanbooru project (--evaluate takes several)"),
+    _opt("--workers", "scrape import_src build train evaluate pred embed index screen", "common",
+         keyword={"scrape": "workers", "build": "workers", "train": "workers", "evaluate": "workers"},
+         type=count(0), metavar="N",
          help="parallel workers (default: scrape 4, others cores)"),
     _opt("--batch-size", "train evaluate pred embed index screen serve", "common",
          keyword={"train": "batch_size", "evaluate": "batch_size", "serve": "max_batch"}, type=count(1),
@@ -127,6 +130,9 @@ OPTIONS: list[Option] = [
          help="peak learning rate (default 3e-3 for tiny, else 1e-3)"),
     _opt("--backbone", TRAIN, "--train", metavar="NAME",
          help="vgg16 (default), tiny, or another keras.applications name"),
+    _opt("--init-from", TRAIN, "--train", keyword=None, metavar="PROJECT",
+         help="start from a DeepDanbooru project's network: its trunk, and the head weights of the tags it knows "
+              "(new tags start fresh)"),
     _opt("--weights", TRAIN, "--train", metavar="W", help="imagenet (default for vgg16), none, or a weights file path"),
     _opt("--frozen", TRAIN, "--train", type=int, metavar="N", help="freeze the first N backbone layers (default 12)"),
     _opt("--mixed-precision", TRAIN, "--train", nargs="?", const="auto", metavar="DTYPE",
@@ -164,7 +170,8 @@ OPTIONS: list[Option] = [
     _opt("--split", "evaluate", "--evaluate", choices=["train", "val", "test"], help="split to score (default test)"),
     # --pred / --embed / --index / --similar
     _opt("--threshold", "pred screen", "--pred / --embed / --index / --similar", keyword=None, metavar="T",
-         help="float, or per category 'general=0.4,character=0.8' (default: calibrated)"),
+         help="float, 'mcut', or per category 'general=0.4,character=mcut' (default: calibrated; "
+              "WD14 general 0.35 character 0.85; DeepDanbooru 0.5)"),
     _opt("--top-k", "pred similar explain serve", "--pred / --embed / --index / --similar",
          keyword={"serve": "top_k"}, type=int, metavar="K", help="at most K tags / neighbours"),
     _opt("--format", "pred export", "--pred / --embed / --index / --similar", keyword=None,
@@ -185,9 +192,10 @@ OPTIONS: list[Option] = [
          choices=["underscores", "spaces"], help="caption tag style (default spaces)"),
     _opt("--no-escape", "pred", "--pred / --embed / --index / --similar", keyword=None, action="store_true",
          help="do not escape parentheses in captions"),
-    _opt("--out", "embed index explain screen export", "--pred / --embed / --index / --similar", keyword=None,
-         metavar="PATH",
-         help="output: .npy file (--embed), index path (--index), folder (--explain, --screen, --export)"),
+    _opt("--out", "evaluate embed index explain screen export", "--pred / --embed / --index / --similar",
+         keyword=None, metavar="PATH",
+         help="output: .npy file (--embed), index path (--index), folder (--explain, --screen, --export, "
+              "--evaluate of a ready model or several models)"),
     _opt("--images", "index", "--pred / --embed / --index / --similar", keyword=None, metavar="DIR",
          help="--index: an image folder instead of --data"),
     _opt("--approx", "index", "--pred / --embed / --index / --similar", keyword=None, action="store_true",

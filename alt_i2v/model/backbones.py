@@ -61,7 +61,10 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in [
     Backbone("xception", "Xception", "tf", 299, 71, "avg", 2048),
     Backbone("inception_v3", "InceptionV3", "tf", 299, 75, "avg", 2048),
     Backbone("tiny", None, "unit", 64, 16, "flatten", 256, 0, dropout=0.2, lr=3e-3, trunk="resnet"),
+    # a DeepDanbooru project's network (--init-from PROJECT: weights = the project), fine-tuned gently
+    Backbone("deepdanbooru", None, "unit", 512, 32, "avg", 0, 0, lr=1e-4),  # 0 units: the trunk's own width
 ]}
+FROM_PROJECT = "deepdanbooru"
 
 
 def get_backbone(name: str) -> Backbone:
@@ -117,6 +120,12 @@ def resolve_weights(weights: Any, backbone: str | Backbone = "vgg16") -> str | N
     """Check ``weights`` before building: "imagenet" (fetched once into the Keras cache, a clear error
     offline), None/"none", or an existing weights file. Returns "imagenet", None or an absolute path."""
     bb = backbone if isinstance(backbone, Backbone) else get_backbone(backbone)
+    if bb.name == FROM_PROJECT:
+        from ..ready.deepdanbooru import check_project
+
+        if weights is None or not isinstance(weights, (str, os.PathLike)):
+            raise UsageError("the deepdanbooru backbone starts from a DeepDanbooru project: --init-from PROJECT")
+        return check_project(weights)
     if weights is None or (isinstance(weights, str) and weights.strip().lower() in ("none", "", "random")):
         return None
     if not isinstance(weights, (str, os.PathLike)):
@@ -171,9 +180,9 @@ def resolve_config(config: ModelConfig | None = None, *, check_weights: bool = T
     filters = tuple(cfg.filters) if cfg.filters else (tiny_filters(size, trunk) if trunk else None)
     dropout = bb.dropout if cfg.dropout is None else float(cfg.dropout)
     return cfg.replace(backbone=bb.name, image_size=size, weights=weights, frozen=frozen,
-                       dense_units=cfg.dense_units or bb.dense_units, pooling=cfg.pooling or bb.pooling,
+                       dense_units=cfg.dense_units or bb.dense_units or None, pooling=cfg.pooling or bb.pooling,
                        filters=filters, dropout=dropout, trunk=trunk)
 
 
-__all__ = ["Backbone", "BACKBONES", "get_backbone", "tiny_filters", "keras_cache_dir", "resolve_weights",
+__all__ = ["Backbone", "BACKBONES", "FROM_PROJECT", "get_backbone", "tiny_filters", "keras_cache_dir", "resolve_weights",
            "resolve_config", "offline_message"]

@@ -23,7 +23,7 @@ from keras import layers, ops
 
 from ..config import ModelConfig
 from ..errors import AltI2VError, UsageError
-from .backbones import Backbone, get_backbone, offline_message, resolve_config
+from .backbones import FROM_PROJECT, Backbone, get_backbone, offline_message, resolve_config
 from .layers import Preprocess
 
 # ---------------------------------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def _trunk(cfg: ModelConfig, bb: Backbone, load_weights: bool) -> keras.Model:
 
 def build_model(num_tags: int | ModelConfig = 4096, image_size: int | None = None, backbone: str = "vgg16",
                 weights: str | None = "imagenet", frozen: int | None = None, *, config: ModelConfig | None = None,
-                load_weights: bool = True, **kw: Any) -> keras.Model:
+                load_weights: bool = True, tag_names: Any = None, **kw: Any) -> keras.Model:
     """The tagger: RGB 0-255 ``(None, S, S, 3)`` in, ``"tags"`` sigmoid probabilities ``(None, T)`` out.
 
     ``image_size``/``frozen`` None take the backbone's defaults (vgg16: 150px, 12 frozen). ``frozen``
@@ -97,6 +97,8 @@ def build_model(num_tags: int | ModelConfig = 4096, image_size: int | None = Non
     (12 = VGG16 blocks 1-3 and block4_conv1); with ``weights=None`` the default is 0 (with a warning).
     A ``ModelConfig`` may be given instead of the arguments (first argument or ``config=``).
     ``load_weights=False`` builds the architecture only, to receive the weights of a checkpoint.
+    The ``deepdanbooru`` backbone (``weights`` = a DeepDanbooru project) is the project's network with a
+    head for ``num_tags`` tags; ``tag_names`` (the vocabulary) keeps the head weights of tags it knows.
     """
     if isinstance(num_tags, ModelConfig):
         config, num_tags = num_tags, None
@@ -106,6 +108,11 @@ def build_model(num_tags: int | ModelConfig = 4096, image_size: int | None = Non
     elif kw:
         config = config.replace(**kw)
     cfg = resolve_config(config, check_weights=load_weights, warn=load_weights)
+    if cfg.backbone == FROM_PROJECT:
+        from ..ready.deepdanbooru import build_from_project
+
+        return build_from_project(cfg.weights, int(cfg.num_tags), int(cfg.image_size),
+                                  tag_names=tag_names if load_weights else None, frozen=int(cfg.frozen or 0))
     return _assemble(cfg, load_weights)
 
 

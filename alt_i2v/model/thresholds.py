@@ -35,8 +35,44 @@ def uniform_thresholds(value: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
     return {"version": THRESHOLDS_VERSION, "global": float(value), "tags": {}}
 
 
-def check_probability(value: Any, what: str) -> float:
-    """``value`` as a float in [0, 1], or a UsageError naming ``what``."""
+MCUT = -1.0  # in a thresholds vector: this tag's threshold is the MCut of its category, per image
+MCUT_CHARACTER_FLOOR = 0.15  # the WD14 tools never let MCut put a character threshold lower
+
+
+def mcut_threshold(probs: np.ndarray) -> float:
+    """MCut (Largeron et al. 2012): the middle of the largest gap between the sorted probabilities of one
+    image (of one category), so the tags above the gap are kept. One probability: 0.5 of it."""
+    p = np.sort(np.asarray(probs, dtype=np.float64).ravel())[::-1]
+    if len(p) < 2:
+        return float(p[0]) / 2 if len(p) else 0.5
+    k = int(np.argmax(p[:-1] - p[1:]))
+    return float((p[k] + p[k + 1]) / 2)
+
+
+def resolve_mcut(probs: np.ndarray, thresholds: np.ndarray, categories: np.ndarray) -> np.ndarray:
+    """``thresholds`` ((T,)) for the probabilities ``probs`` ((T,) or (N, T)) with every :data:`MCUT`
+    replaced, per image, by the MCut of the probabilities of that tag's category (at least
+    :data:`MCUT_CHARACTER_FLOOR` for character tags). Without MCUT entries, ``thresholds`` itself."""
+    thresholds = np.asarray(thresholds, np.float32)
+    marked = thresholds == MCUT
+    if not marked.any():
+        return thresholds
+    probs = np.asarray(probs, np.float32)
+    rows = probs.reshape(-1, probs.shape[-1])
+    out = np.repeat(thresholds[None, :], len(rows), axis=0)
+    for cat in np.unique(np.asarray(categories)[marked]):
+        cols = np.flatnonzero(marked & (np.asarray(categories) == cat))
+        floor = MCUT_CHARACTER_FLOOR if cat == "character" else 0.0
+        for r, row in enumerate(rows):
+            out[r, cols] = max(floor, mcut_threshold(row[cols]))
+    return out.reshape(probs.shape)
+
+
+def check_probability(value: Any, what: str, *, mcut: bool = False) -> float:
+    """``value`` as a float in [0, 1], or a UsageError naming ``what``; with ``mcut``, ``"mcut"`` gives
+    :data:`MCUT`."""
+    if mcut and isinstance(value, str) and value.strip().lower() == "mcut":
+        return MCUT
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -71,27 +107,34 @@ def read_thresholds(path: str | os.PathLike) -> dict[str, Any] | None:
     return {**doc, "global": float(doc.get("global", DEFAULT_THRESHOLD)), "tags": dict(doc.get("tags") or {})}
 
 
-def parse_threshold(text: Any) -> float | dict | None:
-    """``--threshold`` text: ``0.4`` or per category ``general=0.4,character=0.8`` (tag names work too)."""
+def parse_threshold(text: Any) -> float | str | dict | None:
+    """``--threshold`` text: ``0.4``, per category ``general=0.4,character=0.8`` (tag names work too), and
+    ``mcut`` (every category by MCut) or ``general=mcut`` in place of a number."""
     if text is None or isinstance(text, (int, float, dict)):
         return text
     text = str(text).strip()
     if "=" not in text:
+        if text.lower() == "mcut":
+            return "mcut"
         try:
             return float(text)
         except ValueError:
-            raise UsageError(f"--threshold must be a number or 'category=value,...', got {text!r}") from None
-    out = {}
+            raise UsageError(f"--threshold must be a number, 'mcut' or 'category=value,...', got {text!r}") from None
+    out: dict[str, float | str] = {}
     for part in text.split(","):
         if not part.strip():
             continue
         key, sep, value = part.partition("=")
+        if value.strip().lower() == "mcut":
+            out[key.strip()] = "mcut"
+            continue
         try:
             out[key.strip()] = float(value)
         except ValueError:
-            raise UsageError(f"--threshold: {part.strip()!r} is not 'name=number'") from None
+            raise UsageError(f"--threshold: {part.strip()!r} is not 'name=number' or 'name=mcut'") from None
     return out
 
 
 __all__ = ["thresholds_vector", "read_thresholds", "check_thresholds", "parse_threshold", "check_probability",
-           "uniform_thresholds", "DEFAULT_THRESHOLD", "THRESHOLDS_VERSION"]
+           "uniform_thresholds", "mcut_threshold", "resolve_mcut", "MCUT", "DEFAULT_THRESHOLD",
+           "THRESHOLDS_VERSION"]

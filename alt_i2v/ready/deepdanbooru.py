@@ -146,27 +146,34 @@ def _trunk_at(trunk: Any, size: int) -> Any:
 
 
 def wrap(network: Any, *, image_size: int | None = None, head: Any = None, name: str = "deepdanbooru") -> Any:
-    """The network as an alt-i2v model: ``image`` (uint8 0-255) -> ``preprocess`` (/255) -> ``features`` (the
-    trunk, up to the head's input) -> head -> ``tags``. ``head`` replaces the network's own head layer (a
+    """The network as an alt-i2v model: ``image`` (uint8 0-255) -> ``preprocess`` (/255) -> ``trunk`` (up to
+    the head's input) -> ``features`` (that feature map, named) -> head -> ``tags``. ``head`` replaces the network's own head layer (a
     fresh one for another vocabulary); ``image_size`` builds the trunk for another input size."""
     import keras
     from keras import layers
 
     own_head, after = find_head(network)
     size = int(image_size or network.inputs[0].shape[1])
-    trunk = keras.Model(network.inputs, own_head.input, name="features")
-    trunk = _trunk_at(trunk, size)
-    if trunk.name != "features":
-        trunk = keras.Model(trunk.inputs, trunk.outputs, name="features")
+    trunk = _trunk_at(keras.Model(network.inputs, own_head.input, name="trunk"), size)
+    if trunk.name != "trunk":
+        trunk = keras.Model(trunk.inputs, trunk.outputs, name="trunk")
     inputs = keras.Input((size, size, 3), dtype="uint8", name="image")
     x = layers.Rescaling(1.0 / 255.0, name="preprocess")(inputs)
-    x = trunk(x)
-    x = (head or own_head)(x)
+    x = layers.Identity(name="features")(trunk(x))  # the named feature map: embeddings and Grad-CAM
+    if head is None:  # the network's own head, copied: every layer after the trunk is called once, here
+        head = own_head.__class__.from_config({**own_head.get_config(), "name": "tag_head"})
+        head.build(tuple(own_head.input.shape))
+        head.set_weights(own_head.get_weights())
+    x = head(x)
     for i, layer in enumerate(after):
         last = i == len(after) - 1
-        if head is not None or last:  # a new vocabulary or the output gets fresh copies: no shared state
-            layer = layer.__class__.from_config({**layer.get_config(), "name": "tags" if last else layer.name})
-        x = layer(x)
+        copy = layer.__class__.from_config({**layer.get_config(), "name": "tags" if last else layer.name})
+        if layer.weights:  # a per-tag BatchNormalization after the head: its values for the old vocabulary
+            copy.build(tuple(layer.input.shape))
+            if len(copy.get_weights()) == len(layer.get_weights()) and \
+                    all(a.shape == b.shape for a, b in zip(copy.get_weights(), layer.get_weights())):
+                copy.set_weights(layer.get_weights())
+        x = copy(x)
     if not after:
         x = layers.Activation("linear", dtype="float32", name="tags")(x)
     return keras.Model(inputs, x, name=name)
@@ -220,7 +227,7 @@ def build_from_project(project: str | os.PathLike, num_tags: int, image_size: in
     else:  # the architecture only (its weights come from a checkpoint): every unit fresh
         head, _ = remapped_head(network, [], [str(i) for i in range(num_tags)])
     model = wrap(network, image_size=image_size, head=head, name="alt_i2v_deepdanbooru")
-    trunk = model.get_layer("features")
+    trunk = model.get_layer("trunk")
     for layer in trunk.layers[:max(0, int(frozen or 0))]:
         layer.trainable = False
     return model

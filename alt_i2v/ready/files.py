@@ -60,29 +60,33 @@ def detect(path: str | os.PathLike) -> str:
     """Which kind of model directory ``path`` is: ``"alt-i2v"``, ``"wd14"`` or ``"deepdanbooru"``, told by
     the files it holds. A folder holding some files of one family names the ones it lacks; a folder of
     none names what each family needs."""
+    from ..model.modeldir import ModelDir
+
     root = Path(path)
     if not root.exists():
-        raise AltI2VError(f"{root}: no such model directory (give an alt-i2v model directory, a WD14 tagger "
-                          "folder or a DeepDanbooru project)")
+        ModelDir(root).require()  # the one message for a model directory that is not there
     if not root.is_dir():
         raise AltI2VError(f"{root}: a model is a directory, not a file (an alt-i2v model directory, a WD14 "
                           "tagger folder with model.onnx + selected_tags.csv, or a DeepDanbooru project)")
-    found = {family: len(names) - len(_missing(root, names)) for family, names in
-             ((ALT_I2V, ALT_I2V_FILES), (WD14, WD14_FILES), (DEEPDANBOORU, DEEPDANBOORU_FILES))}
-    # checkpoints/ or history.csv mark an alt-i2v run even before its model.keras exists
-    if (root / "checkpoints").is_dir() or (root / "history.csv").is_file():
-        found[ALT_I2V] += 1
-    best = max(FAMILIES, key=lambda f: found[f])
-    if found[best] == 0:
-        raise AltI2VError(
-            f"{root}: not a model directory alt-i2v can read. It needs one of: an alt-i2v model directory "
-            f"({', '.join(ALT_I2V_FILES)}; train one with --train), a WD14 tagger folder "
-            f"({' + '.join(WD14_FILES)}), or a DeepDanbooru project ({', '.join(DEEPDANBOORU_FILES)})")
-    if best == WD14:
+
+    def has(*names: str) -> bool:
+        return any((root / n).exists() for n in names)
+
+    if has("model.keras", "checkpoints", "history.csv"):
+        return ALT_I2V
+    # a WD14 snapshot from the hub also holds a (timm) config.json: the ready files decide first
+    if has(*WD14_FILES):
         _require(root, WD14, WD14_FILES)
-    elif best == DEEPDANBOORU:
+        return WD14
+    if has("project.json", "tags.txt") or any(root.glob("model-*.h5")):
         _require(root, DEEPDANBOORU, DEEPDANBOORU_FILES)
-    return best
+        return DEEPDANBOORU
+    if has("config.json", "vocab.json", "thresholds.json"):
+        return ALT_I2V  # an incomplete alt-i2v directory: ModelDir names what is missing
+    raise AltI2VError(
+        f"{root}: not a model directory alt-i2v can read. It needs one of: an alt-i2v model directory "
+        f"({', '.join(ALT_I2V_FILES)}; train one with --train), a WD14 tagger folder "
+        f"({' + '.join(WD14_FILES)}), or a DeepDanbooru project ({', '.join(DEEPDANBOORU_FILES)})")
 
 
 _HINTS = {

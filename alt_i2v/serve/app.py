@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -23,12 +25,14 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
+from ..config import MAX_PIXELS_CAP, ServeConfig
 from ..data.captions import CATEGORY_ORDER, format_caption
-from ..config import ServeConfig
 from ..errors import AltI2VError, ImageLoadError, UsageError
 from .engine import ModelEngine
+from .limits import TRIM_PIXELS, PixelBudget, RequestGate, declared_pixels, give_back_memory, timed_body
 from .render import data_url, heat_pictures, thumbnail_jpeg
 from .uploads import FILE_FIELD, Upload, UploadError, decode, parse_form, read_body
 
@@ -96,18 +100,39 @@ class Service:
         self.names = list(self.tagger.vocab.names)
         self._zeros = np.zeros(len(self.names), np.float32)
         self.engine = ModelEngine(self.tagger, max_batch=config.max_batch)
+        self.pixels = PixelBudget(min(image.max_pixels, MAX_PIXELS_CAP))
         self.thumbnail = functools.lru_cache(maxsize=512)(self._thumbnail)
 
     # -------------------------------------------------------------------------------------------- uploads
     async def receive(self, request: Request) -> tuple[Upload, np.ndarray]:
         """The request's upload and its decoded model input (an UploadError when refused)."""
-        body = await read_body(request.headers, request.stream(), self.config.max_bytes)
+        body = await self.body(request, self.config.max_bytes)
         ctype = request.headers.get("content-type")
         upload = parse_form(body, ctype, self.config.max_bytes) if len(body) <= INLINE_PARSE_BYTES else \
             await run_in_threadpool(parse_form, body, ctype, self.config.max_bytes)
         cfg = self.image_config
-        image = await run_in_threadpool(decode, upload, cfg.image_size, cfg.resize, cfg.max_pixels, cfg.pad_color)
+        image = await self.decoding(upload.data, decode, upload, cfg.image_size, cfg.resize, cfg.max_pixels,
+                                    cfg.pad_color)
         return upload, image
+
+    async def body(self, request: Request, limit: int) -> bytes:
+        """The request body under the size cap and the slow-body timeout."""
+        return await read_body(request.headers, timed_body(request.stream(), self.config.body_timeout), limit)
+
+    async def decoding(self, data: bytes, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on the thread pool once the pixels ``data`` declares fit the shared budget; memory
+        a large decode freed is handed back to the system."""
+        pixels = declared_pixels(data)
+
+        def run() -> Any:
+            try:
+                return fn(*args)
+            finally:
+                if pixels >= TRIM_PIXELS:
+                    give_back_memory()
+
+        async with self.pixels.reserve(pixels):
+            return await run_in_threadpool(run)
 
     def thresholds(self, threshold: str | None) -> np.ndarray:
         """Per-tag thresholds for the ``threshold`` query parameter (``--threshold`` syntax)."""
@@ -165,6 +190,7 @@ def create_app(model: Any, index: Any = None, config: ServeConfig | None = None)
     app.state.service = service
     _add_error_handlers(app)
 
+    app.add_middleware(RequestGate)
     app.add_middleware(SecurityHeaders)
 
     @app.get("/", include_in_schema=False)
@@ -187,7 +213,8 @@ def create_app(model: Any, index: Any = None, config: ServeConfig | None = None)
         t = service.tagger
         present = [c for c in CATEGORY_ORDER if c in set(service.categories.values())]
         present += sorted(set(service.categories.values()) - set(present))
-        return {"model": service.model_name, "calibrated": bool(t.calibrated),
+        return {"model": service.model_name, "family": t.family, "calibrated": bool(t.calibrated),
+                "thresholds": t.threshold_source, "explain": t.model is not None,
                 "global_threshold": float(t.global_threshold), "categories": present,
                 "tags": [{"name": n, "category": service.categories[n], "threshold": float(thr)}
                          for n, thr in zip(service.names, t.thresholds)],
@@ -202,13 +229,15 @@ def create_app(model: Any, index: Any = None, config: ServeConfig | None = None)
                    ) -> dict[str, Any]:
         """``tags``: every tag with its probability, most probable first (``predict_tags(image,
         threshold=0.0)``); ``selected``: those at or above the threshold; ``caption``: them as
-        ``--write-captions`` writes them."""
+        ``--write-captions`` writes them; ``rating``: a ready model's rating outputs, apart from the tags
+        (empty for alt-i2v models)."""
         t0 = time.perf_counter()
         thr = service.thresholds(threshold)
         upload, image = await service.receive(request)
         probs = await asyncio.wrap_future(service.engine.tags(image))
         selected = service.tagger.tags_from_probs(probs, thr)
         return {"file": upload.filename, "tags": service.all_tags(probs, top_k), "selected": list(selected),
+                "rating": service.tagger.ratings_from_probs(probs),
                 "threshold": threshold or "calibrated", "caption": service.caption(selected),
                 "seconds": round(time.perf_counter() - t0, 4)}
 
@@ -237,6 +266,9 @@ def create_app(model: Any, index: Any = None, config: ServeConfig | None = None)
         from ..tagging.gradcam import get_explainer
 
         t0 = time.perf_counter()
+        if service.tagger.model is None:
+            raise UploadError(400, "no_gradients", f"heat maps need gradients through a Keras model; this "
+                                                   f"{service.tagger.family} model runs on onnxruntime, which gives none")
         upload, image = await service.receive(request)
         tagger = service.tagger
         tag = upload.fields.get("tag") or tag
@@ -246,8 +278,8 @@ def create_app(model: Any, index: Any = None, config: ServeConfig | None = None)
         # the gradients run on the model thread; decoding the whole picture and drawing do not
         cams, indices, probs = await asyncio.wrap_future(service.engine.call(
             lambda: get_explainer(tagger).cams(image, wanted)))
-        overlay, grey, (width, height) = await run_in_threadpool(
-            heat_pictures, upload.data, cams[0], service.image_config)
+        overlay, grey, (width, height) = await service.decoding(
+            upload.data, heat_pictures, upload.data, cams[0], service.image_config)
         if format == "png":
             return Response(overlay, media_type="image/png")
         return {"file": upload.filename, "tag": service.names[indices[0]], "probability": float(probs[indices[0]]),
@@ -258,16 +290,15 @@ def create_app(model: Any, index: Any = None, config: ServeConfig | None = None)
     async def caption(request: Request) -> dict[str, Any]:
         """Body ``{"tags": {tag: probability}, "threshold": null | number | "general=0.4,..."}``: the tags
         at or above the threshold (calibrated by default), in the caption format."""
-        body = await read_body(request.headers, request.stream(), MAX_JSON_BYTES)
+        body = await service.body(request, MAX_JSON_BYTES)
         try:
             doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: brackets nested too deep
             raise UploadError(400, "bad_json", 'send JSON: {"tags": {"tag": probability}, "threshold": null}') \
                 from None
         tags = doc.get("tags") if isinstance(doc, dict) else None
-        if not isinstance(tags, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                 for v in tags.values()):
-            raise UploadError(400, "bad_json", '"tags" must map tag names to probabilities')
+        if not isinstance(tags, dict) or not all(_is_probability(v) for v in tags.values()):
+            raise UploadError(400, "bad_json", '"tags" must map tag names to probabilities (finite numbers)')
         index = service.tagger.vocab.index
         unknown = [t for t in tags if t not in index]
         if unknown:
@@ -288,8 +319,25 @@ def create_app(model: Any, index: Any = None, config: ServeConfig | None = None)
     return app
 
 
+def _is_probability(value: Any) -> bool:
+    """A finite JSON number (a 400-digit integer is too large for a float: refused, not a crash)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     """Every failure answers ``{"error", "reason"}``: 4xx for what the client can fix, 500 otherwise."""
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        logging.getLogger("uvicorn.error").info("%s disconnected before its request to %s was complete",
+                                                client, request.url.path)
+        return Response(status_code=400)  # nobody reads it; the connection is gone
 
     @app.exception_handler(UploadError)
     async def upload_error(request: Request, exc: UploadError) -> JSONResponse:
@@ -307,6 +355,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse({"error": str(exc.detail), "reason": "http"}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}); the server goes on",
+                             "reason": "internal"}, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

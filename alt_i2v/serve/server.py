@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 from ..config import ServeConfig
 from ..errors import AltI2VError
+from .limits import MAX_CONNECTIONS
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -42,9 +43,10 @@ def url_of(sock: socket.socket) -> str:
 def _server(app: Any, quiet: bool) -> Any:
     import uvicorn
 
-    # the engine thread already serialises the model; 64 connections at once is plenty for one model
+    # the engine thread already serialises the model; 64 requests at once is plenty for one model, and the
+    # connections beyond them are for the health check (limits.RequestGate answers busy requests 503)
     config = uvicorn.Config(app, log_level="warning" if quiet else "info", access_log=not quiet,
-                            limit_concurrency=64, timeout_keep_alive=5, server_header=False)
+                            limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5, server_header=False)
     return uvicorn.Server(config)
 
 

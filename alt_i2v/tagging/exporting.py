@@ -165,6 +165,9 @@ def export(model: Any, out: str | os.PathLike, format: str = "onnx", *, quiet: b
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / EXPORT_FILE).exists())):
         raise UsageError(f"--out {out} exists and is not an alt-i2v export; choose a new folder")
     tagger = get_tagger(model)
+    if tagger.family != "alt-i2v":
+        raise UsageError(f"{tagger.model_dir}: --export writes alt-i2v models; this is a {tagger.family} model "
+                         "(a WD14 folder already is ONNX, a DeepDanbooru project already is Keras)")
     keras_format, name, _ = FORMATS[format]
     steps = bar(total=3, desc=f"export {format}", unit="step", quiet=quiet)
     try:

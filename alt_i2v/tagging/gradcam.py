@@ -38,6 +38,9 @@ def feature_layer(model: Any) -> Any:
     Nested backbones count as one layer (their output is their last feature map), so no layer name of any
     backbone is assumed."""
     out_layer = model.layers[-1]
+    named = next((layer for layer in model.layers if layer.name == "features"), None)
+    if named is not None and len(named.output.shape) == 4 and (named.output.shape[1] or 2) > 1:
+        return named  # the feature map the head reads (alt-i2v's per-position Dense, a DeepDanbooru trunk)
     found, learned = None, False
     for layer in model.layers[:-1]:
         learned = learned or bool(layer.weights)  # input and preprocessing maps are not features
@@ -58,7 +61,8 @@ def feature_layer(model: Any) -> Any:
 def _split(model: Any, layer: Any) -> tuple[Any, Any, Any]:
     """``(body, head, kernel_bias)``: body maps images to the feature map, head maps it to what the output
     layer receives; kernel_bias is the output Dense's (kernel, bias) so logits are taken before the sigmoid
-    (a saturated probability has no gradient), or None when the output layer is not a Dense."""
+    (a saturated probability has no gradient), ``"sigmoid"`` when the output layer is a sigmoid Activation
+    (the head then ends at its input, the logits), or None otherwise."""
     import keras
 
     out_layer = model.layers[-1]
@@ -66,6 +70,8 @@ def _split(model: Any, layer: Any) -> tuple[Any, Any, Any]:
     if isinstance(out_layer, keras.layers.Dense):
         head = keras.Model(layer.output, out_layer.input, name="explain_head")
         return body, head, (out_layer.kernel, out_layer.bias)
+    if isinstance(out_layer, keras.layers.Activation) and out_layer.get_config().get("activation") == "sigmoid":
+        return body, keras.Model(layer.output, out_layer.input, name="explain_head"), "sigmoid"
     return body, keras.Model(layer.output, model.outputs[0], name="explain_head"), None
 
 
@@ -109,6 +115,10 @@ class Explainer:
 
     def __init__(self, tagger: Any, layer: str | None = None):
         model = tagger.model
+        if model is None:
+            raise AltI2VError(f"{tagger.model_dir}: Grad-CAM needs gradients through a Keras model; this is a "
+                              f"{getattr(tagger, 'family', 'non-Keras')} model run by onnxruntime, which gives "
+                              "none (--explain works with alt-i2v models and DeepDanbooru projects)")
         self.tagger = tagger
         self.layer = model.get_layer(layer) if layer else feature_layer(model)
         self.body, self.head, self._dense = _split(model, self.layer)
@@ -119,7 +129,7 @@ class Explainer:
         from keras import ops
 
         h = self.head(fmap, training=False)
-        if self._dense is None:
+        if self._dense is None or isinstance(self._dense, str):
             return h
         kernel, bias = self._dense
         z = ops.matmul(ops.cast(h, "float32"), ops.cast(kernel, "float32"))
@@ -147,7 +157,7 @@ class Explainer:
         peak = cam.max(axis=(1, 2), keepdims=True)
         cam = np.where(peak > 0, cam / np.where(peak > 0, peak, 1.0), 0.0).astype(np.float32)
         z = logits[0].astype(np.float64)
-        probs = 1.0 / (1.0 + np.exp(-z)) if self._dense is not None else z
+        probs = 1.0 / (1.0 + np.exp(-z)) if self._dense is not None else z  # Dense or sigmoid: logits
         return cam, list(indices), probs.astype(np.float32)
 
 

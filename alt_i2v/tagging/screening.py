@@ -24,6 +24,7 @@ from ..errors import AltI2VError, ImageLoadError, UsageError
 STATE_DIR = ".screen"
 JOURNAL = "journal.jsonl"
 SETTINGS = "settings.json"
+LOCK = "lock"  # OUT/.screen/lock: one --screen writes into a folder at a time
 REPORT = "screen_report.csv"
 DECISIONS = ("ok", "ng", "error")
 REPORT_FIELDS = ("file", "decision", "tag", "probability", "rule", "destination")
@@ -155,9 +156,7 @@ def screen(src: str | os.PathLike, model: Any, out: str | os.PathLike, *, keep: 
     category/tag (as ``predict_tags``). ``move`` removes each source after its copy is verified; ``dry_run``
     writes only the report. An interrupted run resumes where it stopped when called again the same way.
     """
-    from ..fsutil import (atomic_write_json, atomic_write_text, file_digest, fsync_dir, list_image_files,
-                          read_json, remove_stale_temps)
-    from ..progress import bar
+    from ..fsutil import list_image_files, lock_file
     from .tagger import get_tagger
 
     src, out = Path(src), Path(out)
@@ -178,17 +177,32 @@ def screen(src: str | os.PathLike, model: Any, out: str | os.PathLike, *, keep: 
 
     settings = {"source": str(src.resolve()), "model": tagger.fingerprint(), "keep": list(keep),
                 "reject": list(reject), "threshold": threshold, "mode": "move" if move else "copy"}
-    report = out / REPORT
-    result = ScreenResult(out_dir=out, report=report, mode=settings["mode"], dry_run=dry_run)
+    result = ScreenResult(out_dir=out, report=out / REPORT, mode=settings["mode"], dry_run=dry_run)
     files, _ = list_image_files(src, exclude=out)
     rel_of = {f: f.relative_to(src).as_posix() for f in files}
 
+    args = (keep_i, reject_i, thresholds, names)
+    if dry_run:  # writes the report alone, in one atomic rename
+        return _screen(tagger, src, out, files, rel_of, settings, result, args, move=move, dry_run=True, quiet=quiet)
+    with lock_file(out / STATE_DIR / LOCK, f"{out}: another --screen is writing into this folder now; wait for "
+                   "it to finish (or give another --out)"):
+        return _screen(tagger, src, out, files, rel_of, settings, result, args, move=move, dry_run=False,
+                       quiet=quiet)
+
+
+def _screen(tagger: Any, src: Path, out: Path, files: list[Path], rel_of: dict, settings: dict,
+            result: ScreenResult, decide_args: tuple, *, move: bool, dry_run: bool, quiet: bool) -> ScreenResult:
+    """The run itself, under OUT's lock."""
+    from ..fsutil import (NotRegularFile, atomic_write_json, atomic_write_text, file_digest, fsync_dir, read_json,
+                          remove_stale_temps)
+    from ..progress import bar
+
+    report = result.report
     if dry_run:
         rows = []
         progress = bar(total=len(files), desc="screen (dry run)", unit="img", quiet=quiet)
         try:
-            for rel, decision, tag, prob, rule in _decisions(tagger, files, rel_of, decide_args=(
-                    keep_i, reject_i, thresholds, names)):
+            for rel, decision, tag, prob, rule in _decisions(tagger, files, rel_of, decide_args=decide_args):
                 rows.append({"file": rel, "decision": decision, "tag": tag, "probability": prob, "rule": rule,
                              "destination": ""})
                 result.counts[decision] += 1
@@ -208,7 +222,7 @@ def screen(src: str | os.PathLike, model: Any, out: str | os.PathLike, *, keep: 
                              f"was to finish it, or choose another --out (or delete {state})")
     else:
         atomic_write_json(state / SETTINGS, settings)
-    remove_stale_temps(out)
+    remove_stale_temps(out, exclude=[src])  # only this program's temp names, never inside a source within OUT
     journal = _Journal(out)
     try:
         # 1. files a killed run had planned but not finished: complete them exactly as planned
@@ -230,15 +244,15 @@ def screen(src: str | os.PathLike, model: Any, out: str | os.PathLike, *, keep: 
         progress = bar(total=len(todo), desc="screen", unit="img", quiet=quiet)
         try:
             batch: list[dict] = []
-            for rel, decision, tag, prob, rule in _decisions(tagger, todo, rel_of, decide_args=(
-                    keep_i, reject_i, thresholds, names)):
+            for rel, decision, tag, prob, rule in _decisions(tagger, todo, rel_of, decide_args=decide_args):
                 path = src / rel
                 try:
-                    sha = file_digest(path)
-                except OSError as e:
-                    result.unreadable.append({"file": rel, "error": f"{rel}: {e.strerror or e}"})
+                    sha = file_digest(path)  # a FIFO or a device is refused here, never read
+                except (OSError, NotRegularFile) as e:
+                    why = "not a regular file" if isinstance(e, NotRegularFile) else e.strerror or str(e)
+                    result.unreadable.append({"file": rel, "error": f"{printable(rel)}: {why}"})
                     batch.append({"file": rel, "decision": "error", "tag": "", "probability": None,
-                                  "rule": f"cannot read: {e.strerror or e}", "destination": "", "sha256": ""})
+                                  "rule": f"cannot read: {why}", "destination": "", "sha256": ""})
                 else:
                     dest = _free_destination(out, decision, rel, journal.taken)
                     batch.append({"file": rel, "decision": decision, "tag": tag, "probability": prob,
@@ -289,7 +303,14 @@ def _decisions(tagger: Any, files: Sequence[Path], rel_of: dict, decide_args: tu
             if isinstance(x, ImageLoadError):
                 yield rel, "error", "", None, f"{x.reason}: {x}"
             else:
-                yield (rel, *decide(probs[row[i]], *decide_args))
+                keep, reject, thresholds, names = decide_args
+                p = probs[row[i]]
+                yield (rel, *decide(p, keep, reject, tagger.row_thresholds(p, thresholds), names))  # MCut per image
+
+
+def printable(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (kept by Python as surrogates) shown as ``\\xe9``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _csv(rows: list[dict]) -> str:
@@ -298,7 +319,8 @@ def _csv(rows: list[dict]) -> str:
     w.writeheader()
     for r in rows:
         p = r.get("probability")
-        w.writerow({**r, "probability": "" if p is None else f"{p:.4f}"})
+        w.writerow({**{k: printable(v) if isinstance(v, str) else v for k, v in r.items()},
+                    "probability": "" if p is None else f"{p:.4f}"})
     return buf.getvalue()
 
 

@@ -1,5 +1,6 @@
-"""Using a trained model directory: tags with probabilities and embeddings, one
-model directory loaded once.
+"""Using a model: tags with probabilities and embeddings, one model loaded once. The model is an alt-i2v
+model directory, a WD14 tagger folder or a DeepDanbooru project (:mod:`alt_i2v.ready` tells them apart),
+behind one interface.
 
 Every input goes through :func:`alt_i2v.data.imaging.load_image_config` with the image settings the model was
 trained with, so prediction sees exactly the pixels the build stored. Images are decoded while the previous
@@ -25,7 +26,8 @@ from ..errors import AltI2VError, ImageLoadError, UsageError
 from ..fsutil import IMAGE_SUFFIXES, file_digest, list_image_files
 from ..data.imaging import DecodePool, describe, load_image_config
 from ..model.modeldir import ModelDir
-from ..model.thresholds import DEFAULT_THRESHOLD, check_probability, parse_threshold, thresholds_vector
+from ..model.thresholds import (DEFAULT_THRESHOLD, MCUT, check_probability, parse_threshold, resolve_mcut,
+                                thresholds_vector)
 
 DEFAULT_BATCH_SIZE = 64
 PROCESS_DECODE_MIN = 256  # files from which --pred / predict_tags decode in worker processes, not threads,
@@ -82,45 +84,85 @@ def list_images(paths: Sequence[str | os.PathLike], recursive: bool = False) -> 
 
 
 class Tagger:
-    """A model directory loaded once: ``.predict_tags(images)``, ``.embed(images)``, ``.vocab``.
+    """A model loaded once: ``.predict_tags(images)``, ``.embed(images)``, ``.vocab``, ``.family``.
 
-    Loads ``model.keras`` with safe_mode (no pickle, no lambdas), and through :class:`ModelDir` the
-    ``vocab.json``, ``config.json`` (image settings) and ``thresholds.json`` (per-tag thresholds calibrated
-    on the validation split).
+    An alt-i2v model directory loads ``model.keras`` with safe_mode (no pickle, no lambdas), and through
+    :class:`ModelDir` the ``vocab.json``, ``config.json`` (image settings) and ``thresholds.json`` (per-tag
+    thresholds calibrated on the validation split). A WD14 folder runs ``model.onnx`` on onnxruntime, a
+    DeepDanbooru project its Keras network; both take their tags and categories from their own files and
+    their family's default thresholds per category, and report their rating outputs apart from the tags
+    (:meth:`ratings_from_probs`).
     """
 
     def __init__(self, model_dir: str | os.PathLike, *, batch_size: int | None = None, workers: int | None = None):
-        from ..model.modeldir import load_model
+        from ..ready import ALT_I2V, detect
 
         self.model_dir = Path(model_dir)
-        self.files = ModelDir(model_dir).read()
-        self.config = self.files.config
-        self.vocab = self.files.vocab
-        self.image_config = self.files.image
+        ModelDir(model_dir).require()
+        self.family = detect(model_dir)
         self.batch_size = int(batch_size or DEFAULT_BATCH_SIZE)
         if self.batch_size < 1:
             raise UsageError("--batch-size must be >= 1")
         self.workers = resolve_workers(workers)
-        self.model = load_model(self.model_dir)
-        n_out = int(self.model.outputs[0].shape[-1])
+        self.onnx = None  # the onnxruntime runner of a WD14 model (self.model is then None)
+        if self.family == ALT_I2V:
+            self._load_own()
+        else:
+            self._load_ready()
+        n_out = int(self.onnx.num_tags if self.onnx is not None else self.model.outputs[0].shape[-1])
         if n_out != len(self.vocab):
             raise AltI2VError(f"{self.model_dir}: the model has {n_out} outputs but vocab.json {len(self.vocab)} "
                               "tags; the directory mixes files of different runs")
         self._names = np.asarray(self.vocab.names, dtype=object)
         self._categories = np.asarray(self.vocab.tag_categories, dtype=object)
+        # ratings of a ready model are reported apart from its tags
+        self._tag_mask = ~(self._categories == "rating") if self.family != ALT_I2V else \
+            np.ones(len(self.vocab), bool)
+        self._embed_model = None
+        self._lock = threading.Lock()
+        self._fingerprint: str | None = None
+
+    def _load_own(self) -> None:
+        from ..model.modeldir import load_model
+
+        self.files = ModelDir(self.model_dir).read()
+        self.config = self.files.config
+        self.vocab = self.files.vocab
+        self.image_config = self.files.image
+        self.weights_file = self.files.dir.model_file
+        self.model = load_model(self.model_dir)
         thresholds = self.files.thresholds
         self.calibrated = thresholds is not None
         self.global_threshold = thresholds["global"] if thresholds else DEFAULT_THRESHOLD
         self.thresholds = thresholds_vector(thresholds, self.vocab.names)
-        self._embed_model = None
-        self._lock = threading.Lock()
-        self._fingerprint: str | None = None
+        self.threshold_source = "calibrated" if thresholds else f"{DEFAULT_THRESHOLD} (no thresholds.json)"
+
+    def _load_ready(self) -> None:
+        from ..ready import WD14, read_ready
+
+        ready = read_ready(self.model_dir)
+        self.files = ready
+        self.vocab = ready.vocab
+        self.image_config = ready.image
+        self.weights_file = ready.weights
+        self.config = {"family": self.family, "weights": ready.weights.name,
+                       **{k: v for k, v in ready.info.items() if k != "proto"}}
+        net = ready.runner()
+        self.onnx, self.model = (net, None) if self.family == WD14 else (None, net)
+        by_category = ready.thresholds
+        self.calibrated = False
+        self.global_threshold = float(by_category["general"])
+        self.thresholds = np.array([by_category.get(c, DEFAULT_THRESHOLD) for c in self.vocab.tag_categories],
+                                   np.float32)
+        self.threshold_source = ", ".join(f"{c} {v}" for c, v in by_category.items()) + f" ({self.family} default)"
 
     # ------------------------------------------------------------------------------------------ metadata
     @property
     def embedding_dim(self) -> int:
         from ..model.build import embedding_dim
 
+        if self.onnx is not None:
+            return self.onnx.embedding_dim
         return embedding_dim(self.model)
 
     @property
@@ -128,9 +170,10 @@ class Tagger:
         return dict(zip(self.vocab.names, self.vocab.tag_categories))
 
     def fingerprint(self) -> str:
-        """sha256 of model.keras: tells whether embeddings came from these exact weights."""
+        """sha256 of the weights file (model.keras, model.onnx or the .h5): tells whether embeddings came
+        from these exact weights."""
         if self._fingerprint is None:
-            self._fingerprint = file_digest(self.files.dir.model_file)
+            self._fingerprint = file_digest(self.weights_file)
         return self._fingerprint
 
     def identity(self) -> dict[str, Any]:
@@ -140,12 +183,19 @@ class Tagger:
                 "image": self.image_config.get_config()}
 
     def thresholds_for(self, threshold: Any = None) -> np.ndarray:
-        """Per-tag thresholds (T,) for ``threshold``: None = calibrated; a float for every tag; a dict by
-        category (``{"general": 0.4, "character": 0.8}``), by tag name, or ``"default"`` for the rest
-        (tag names beat categories, categories beat ``default``; what none names stays calibrated)."""
+        """Per-tag thresholds (T,) for ``threshold``: None = calibrated (a ready model: its family's default
+        per category); a float for every tag; ``"mcut"`` for MCut in every category but ratings; a dict by
+        category (``{"general": 0.4, "character": "mcut"}``), by tag name, or ``"default"`` for the rest
+        (tag names beat categories, categories beat ``default``; what none names stays calibrated). MCut
+        entries hold :data:`~alt_i2v.model.thresholds.MCUT` until :meth:`row_thresholds` resolves them
+        for an image."""
         threshold = parse_threshold(threshold)
         if threshold is None:
             return self.thresholds.copy()
+        if isinstance(threshold, str):
+            out = self.thresholds.copy()
+            out[self._categories != "rating"] = check_probability(threshold, "threshold", mcut=True)
+            return out
         if not isinstance(threshold, dict):
             return np.full(len(self.vocab), check_probability(threshold, "threshold"), np.float32)
         out = self.thresholds.copy()
@@ -157,10 +207,10 @@ class Tagger:
                              f"({', '.join(sorted(cats))}), a tag of its vocabulary, nor 'default'")
         for key in ("default", "*"):
             if key in threshold:
-                out[:] = check_probability(threshold[key], f"threshold {key}")
+                out[:] = check_probability(threshold[key], f"threshold {key}", mcut=True)
         for key, value in threshold.items():
             if key in cats:
-                out[self._categories == key] = check_probability(value, f"threshold {key}")
+                out[self._categories == key] = check_probability(value, f"threshold {key}", mcut=True)
         for key, value in threshold.items():
             if key in index and key not in cats:
                 out[index[key]] = check_probability(value, f"threshold {key}")
@@ -170,12 +220,21 @@ class Tagger:
     def _forward(self, model: Any, batch: np.ndarray) -> Any:
         from ..model.build import predict_batch
 
+        if self.onnx is not None:  # onnxruntime: probabilities and the head's input in one run
+            with self._lock:
+                probs, emb = self.onnx.run(np.asarray(batch))
+            if isinstance(model, str):
+                self.onnx.require_embedding()
+                return probs, emb
+            return probs
         with self._lock, warnings.catch_warnings():
             # Keras' TF backend converts outputs with np.array(tensor), which NumPy 2 flags; harmless
             warnings.simplefilter("ignore", DeprecationWarning)
             return predict_batch(model, batch, self.batch_size)
 
     def _embedder(self) -> Any:
+        if self.onnx is not None:
+            return "embed"
         if self._embed_model is None:
             from ..model.build import embedding_model
 
@@ -251,28 +310,52 @@ class Tagger:
         pass of :meth:`probabilities` without the loading (the web server decodes uploads itself)."""
         return np.asarray(self._forward(self.model, np.asarray(images)), dtype=np.float32)
 
+    def row_thresholds(self, probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+        """``thresholds`` with MCut entries resolved for the probabilities ``probs`` ((T,) or (N, T))."""
+        return resolve_mcut(probs, thresholds, self._categories)
+
+    def thresholds_matrix(self, probs: np.ndarray, threshold: Any = None) -> np.ndarray:
+        """Thresholds (N, T) of the probability rows ``probs`` for ``threshold`` (MCut resolved per row)."""
+        thr = self.row_thresholds(probs, self.thresholds_for(threshold))
+        return np.broadcast_to(thr, np.shape(probs)).astype(np.float32)
+
     def tags_from_probs(self, probs: np.ndarray, thresholds: np.ndarray, top_k: int | None = None
                         ) -> dict[str, float]:
-        """``{tag: probability}`` of one probability row, above ``thresholds``, most probable first."""
-        idx = np.flatnonzero(probs >= thresholds)
+        """``{tag: probability}`` of one probability row, above ``thresholds`` (MCut resolved here), most
+        probable first; a ready model's ratings are not tags (:meth:`ratings_from_probs`)."""
+        if (np.asarray(thresholds) == MCUT).any():
+            thresholds = self.row_thresholds(probs, thresholds)
+        idx = np.flatnonzero((probs >= thresholds) & self._tag_mask)
         idx = idx[np.argsort(-probs[idx], kind="stable")]
         if top_k is not None:
             idx = idx[:top_k]
+        return {str(self._names[i]): float(probs[i]) for i in idx}
+
+    def ratings_from_probs(self, probs: np.ndarray) -> dict[str, float]:
+        """``{rating: probability}`` of one probability row, most probable first; empty for a model whose
+        ratings (if any) are tags like the others (alt-i2v models learn ``rating:g`` ... as tags)."""
+        idx = np.flatnonzero(~self._tag_mask)
+        idx = idx[np.argsort(-probs[idx], kind="stable")]
         return {str(self._names[i]): float(probs[i]) for i in idx}
 
     def iter_probabilities(self, sources: Sequence[Any]) -> Iterator[tuple[int, list, list[int], np.ndarray]]:
         """:meth:`iter_batches` with the model's probabilities (len(ok), T) as the outputs."""
         return self.iter_batches(sources, lambda b: self._forward(self.model, b))
 
-    def iter_predict(self, sources: Sequence[Any], threshold: Any = None, top_k: int | None = None
-                     ) -> Iterator[tuple[int, dict[str, float] | ImageLoadError]]:
-        """Stream ``(position, tags or ImageLoadError)`` in input order, one batch at a time."""
+    def iter_predict(self, sources: Sequence[Any], threshold: Any = None, top_k: int | None = None, *,
+                     with_ratings: bool = False) -> Iterator[tuple]:
+        """Stream ``(position, tags or ImageLoadError)`` in input order, one batch at a time; with
+        ``with_ratings``, ``(position, tags or error, ratings)`` (:meth:`ratings_from_probs`, {} on error)."""
         thr = self.thresholds_for(threshold)
         top_k = check_top_k(top_k)
         for start, loaded, ok, probs in self.iter_probabilities(sources):
             row = {i: r for r, i in enumerate(ok)}
             for i, x in enumerate(loaded):
-                yield start + i, (x if i not in row else self.tags_from_probs(probs[row[i]], thr, top_k))
+                tags = x if i not in row else self.tags_from_probs(probs[row[i]], thr, top_k)
+                if with_ratings:
+                    yield start + i, tags, ({} if i not in row else self.ratings_from_probs(probs[row[i]]))
+                else:
+                    yield start + i, tags
 
     def predict_tags(self, images: Any, threshold: Any = None, top_k: int | None = None, *,
                      errors: str = "raise") -> dict[str, float] | list:
@@ -373,8 +456,8 @@ _cache_lock = threading.Lock()
 
 
 def get_tagger(model: Any = None, *, batch_size: int | None = None, workers: int | None = None) -> Tagger:
-    """A Tagger for ``model`` (a directory or a Tagger); the last one loaded is reused while its
-    model.keras is unchanged. ``model=None`` means that last one."""
+    """A Tagger for ``model`` (a model directory of any family, or a Tagger); the last one loaded is reused
+    while its weights file is unchanged. ``model=None`` means that last one."""
     if isinstance(model, Tagger):
         return model
     with _cache_lock:
@@ -384,10 +467,7 @@ def get_tagger(model: Any = None, *, batch_size: int | None = None, workers: int
                 raise UsageError("no model loaded yet: pass model='path/to/model_dir'")
             return cached
         path = Path(model)
-        try:
-            stamp = ModelDir(path).model_file.stat().st_mtime_ns
-        except OSError:
-            stamp = None
+        stamp = _weights_stamp(path)
         key = (str(path.resolve()), stamp)
         if cached is not None and _cache["key"] == key:
             if batch_size:
@@ -398,6 +478,23 @@ def get_tagger(model: Any = None, *, batch_size: int | None = None, workers: int
         tagger = Tagger(path, batch_size=batch_size, workers=workers)
         _cache.update(key=key, tagger=tagger)
         return tagger
+
+
+def _weights_stamp(path: Path) -> int | None:
+    """mtime of the model's weights file (any family), so a retrained or replaced model is loaded again."""
+    candidates = [ModelDir(path).model_file, path / "model.onnx", *sorted(path.glob("model-*.h5"))]
+    for file in candidates:
+        try:
+            return file.stat().st_mtime_ns
+        except OSError:
+            continue
+    return None
+
+
+def clear_cache() -> None:
+    """Forget the cached Tagger (frees its model)."""
+    with _cache_lock:
+        _cache.update(key=None, tagger=None)
 
 
 def predict_tags(images: Any, model: Any = None, threshold: Any = None, top_k: int | None = None, *,
@@ -412,5 +509,5 @@ def extract_embeddings(images: Any, model: Any = None, *, errors: str = "raise")
     return get_tagger(model).embed(images, errors=errors)
 
 
-__all__ = ["Tagger", "predict_tags", "extract_embeddings", "get_tagger", "BatchImageError",
+__all__ = ["Tagger", "predict_tags", "extract_embeddings", "get_tagger", "clear_cache", "BatchImageError",
            "list_images", "parse_threshold", "as_list", "IMAGE_SUFFIXES"]

@@ -70,8 +70,11 @@ class DistConfig(JsonConfig):
         if not isinstance(self.process_id, int) or not 0 <= self.process_id < self.num_processes:
             raise UsageError(f"--process-id must be in 0..{self.num_processes - 1}, got {self.process_id!r}")
         if self.num_processes > 1:
-            if not self.coordinator or ":" not in self.coordinator:
+            if not self.coordinator:
                 raise UsageError("several processes need --coordinator HOST:PORT (the address of process 0)")
+            from .coordinator import parse_address
+
+            parse_address(self.coordinator)  # a port out of range or not a number: one line, before JAX
             if self.distribute == "none":
                 raise UsageError("--distribute none runs on one device; it cannot take --num-processes")
         if not float(self.peer_timeout) > 0:

@@ -47,35 +47,28 @@ def join(config: Any, quiet: bool = False) -> None:
         raise UsageError("one distributed training per process: start new processes for another run")
     timeout = int(math.ceil(float(config.peer_timeout)))
     join = max(timeout, 60)
-    if config.process_id != 0:
-        _wait_for_coordinator(config.coordinator, join, config.process_id)
+    from .coordinator import bind_address, check_in, claim, roll_call
+
+    if config.process_id == 0:
+        sock = claim(config.coordinator)  # one line for a port in use or a host not of this machine
     if not quiet:
         print(f"alt-i2v: process {config.process_id} of {config.num_processes} joining the run at "
               f"{config.coordinator} (waiting up to {join} s for every process)", file=sys.stderr, flush=True)
+    # every id checked in once before JAX starts: a duplicate --process-id is named at once, not a C++ abort
+    if config.process_id == 0:
+        roll_call(sock, config.num_processes, join)
+    else:
+        check_in(config.coordinator, config.process_id, config.num_processes, join)
     jax.distributed.initialize(coordinator_address=config.coordinator, num_processes=config.num_processes,
                                process_id=config.process_id, initialization_timeout=join,
                                # JAX's own verdict comes after ours, which names the process clearly
                                heartbeat_timeout_seconds=timeout + 30,
-                               shutdown_timeout_seconds=24 * 3600)
+                               shutdown_timeout_seconds=24 * 3600,
+                               # the host given, not every interface: the coordinator has no authentication
+                               coordinator_bind_address=bind_address(config.coordinator))
     STARTED["key"] = key
     atexit.register(_exit_without_shutdown_barrier)  # runs before JAX's own atexit shutdown (LIFO)
     STARTED["watchdog"] = Watchdog(config)
-
-
-def _wait_for_coordinator(address: str, seconds: float, me: int) -> None:
-    """Before JAX tries (and aborts the process when it cannot): is process 0 listening at ``address``?"""
-    host, _, port = address.rpartition(":")
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
-                return
-        except (OSError, ValueError) as e:
-            if time.monotonic() > deadline:
-                raise AltI2VError(f"process {me}: nothing answered at --coordinator {address} for {seconds:.0f} s "
-                                  f"({e}); start process 0 there, with the same --coordinator (HOST:PORT of "
-                                  "process 0, reachable from every host) and --num-processes") from None
-            time.sleep(0.5)
 
 
 # ---------------------------------------------------------------------------------------------------------

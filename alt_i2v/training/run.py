@@ -30,7 +30,7 @@ import keras
 from ..config import ImageConfig, ModelConfig, TrainConfig, resolve_workers
 from ..data.vocab import VOCAB_FILE, Vocab
 from ..errors import AltI2VError, UsageError
-from ..model.backbones import get_backbone, resolve_config
+from ..model.backbones import FROM_PROJECT, get_backbone, resolve_config
 from ..model.build import build_model, count_params, embedding_dim
 from ..model.modeldir import ModelDir, config_record
 from ..model.thresholds import thresholds_vector
@@ -172,6 +172,16 @@ def _train_on(cluster: Cluster, data_dir: Path, model_dir: Path, resume: bool, q
         store.close()
 
 
+def _init_from(mc: ModelConfig, vocab: Vocab) -> dict[str, Any]:
+    """config.json's ``init_from`` (--init-from): how much of the project's head the vocabulary kept."""
+    if mc.backbone != FROM_PROJECT:
+        return {}
+    from ..ready.deepdanbooru import tags_kept
+
+    kept = tags_kept(mc.weights, vocab.names)
+    return {"init_from": {"project": mc.weights, "tags_kept": kept, "tags_new": len(vocab) - kept}}
+
+
 @dataclass
 class _Job:
     """One training run as :func:`_train_on` resolved it: the open store, the directories, the settings
@@ -236,9 +246,9 @@ def _train(job: _Job) -> TrainResult:
         checkpoint = run.dir.checkpoints / state["last"] if state else None
         steps = len(train_ds)
         if cluster.distribution is None:
-            model = _model(mc, tc, checkpoint, steps)
+            model = _model(mc, tc, checkpoint, steps, vocab.names)
         else:
-            model = _replicated_model(cluster, mc, tc, checkpoint, steps)
+            model = _replicated_model(cluster, mc, tc, checkpoint, steps, vocab.names)
             if cluster.is_writer:
                 with cluster.host_scope():
                     run.shadow = training_model(build_model(config=mc, load_weights=False))
@@ -249,7 +259,8 @@ def _train(job: _Job) -> TrainResult:
         keras.config.set_dtype_policy(policy)
         dim = embedding_dim(tagger_of(model))
         if cluster.is_writer:
-            run.dir.write_config(config_record(mc, tc, image, vocab, dim, precision_policy=policy, finished=False))
+            run.dir.write_config(config_record(mc, tc, image, vocab, dim, **_init_from(mc, vocab),
+                                               precision_policy=policy, finished=False))
 
         run.nan_guard = NaNGuard()
         done = run.stopped_early or initial_epoch >= tc.epochs
@@ -295,11 +306,13 @@ def _train(job: _Job) -> TrainResult:
     return result
 
 
-def _model(mc: ModelConfig, tc: TrainConfig, checkpoint: Path | None, steps: int) -> keras.Model:
-    """The compiled training model (augmentation step + tagger): fresh, or the checkpoint's."""
+def _model(mc: ModelConfig, tc: TrainConfig, checkpoint: Path | None, steps: int,
+           tag_names: Sequence[str] | None = None) -> keras.Model:
+    """The compiled training model (augmentation step + tagger): fresh, or the checkpoint's. ``tag_names``
+    map a DeepDanbooru project's head onto the vocabulary (--init-from)."""
     keras.utils.set_random_seed(int(tc.seed))  # the same initial weights for the same settings
     if checkpoint is None:
-        model = training_model(build_model(config=mc))
+        model = training_model(build_model(config=mc, tag_names=tag_names))
         compile_model(model, tc, steps)
         return model
     model = keras.saving.load_model(checkpoint, safe_mode=True, compile=True)
@@ -314,13 +327,14 @@ def _model(mc: ModelConfig, tc: TrainConfig, checkpoint: Path | None, steps: int
 
 
 def _replicated_model(cluster: Cluster, mc: ModelConfig, tc: TrainConfig, checkpoint: Path | None,
-                      steps: int) -> keras.Model:
+                      steps: int, tag_names: Sequence[str] | None = None) -> keras.Model:
     """The training model with its variables on the device mesh, every replica starting from process 0's
     values: its fresh weights, or the checkpoint only process 0 reads (the model directory may be local
     to process 0)."""
     keras.utils.set_random_seed(int(tc.seed))
     with cluster.scope():
-        model = training_model(build_model(config=mc, load_weights=cluster.is_writer and checkpoint is None))
+        model = training_model(build_model(config=mc, load_weights=cluster.is_writer and checkpoint is None,
+                                           tag_names=tag_names))
         compile_model(model, tc, steps)
         model.optimizer.build(model.trainable_variables)
     variables = [*model.trainable_variables, *model.non_trainable_variables, *model.optimizer.variables]
@@ -355,7 +369,7 @@ def _finish(job: _Job, run: Run, image: ImageConfig, dim: int, has_val: bool, po
     md.write_thresholds(thresholds)
     md.write_curves(run.history)
     md.write_model(best)
-    md.write_config(config_record(mc, tc, image, vocab, dim, **{
+    md.write_config(config_record(mc, tc, image, vocab, dim, **_init_from(mc, vocab), **{
         "precision_policy": policy, "finished": True, "epochs_completed": run.history[-1]["epoch"],
         "best_epoch": run.best_epoch, "monitor": run.monitor, "best_value": run.best_value,
         "stopped_early": run.stopped_early, f"{split}_scores": val_scores}))

@@ -59,7 +59,7 @@ async function loadModel() {
   $("model-info").append(
     el("span", "chip", m.model),
     el("span", "chip", `${m.tags.length} tags`),
-    el("span", "chip", m.calibrated ? "calibrated thresholds" : "threshold 0.5 (not calibrated)"),
+    el("span", "chip", m.calibrated ? "calibrated thresholds" : `thresholds: ${m.thresholds}`),
     el("span", "chip", m.index ? `index: ${m.index} images` : "no index"));
   $("threshold").value = m.global_threshold.toFixed(2);
   document.body.dataset.ready = "1";
@@ -85,6 +85,8 @@ async function handleFile(file) {
   $("heat-caption").textContent = "Click a tag to see where the model looks for it.";
   $("file-name").textContent = `${file.name || "pasted image"} \u00b7 ${(file.size / 1024).toFixed(1)} KiB`;
   $("tags").textContent = "";
+  $("rating").textContent = "";
+  $("rating").hidden = true;
   $("caption").textContent = "";
   $("count").textContent = "";
   $("similar").textContent = "";
@@ -97,6 +99,10 @@ async function handleFile(file) {
     if (seq !== state.seq) return;
     state.probs = result.tags;
     $("caption").textContent = result.caption;
+    const ratings = Object.entries(result.rating || {});
+    $("rating").hidden = !ratings.length;
+    $("rating").textContent = ratings.length ?
+      "rating: " + ratings.map(([name, p]) => `${name} ${p.toFixed(3)}`).join(" \u00b7 ") : "";
     render();
     $("result").dataset.state = "done";
   } catch (e) {
@@ -235,6 +241,10 @@ async function copyCaption() {
 // ------------------------------------------------------------------------------------------- heat map
 async function explainTag(name) {
   if (!state.file) return;
+  if (!state.model.explain) {
+    $("heat-caption").textContent = "Heat maps need a Keras model (alt-i2v, DeepDanbooru); this one has no gradients.";
+    return;
+  }
   const seq = state.seq;
   state.heatTag = name;
   for (const row of document.querySelectorAll(".tag")) row.classList.toggle("active", row.dataset.tag === name);
