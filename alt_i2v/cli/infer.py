@@ -129,22 +129,14 @@ def cmd_pred(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     """``--embed FILES/DIRS --model DIR --out FILE.npy``: embeddings plus ``FILE.ids.json`` (the paths)."""
-    import io
-
-    import numpy as np
-
-    from ..fsutil import atomic_write_bytes, atomic_write_json
     from ..progress import summary
+    from ..tagging.embeddings import write_embeddings
     from ..tagging.tagger import get_tagger, list_images
 
     if not args.model:
         raise UsageError("--embed needs --model DIR")
     if not args.out:
         raise UsageError("--embed needs --out FILE.npy")
-    out = Path(args.out)
-    if out.suffix.lower() != ".npy":
-        out = out.with_name(out.name + ".npy")
-    ids_file = out.with_name(out.name[:-4] + ".ids.json")
     files = list_images(args.embed, recursive=bool(args.recursive))
     if not files:
         raise AltI2VError(f"no images found in {', '.join(args.embed)}")
@@ -152,12 +144,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     emb, ok, failures = tagger.embed_files(files, quiet=args.quiet)
     for f in failures:
         print(f"alt-i2v: skipped {f['error']}", file=sys.stderr)
-    buf = io.BytesIO()
-    np.save(buf, emb.astype(np.float32), allow_pickle=False)
-    atomic_write_bytes(out, buf.getvalue())
-    atomic_write_json(ids_file, {"version": 1, "count": int(len(emb)), "dim": int(emb.shape[1]),
-                                 "normalized": True, "model": str(tagger.model_dir.resolve()),
-                                 "ids": [files[i] for i in ok], "failed": failures})
+    out, ids_file = write_embeddings(args.out, emb, [files[i] for i in ok], model=tagger.model_dir, failed=failures)
     summary("embed", {"embeddings": f"{len(emb)} x {emb.shape[1]} float32 (L2-normalised)", "file": str(out),
                       "ids": str(ids_file), "failed": len(failures)}, quiet=args.quiet)
     return 1 if failures else 0
