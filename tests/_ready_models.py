@@ -140,8 +140,8 @@ def dd_network(size: int = 32, num_tags: int = len(DD_TAGS), seed: int = 0, chan
     for layer in model.layers:  # moving statistics away from 0/1, so inference-mode BN matters
         if isinstance(layer, layers.BatchNormalization):
             g, b, mean, var = layer.get_weights()
-            layer.set_weights([rng.uniform(0.5, 1.5, g.shape).astype("float32"), rng.normal(0, 0.1, b.shape).astype("float32"),
-                               rng.normal(0, 0.2, mean.shape).astype("float32"), rng.uniform(0.5, 2, var.shape).astype("float32")])
+            layer.set_weights([rng.uniform(0.5, 1.5, g.shape), rng.normal(0, 0.1, b.shape),
+                               rng.normal(0, 0.2, mean.shape), rng.uniform(0.5, 2, var.shape)])
     return model
 
 

@@ -88,7 +88,8 @@ def test_comparison_scores_a_known_case_exactly(tmp_path):
     assert mb["not_in_model"] == [] and mb["shared"] == 3
     assert result.per_tag == [{"tag": "a", "support": 2, "ap": {"modelA": pytest.approx(5 / 6, abs=1e-6),
                                                                  "modelB": pytest.approx(5 / 6, abs=1e-6)}},
-                              {"tag": "b", "support": 2, "ap": {"modelA": 1.0, "modelB": pytest.approx(5 / 6, abs=1e-6)}}]
+                              {"tag": "b", "support": 2,
+                               "ap": {"modelA": 1.0, "modelB": pytest.approx(5 / 6, abs=1e-6)}}]
     record = json.loads((tmp_path / "report" / "compare.json").read_text())
     assert record["models"][0]["common"]["map"] == round(11 / 12, 6)
     md = (tmp_path / "report" / "report.md").read_text()

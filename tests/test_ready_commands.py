@@ -131,6 +131,8 @@ def test_tagger_api_and_embeddings_are_the_head_input_l2_normalised(family, mode
         feats /= np.linalg.norm(feats, axis=1, keepdims=True)
         np.testing.assert_allclose(emb, feats, atol=1e-5)
     assert tagger.embedding_dim == 16
+    small = Tagger(model, batch_size=3, workers=2)  # batches of 3 and 1, decoded on threads
+    np.testing.assert_allclose(small.probabilities(files), tagger.probabilities(files), atol=1e-6)
     assert tagger.identity()["fingerprint"] == __import__("alt_i2v.fsutil", fromlist=["x"]).file_digest(
         tagger.weights_file)
 
@@ -278,3 +280,9 @@ def test_pred_with_a_folder_of_no_family_names_what_each_needs(folder, tmp_path,
     assert main(["--pred", str(folder), "--model", str(empty)]) == 1
     err = capsys.readouterr().err
     assert "model.onnx + selected_tags.csv" in err and "project.json, tags.txt, model-<model>.h5" in err
+
+
+def test_export_says_a_ready_model_already_is_in_its_format(models, tmp_path, capsys):
+    assert main(["--export", "--model", str(models["wd14"]), "--format", "onnx", "--out", str(tmp_path / "x")]) == 2
+    assert "a WD14 folder already is ONNX" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

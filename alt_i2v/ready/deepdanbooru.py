@@ -147,8 +147,9 @@ def _trunk_at(trunk: Any, size: int) -> Any:
 
 def wrap(network: Any, *, image_size: int | None = None, head: Any = None, name: str = "deepdanbooru") -> Any:
     """The network as an alt-i2v model: ``image`` (uint8 0-255) -> ``preprocess`` (/255) -> ``trunk`` (up to
-    the head's input) -> ``features`` (that feature map, named) -> head -> ``tags``. ``head`` replaces the network's own head layer (a
-    fresh one for another vocabulary); ``image_size`` builds the trunk for another input size."""
+    the head's input) -> ``features`` (that feature map, named) -> head -> ``tags``. ``head`` replaces the
+    network's own head layer (one for another vocabulary); ``image_size`` builds the trunk for another
+    input size."""
     import keras
     from keras import layers
 
@@ -160,7 +161,8 @@ def wrap(network: Any, *, image_size: int | None = None, head: Any = None, name:
     inputs = keras.Input((size, size, 3), dtype="uint8", name="image")
     x = layers.Rescaling(1.0 / 255.0, name="preprocess")(inputs)
     x = layers.Identity(name="features")(trunk(x))  # the named feature map: embeddings and Grad-CAM
-    if head is None:  # the network's own head, copied: every layer after the trunk is called once, here
+    own = head is None
+    if own:  # the network's own head, copied: every layer after the trunk is called once, here
         head = own_head.__class__.from_config({**own_head.get_config(), "name": "tag_head"})
         head.build(tuple(own_head.input.shape))
         head.set_weights(own_head.get_weights())
@@ -168,11 +170,9 @@ def wrap(network: Any, *, image_size: int | None = None, head: Any = None, name:
     for i, layer in enumerate(after):
         last = i == len(after) - 1
         copy = layer.__class__.from_config({**layer.get_config(), "name": "tags" if last else layer.name})
-        if layer.weights:  # a per-tag BatchNormalization after the head: its values for the old vocabulary
+        if layer.weights and own:  # e.g. a per-tag BatchNormalization: its values fit the own head only
             copy.build(tuple(layer.input.shape))
-            if len(copy.get_weights()) == len(layer.get_weights()) and \
-                    all(a.shape == b.shape for a, b in zip(copy.get_weights(), layer.get_weights())):
-                copy.set_weights(layer.get_weights())
+            copy.set_weights(layer.get_weights())
         x = copy(x)
     if not after:
         x = layers.Activation("linear", dtype="float32", name="tags")(x)

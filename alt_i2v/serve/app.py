@@ -267,8 +267,8 @@ def create_app(model: Any, index: Any = None, config: ServeConfig | None = None)
 
         t0 = time.perf_counter()
         if service.tagger.model is None:
-            raise UploadError(400, "no_gradients", f"heat maps need gradients through a Keras model; this "
-                                                   f"{service.tagger.family} model runs on onnxruntime, which gives none")
+            raise UploadError(400, "no_gradients", "heat maps need gradients through a Keras model; this "
+                              f"{service.tagger.family} model runs on onnxruntime, which gives none")
         upload, image = await service.receive(request)
         tagger = service.tagger
         tag = upload.fields.get("tag") or tag

@@ -226,7 +226,8 @@ def _fmt(v: Any) -> str:
 
 def _report_md(rec: dict[str, Any]) -> str:
     models = rec["models"]
-    lines = [f"# {'Comparison' if len(models) > 1 else 'Evaluation'} on the {rec['split']} split of `{rec['data']}`", "",
+    title = "Comparison" if len(models) > 1 else "Evaluation"
+    lines = [f"# {title} on the {rec['split']} split of `{rec['data']}`", "",
              f"{rec['images']} images; {len(rec['common_tags'])} tags of the dataset's vocabulary are in every model "
              "and scored below. Each model at its own thresholds (alt-i2v: calibrated per tag; WD14: general "
              "0.35, character 0.85; DeepDanbooru: 0.5).", "",

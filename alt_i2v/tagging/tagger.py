@@ -258,7 +258,8 @@ class Tagger:
         n, bs = len(sources), self.batch_size
         if n == 0:
             return
-        if n > bs:  # many batches: pad the short ones (the last, or with failures) so the step compiles once
+        if n > bs and self.onnx is None:  # many batches: pad the short ones so a Keras step compiles once
+            # (onnxruntime compiles nothing per shape: padding would only add work)
             run = fn
 
             def fn(batch: np.ndarray) -> Any:
