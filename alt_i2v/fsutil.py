@@ -21,7 +21,8 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".
 TMP_SUFFIX = ".part"
 # every temp name this program makes starts with this: a sweep removes those and nothing a user named
 TMP_MARKER = ".~alt-i2v-"
-_TEMP_RE = re.compile(r"^\.~alt-i2v-(\d+)-[0-9a-f]{8}-.*\.part(\.[A-Za-z0-9]{1,8})?$", re.S)
+OLD_SUFFIX = ".old"  # atomic_dir: the folder replaced, renamed aside (a temp name of <name>.old) for the swap
+_TEMP_RE = re.compile(r"^\.~alt-i2v-(\d+)-[0-9a-f]{8}-(.*)\.part(\.[A-Za-z0-9]{1,8})?$", re.S)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -112,8 +113,9 @@ def atomic_path(path: str | os.PathLike, *, keep_suffix: bool = False, sync_dir:
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a new temporary directory beside ``path`` to fill; on success every file in it is made
-    durable and the directory replaces ``path`` in one rename (an old one is moved aside first, then
-    deleted), on failure it is removed."""
+    durable and the directory replaces ``path`` in one rename (an old one is moved aside first, under a
+    temp name of ``<name>.old`` that :func:`stale_temps` finds after a kill, then deleted), on failure it is
+    removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
@@ -125,7 +127,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         fsync_dir(tmp)
-        old = temp_path(path) if path.exists() else None
+        old = temp_path(path.with_name(path.name + OLD_SUFFIX)) if path.exists() else None
         if old is not None:
             os.replace(path, old)
         os.replace(tmp, path)
@@ -301,8 +303,9 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict:
     """A JSON file that must hold an object; a damaged one is an AltI2VError naming ``what`` it is."""
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AltI2VError(f"{path}: damaged {what}, not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise AltI2VError(f"{path}: damaged {what} ({e if not isinstance(e, RecursionError) else 'nested too deeply'})"
+                          ) from None
     if not isinstance(doc, dict):
         raise AltI2VError(f"{path}: the {what} must be a JSON object")
     return doc
@@ -380,6 +383,18 @@ def list_image_files(folder: str | os.PathLike, *, recursive: bool = True, exclu
             else:
                 others += 1
     return sorted(files, key=str), others
+def stale_temps(folder: str | os.PathLike, target: str) -> list[Path]:
+    """Temps :func:`temp_path` made for ``folder/target`` whose writer no longer runs (what a killed write
+    of that very file or folder left)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = _TEMP_RE.match(p.name)
+        if m and m.group(2) == target and not _writer_alive(p.name):
+            found.append(p)
+    return found
 
 
 def remove_stale_temps(root: str | os.PathLike, *, recursive: bool = True,
@@ -413,6 +428,11 @@ def remove_stale_temps(root: str | os.PathLike, *, recursive: bool = True,
             except OSError:
                 pass
     return n
+
+
+def printable(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (kept by Python as surrogates) shown as ``\\xe9``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def is_md5(value: Any) -> bool:

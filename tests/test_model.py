@@ -206,7 +206,7 @@ def test_load_model_errors_are_clear(tmp_path):
     with pytest.raises(AltI2VError, match="no model file"):
         load_model(tmp_path)
     (tmp_path / "model.keras").write_bytes(b"not a zip")
-    with pytest.raises(AltI2VError, match="cannot load"):
+    with pytest.raises(AltI2VError, match="not a Keras model file"):
         load_model(tmp_path)
 
 

@@ -286,3 +286,11 @@ def test_export_says_a_ready_model_already_is_in_its_format(models, tmp_path, ca
     assert main(["--export", "--model", str(models["wd14"]), "--format", "onnx", "--out", str(tmp_path / "x")]) == 2
     assert "a WD14 folder already is ONNX" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_evaluate_function_points_a_ready_model_to_compare(models, built_data):
+    from alt_i2v import evaluate
+    from alt_i2v.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"is a wd14 model: .* alt_i2v.compare\(data, \[model\]\)"):
+        evaluate(built_data, models["wd14"])

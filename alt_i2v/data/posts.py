@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ..errors import AltI2VError, ImageLoadError, UnsafePathError, UsageError
-from ..fsutil import JsonlWriter, list_image_files, fsync_dir, image_relpath, is_md5, normalize_ext, safe_join
+from ..fsutil import (JsonlWriter, fsync_dir, image_relpath, is_md5, list_image_files, normalize_ext, printable,
+                      safe_join)
 from .layout import IMAGES_DIR, DataDir
-from .tags import normalize_tag, parse_tags, unique_tags
+from .tags import MAX_TAG_CHARS, parse_tags, tag_problem, unique_tags
 
 RATINGS = {"g": "g", "general": "g", "s": "s", "sensitive": "s", "q": "q", "questionable": "q",
            "e": "e", "explicit": "e"}
@@ -189,6 +190,8 @@ class ImportResult:
     merged_duplicates: int = 0
     skipped: list[dict] = field(default_factory=list)  # {"path", "reason", "detail"}
     mode: str = ""
+    refused_tags: int = 0  # tags with control characters or too long (tag_problem), left out
+    refused_examples: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         from ..progress import count_reasons
@@ -196,7 +199,9 @@ class ImportResult:
         reasons = count_reasons(self.skipped)
         return {"mode": self.mode, "added": self.added, "already present": self.already_present,
                 "merged duplicates": self.merged_duplicates, "skipped": len(self.skipped),
-                "skip reasons": reasons}
+                "skip reasons": reasons,
+                "refused tags": (f"{self.refused_tags} (control characters or over {MAX_TAG_CHARS} characters, "
+                                 f"e.g. {', '.join(self.refused_examples[:3])})" if self.refused_tags else 0)}
 
 
 def _caption_for(img: Path) -> Path | None:
@@ -204,6 +209,20 @@ def _caption_for(img: Path) -> Path | None:
         if cand.is_file():
             return cand
     return None
+
+
+def read_caption(path: Path) -> str:
+    """A caption file's text: UTF-8 strictly, a BOM dropped; ValueError saying which byte is wrong."""
+    from ..fsutil import open_regular
+
+    with open_regular(path) as f:
+        raw = f.read((1 << 20) + 1)
+    if len(raw) > 1 << 20:
+        raise ValueError(f"{path.name}: over 1 MiB, not a caption")
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path.name}: byte {raw[e.start]:#04x} at offset {e.start} is not UTF-8 text") from None
 
 
 def _detect_mode(images: list[Path], src: Path) -> str:
@@ -245,35 +264,50 @@ def _import_locked(src: Path, data_dir: Path, mode: str, workers: int, quiet: bo
     for p in iter_posts(data_dir):
         existing.update(x for x in (p.get("md5"), p["id"]) if isinstance(x, str))
 
-    def tags_of(path: Path) -> list[str] | None:
+    def tags_of(path: Path, refused: list[str]) -> list[str] | None:
         if result.mode == "folders":
             rel = path.relative_to(src)
-            return [normalize_tag(rel.parts[0])] if len(rel.parts) > 1 else None
+            return unique_tags([rel.parts[0]], refused) if len(rel.parts) > 1 else None
         cap = _caption_for(path)
-        return parse_tags(cap.read_text(encoding="utf-8", errors="replace")) if cap else None
+        return parse_tags(read_caption(cap), refused) if cap else None
 
-    def examine(path: Path) -> tuple[Path, dict | None, dict | None]:
+    def examine(path: Path) -> tuple[Path, dict | None, dict | None, list[str]]:
         rel = str(path.relative_to(src))
-        tags = tags_of(path)
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:  # skipped before its image is copied: no orphan in DATA/images
+            return path, None, {"path": printable(rel), "reason": "name not UTF-8",
+                                "detail": "rename it (file or class folder) to UTF-8 and import again"}, []
+        refused: list[str] = []
+        try:
+            tags = tags_of(path, refused)
+        except (ValueError, OSError, AltI2VError) as e:
+            return path, None, {"path": rel, "reason": "bad caption", "detail": str(e)}, []
         if tags is None:
             reason = "not in a class folder" if result.mode == "folders" else "no caption file"
-            return path, None, {"path": rel, "reason": reason, "detail": ""}
+            return path, None, {"path": rel, "reason": reason, "detail": ""}, []
+        if not tags and refused:
+            return path, None, {"path": rel, "reason": "no valid tag",
+                                "detail": f"{len(refused)} refused: {tag_problem(refused[0])}"}, refused
         try:
             data = path.read_bytes()
             ext, w, h = identify(data)
         except ImageLoadError as e:
-            return path, None, {"path": rel, "reason": e.reason, "detail": str(e)}
+            return path, None, {"path": rel, "reason": e.reason, "detail": str(e)}, refused
         except OSError as e:
-            return path, None, {"path": rel, "reason": "unreadable", "detail": str(e)}
+            return path, None, {"path": rel, "reason": "unreadable", "detail": str(e)}, refused
         md5, rel_file = DataDir(data_dir).save_image(data, ext)  # an identical file already there is kept
         post = {"id": md5, "md5": md5, "file_ext": ext, "file": rel_file,
                 "tags": {"general": tags}, "width": w, "height": h, "source": "import", "original_path": rel}
-        return path, post, None
+        return path, post, None, refused
 
     new_posts: dict[str, dict] = {}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
-        for path, post, skip in bar(ex.map(examine, images), total=len(images), desc="import", unit="img",
-                                    quiet=quiet):
+        for path, post, skip, refused in bar(ex.map(examine, images), total=len(images), desc="import", unit="img",
+                                             quiet=quiet):
+            result.refused_tags += len(refused)
+            result.refused_examples.extend(printable(t[:80]).encode("unicode_escape").decode("ascii")
+                                           for t in refused[:max(0, 5 - len(result.refused_examples))])
             if skip:
                 result.skipped.append(skip)
             elif post["md5"] in existing:
@@ -295,5 +329,5 @@ def _import_locked(src: Path, data_dir: Path, mode: str, workers: int, quiet: bo
 
 
 __all__ = ["PostsRead", "PostsWriter", "ImportResult", "read_posts", "iter_posts", "validate_post",
-           "post_image_path", "import_folder", "id_key", "posts_path",
+           "post_image_path", "import_folder", "read_caption", "id_key", "posts_path",
            "check_post_id", "normalize_ext"]

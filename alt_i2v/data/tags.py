@@ -23,6 +23,21 @@ def normalize_tag(tag: str) -> str:
     return re.sub(r"\s+", "_", tag).lower()
 
 
+MAX_TAG_CHARS = 200  # Danbooru's longest tags are under 100 characters
+
+
+def tag_problem(tag: str) -> str | None:
+    """Why ``tag`` (normalised) cannot be a tag, or None: control or format characters (NUL, a BOM, bytes
+    read as text) or more than MAX_TAG_CHARS characters."""
+    import unicodedata
+
+    if len(tag) > MAX_TAG_CHARS:
+        return f"longer than {MAX_TAG_CHARS} characters"
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn") for c in tag):
+        return "control characters"
+    return None
+
+
 def split_tags(values: Iterable[str] | str | None) -> list[str]:
     """The parts of comma- (or newline-) separated text, or of a repeated option's values, trimmed and
     as written."""
@@ -30,17 +45,19 @@ def split_tags(values: Iterable[str] | str | None) -> list[str]:
         return []
     if isinstance(values, str):
         values = [values]
-    return [p.strip() for v in values for p in re.split(r"[,\n]", v) if p.strip()]
+    return [p.strip() for v in values for p in re.split(r"[,\n]", v.removeprefix("\ufeff")) if p.strip()]
 
 
-def parse_tags(values: Iterable[str] | str | None) -> list[str]:
-    """:func:`split_tags`, normalised (:func:`normalize_tag`), first occurrence kept."""
-    return unique_tags(split_tags(values)) or []
+def parse_tags(values: Iterable[str] | str | None, refused: list[str] | None = None) -> list[str]:
+    """:func:`split_tags`, normalised (:func:`normalize_tag`), first occurrence kept; a leading BOM is
+    dropped, tags :func:`tag_problem` refuses are left out (into ``refused``)."""
+    return unique_tags(split_tags(values), refused) or []
 
 
-def unique_tags(value: Any) -> list[str] | None:
+def unique_tags(value: Any, refused: list[str] | None = None) -> list[str] | None:
     """A list of tag names (or one space-separated string, as Danbooru writes them) normalised, first
-    occurrence kept; None when ``value`` is neither."""
+    occurrence kept, those :func:`tag_problem` refuses left out (and appended to ``refused`` when given);
+    None when ``value`` is neither."""
     if isinstance(value, str):
         value = value.split()
     if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
@@ -48,10 +65,14 @@ def unique_tags(value: Any) -> list[str] | None:
     out: dict[str, None] = {}
     for t in value:
         t = normalize_tag(t)
+        if t and tag_problem(t):
+            if refused is not None:
+                refused.append(t)
+            continue
         if t:
             out.setdefault(t)
     return list(out)
 
 
-__all__ = ["normalize_tag", "split_tags", "parse_tags", "unique_tags", "CATEGORIES", "CATEGORY_ORDER",
+__all__ = ["normalize_tag", "split_tags", "parse_tags", "unique_tags", "tag_problem", "MAX_TAG_CHARS", "CATEGORIES", "CATEGORY_ORDER",
            "ALL_CATEGORIES", "DEFAULT_CATEGORIES"]

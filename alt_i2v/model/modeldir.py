@@ -268,16 +268,46 @@ def load_model(path: str | os.PathLike) -> "keras.Model":
 
     path = Path(path)
     file = path / MODEL_FILE if path.is_dir() else path
-    if not file.is_file():
+    if not file.exists():  # there but not a regular file: check_keras_file says so
         hint = (" (a training run there has not finished: continue it with --train --resume)"
                 if (path / CHECKPOINTS_DIR).is_dir() else "; train one with --train")
         raise AltI2VError(f"{file}: no model file{hint}")
+    check_keras_file(file)
     try:
         return keras.saving.load_model(file, safe_mode=True, compile=False)
     except Exception as e:  # noqa: BLE001 - corrupt zip, foreign file, newer format
         raise AltI2VError(f"{file}: cannot load the model ({type(e).__name__}: {e})") from None
 
 
-__all__ = ["ModelDir", "ModelFiles", "config_record", "save_keras", "load_model", "MODEL_FILE", "CONFIG_FILE",
+def check_keras_file(file: Path) -> None:
+    """What is wrong with a ``.keras`` file, in words, before Keras says "File not found" about a file that
+    is there: empty, not a regular file, not a zip archive (truncated or another kind of file), a damaged
+    archive, or one without the model's config."""
+    import zipfile
+
+    from ..fsutil import NotRegularFile, open_regular
+
+    try:
+        with open_regular(file) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise AltI2VError(f"{file}: the model file is empty (0 bytes); copy it again, or train again")
+            if not zipfile.is_zipfile(f):
+                raise AltI2VError(f"{file}: not a Keras model file ({size:,} bytes that are not a .keras zip "
+                                  "archive: cut short by an interrupted copy, or another kind of file)")
+            try:
+                with zipfile.ZipFile(f) as z:
+                    names = set(z.namelist())
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+                raise AltI2VError(f"{file}: damaged Keras model file ({e})") from None
+    except NotRegularFile as e:
+        raise AltI2VError(str(e)) from None
+    except PermissionError as e:
+        raise AltI2VError(f"{file}: cannot read the model file ({e.strerror})") from None
+    if "config.json" not in names:
+        raise AltI2VError(f"{file}: a zip archive but not a Keras model file (no config.json inside)")
+
+
+__all__ = ["ModelDir", "ModelFiles", "config_record", "save_keras", "load_model", "check_keras_file", "MODEL_FILE", "CONFIG_FILE",
            "THRESHOLDS_FILE", "HISTORY_FILE", "CURVES_FILE", "CHECKPOINTS_DIR", "STATE_FILE", "BEST_FILE",
            "CONFIG_VERSION"]

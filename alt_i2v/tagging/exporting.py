@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -145,6 +146,47 @@ def check_parity(fmt: str, path: Path, reference: np.ndarray, images: np.ndarray
 # The export
 
 
+def _written_by_export(out: Path) -> set[str]:
+    """The names an earlier export wrote into ``out`` (its export.json lists them; one written before it
+    did: the files any export writes)."""
+    from ..fsutil import read_json_object
+
+    meta = read_json_object(out / EXPORT_FILE, "export description")
+    files = meta.get("files")
+    if isinstance(files, list) and all(isinstance(f, str) for f in files):
+        return set(files)
+    return {EXPORT_FILE, "vocab.json", "thresholds.json"} | {name for _, name, _ in FORMATS.values()}
+
+
+def _check_out(out: Path) -> Path:
+    """``out`` made absolute, after what a killed export of it left is cleared; a UsageError for a folder
+    an export must not replace: the current folder or one above it, a file, a folder that is not an
+    export, or an export holding files it did not write (they would be deleted with it)."""
+    from ..fsutil import OLD_SUFFIX as OLD
+    from ..fsutil import stale_temps
+
+    out = out.absolute()
+    here = Path.cwd().resolve()
+    resolved = out.resolve()
+    if not out.name or resolved == here or resolved in here.parents:
+        raise UsageError(f"--out {out}: an export is a folder of its own that is replaced whole; give a new "
+                         "folder, not the current one or one above it (e.g. --out export)")
+    if not out.exists():  # killed between the two renames of a swap: the previous export comes back
+        for old in stale_temps(out.parent, out.name + OLD)[:1]:
+            os.replace(old, out)
+    for stale in stale_temps(out.parent, out.name) + stale_temps(out.parent, out.name + OLD):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    if out.exists():
+        if not out.is_dir() or (any(out.iterdir()) and not (out / EXPORT_FILE).is_file()):
+            raise UsageError(f"--out {out} exists and is not an alt-i2v export; choose a new folder")
+        if (out / EXPORT_FILE).is_file():
+            foreign = sorted(p.name for p in out.iterdir() if p.name not in _written_by_export(out))
+            if foreign:
+                raise UsageError(f"--out {out} holds files the export did not write ({', '.join(foreign[:5])}); a new "
+                                 "export replaces the folder whole, so move them out first or choose another --out")
+    return out
+
+
 def export(model: Any, out: str | os.PathLike, format: str = "onnx", *, quiet: bool = False) -> ExportResult:
     """Write ``model`` (a model directory or a Tagger) to the folder ``out`` in ``format`` (savedmodel, onnx,
     tflite), with vocab.json, thresholds.json and export.json beside it, then check it: its runtime must
@@ -161,9 +203,7 @@ def export(model: Any, out: str | os.PathLike, format: str = "onnx", *, quiet: b
 
     check_format(format)
     t0 = time.perf_counter()
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / EXPORT_FILE).exists())):
-        raise UsageError(f"--out {out} exists and is not an alt-i2v export; choose a new folder")
+    out = _check_out(Path(out))
     tagger = get_tagger(model)
     if tagger.family != "alt-i2v":
         raise UsageError(f"{tagger.model_dir}: --export writes alt-i2v models; this is a {tagger.family} model "
@@ -191,7 +231,8 @@ def export(model: Any, out: str | os.PathLike, format: str = "onnx", *, quiet: b
                 "output": "sigmoid probabilities (N, T), tag i = tags[i]",
                 "tags": list(tagger.vocab.names), "thresholds": [round(float(t), 6) for t in tagger.thresholds],
                 "parity": {"images": len(images), "max_abs_diff": diff, "tolerance": TOLERANCE,
-                           "runtime": runtime}})
+                           "runtime": runtime},
+                "files": sorted([p.name for p in tmp.iterdir()] + [EXPORT_FILE])})
         steps.update(1)
     finally:
         steps.close()

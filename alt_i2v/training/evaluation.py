@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AltI2VError
+from ..errors import AltI2VError, UsageError
 from ..model.modeldir import ModelDir
 from .metrics import compute_metrics, confusion, is_single_label, most_wrong
 from ..model.thresholds import thresholds_vector
@@ -120,6 +120,13 @@ def evaluate(data_dir: str | os.PathLike, model_dir: str | os.PathLike, split: s
     data_dir, model_dir = Path(data_dir), Path(model_dir)
     if split not in SPLITS:
         raise AltI2VError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    from ..ready import ALT_I2V, detect
+
+    ModelDir(model_dir).require()
+    family = detect(model_dir)
+    if family != ALT_I2V:
+        raise UsageError(f"{model_dir} is a {family} model: its vocabulary is not the dataset's, so it is scored "
+                         "on the tags both share by alt_i2v.compare(data, [model]) (--evaluate does so itself)")
     saved = ModelDir(model_dir).read()
     config, vocab, thresholds = saved.config, saved.vocab, saved.thresholds
     image_size = saved.image.image_size
