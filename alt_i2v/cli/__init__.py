@@ -54,6 +54,10 @@ ACTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any], str, str]] = {
     "index": (("--index",), {"dest": "index_action", "action": "store_true"},
               "build a similar-image index from a dataset or an image folder",
               "alt-i2v --index --model model --images folder/ --out folder.index"),
+    "dedupe": (("--dedupe",), {"action": "store_true"},
+               "find groups of near-copies in a dataset (DATA/reports/dedupe.json); --build keeps each group in "
+               "one split",
+               "alt-i2v --dedupe --data data [--model model]"),
     "similar": (("--similar",), {"metavar": "FILE"},
                 "print the nearest images to one image",
                 "alt-i2v --similar query.jpg --index folder.index --top-k 10"),
@@ -264,6 +268,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dedupe(args: argparse.Namespace) -> int:
+    """``--dedupe --data DATA [--model M] [--min-cosine C]``: DATA/reports/dedupe.json + contact sheets."""
+    from ..progress import summary
+    from ..search.dedupe import REPORT, SHEETS_DIR, find_groups, write_report
+
+    data = _need(args, "data", "dedupe")
+    report = find_groups(data, model=args.model, min_cosine=args.min_cosine, quiet=args.quiet)
+    path = write_report(data, report)
+    for bad in report["unreadable"]:
+        print(f"alt-i2v: skipped {bad['error']}", file=sys.stderr)
+    summary("dedupe", {"report": str(path), "sheets": str(DataDir(data).reports / SHEETS_DIR),
+                       "method": report["method"], "thresholds": report["thresholds"], "posts": report["posts"],
+                       "groups": len(report["groups"]), "posts in groups": report["grouped_posts"],
+                       "parent links": report["parent_links"], "unreadable": len(report["unreadable"]),
+                       "next": f"--build keeps each group in one split (it reads {REPORT}.json)"},
+            quiet=args.quiet)
+    return 1 if report["unreadable"] else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
@@ -285,6 +308,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "scrape": cmd_scrape, "import_src": cmd_import_src, "vocab": cmd_vocab, "build": cmd_build,
     "train": cmd_train, "evaluate": cmd_evaluate, "pred": cmd_pred, "embed": cmd_embed, "index": cmd_index,
+    "dedupe": cmd_dedupe,
     "similar": cmd_similar, "explain": cmd_explain, "screen": cmd_screen, "export": cmd_export,
     "demo": cmd_demo, "serve": cmd_serve,
 }

@@ -67,12 +67,12 @@ def _opt(flags: str, actions: str, group: str, *, keyword: Any = "=", part: str 
 
 
 TRAIN = "train"
-ALL = "scrape import_src vocab build train evaluate pred embed index similar explain screen export demo serve"
-MODEL_USERS = "train evaluate pred embed index similar explain screen export serve"
+ALL = "scrape import_src vocab build train evaluate pred embed index dedupe similar explain screen export demo serve"
+MODEL_USERS = "train evaluate pred embed index dedupe similar explain screen export serve"
 
 OPTIONS: list[Option] = [
     # common
-    _opt("--data", "scrape import_src vocab build train evaluate index", "common", keyword=None, metavar="DIR",
+    _opt("--data", "scrape import_src vocab build train evaluate index dedupe", "common", keyword=None, metavar="DIR",
          help="dataset directory (posts.jsonl, images/, vocab.json, store/)"),
     _opt("--model", MODEL_USERS, "common", keyword=None, metavar="DIR", action="append",
          help="model directory: an alt-i2v model, a WD14 tagger folder (model.onnx + selected_tags.csv) "
@@ -147,6 +147,9 @@ OPTIONS: list[Option] = [
     _opt("--warmup-epochs", TRAIN, "--train", type=float, metavar="N",
          help="warm-up epochs of the cosine schedule (1)"),
     _opt("--label-smoothing", TRAIN, "--train", type=float, metavar="S", help="bce label smoothing (default 0.1)"),
+    _opt("--group-loss", TRAIN, "--train", type=float, metavar="W",
+         help="weight of a softmax term per group of exclusive tags found in the training labels "
+              "(hair colours, eye colours; bce only; 0 turns it off)"),
     _opt("--pooling", TRAIN, "--train", choices=["flatten", "avg", "avgmax"],
          help="head: flatten the feature map, or global average / average+max pooling (default: the backbone's)"),
     _opt("--dropout", TRAIN, "--train", type=float, metavar="P",
@@ -154,6 +157,8 @@ OPTIONS: list[Option] = [
     _opt("--trunk", TRAIN, "--train", choices=["resnet", "plain"],
          help="tiny backbone's design: resnet (default; strided stem, residual blocks) or plain "
               "(the original 4-block CNN)"),
+    _opt("--stem", TRAIN, "--train", type=int, choices=[0, 1, 2],
+         help="tiny resnet: stride-2 convs at its start (fewer keep finer maps for small details)"),
     _opt("--distribute", TRAIN, "--train", part="distribution", choices=["auto", "none"],
          help="auto (default): split the global batch over every local device (JAX backend); none: one"),
     _opt("--devices", TRAIN, "--train", part="distribution", type=int, metavar="N",
@@ -200,6 +205,16 @@ OPTIONS: list[Option] = [
          help="--index: an image folder instead of --data"),
     _opt("--approx", "index", "--pred / --embed / --index / --similar", keyword=None, action="store_true",
          help="--index: also build an approximate (faiss) index"),
+    _opt("--index-type", "index", "--pred / --embed / --index / --similar", keyword=None,
+         choices=["auto", "exact", "ivf-sq8", "ivf-pq"],
+         help="--index: exact (vectors in memory), ivf-sq8 (+ 8-bit codes), ivf-pq (PQ codes in memory, "
+              "vectors on disk; millions of images), or auto by size (default)"),
+    _opt("--add", "index", "--pred / --embed / --index / --similar", keyword=None, action="store_true",
+         help="--index: add the images --data/--images has that the index at --out lacks (no rebuild)"),
+    _opt("--remove", "index", "--pred / --embed / --index / --similar", keyword=None, metavar="IDS",
+         help="--index: remove these ids (comma-separated) from the index at --out"),
+    _opt("--min-cosine", "dedupe", "--dedupe", keyword=None, type=float, metavar="C",
+         help="--dedupe: cosine at which two pictures are copies (default 0.87 without a model, 0.95 with)"),
     # --index INDEX of --similar and --serve: the same flag as the --index action, so argparse sees it as
     # --index-path (see alt_i2v.cli.parse); hidden from --help, which shows --index once.
     _opt("--index-path", "similar serve", "--pred / --embed / --index / --similar", keyword=None, dest="index",

@@ -34,6 +34,7 @@ class Backbone:
     dropout: float = 0.0  # default dropout before the tags layer
     lr: float = 1e-3  # default peak learning rate (training setting, but it depends on the network)
     trunk: str | None = None  # tiny's default design (resnet or plain); None for the keras.applications ones
+    stem: int | None = None  # tiny resnet: its stride-2 convs before the first pool (ModelConfig.stem)
 
     @property
     def pretrained(self) -> bool:
@@ -60,7 +61,7 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in [
     Backbone("convnext_tiny", "ConvNeXtTiny", "raw", 224, 32, "avg", 768),
     Backbone("xception", "Xception", "tf", 299, 71, "avg", 2048),
     Backbone("inception_v3", "InceptionV3", "tf", 299, 75, "avg", 2048),
-    Backbone("tiny", None, "unit", 64, 16, "flatten", 256, 0, dropout=0.2, lr=3e-3, trunk="resnet"),
+    Backbone("tiny", None, "unit", 64, 16, "flatten", 256, 0, dropout=0.2, lr=3e-3, trunk="resnet", stem=1),
     # a DeepDanbooru project's network (--init-from PROJECT: weights = the project), fine-tuned gently
     Backbone("deepdanbooru", None, "unit", 512, 32, "avg", 0, 0, lr=1e-4),  # 0 units: the trunk's own width
 ]}
@@ -177,12 +178,15 @@ def resolve_config(config: ModelConfig | None = None, *, check_weights: bool = T
     if cfg.trunk and not bb.trunk:
         raise UsageError(f"trunk={cfg.trunk!r} applies to the tiny backbone only, not {bb.name}")
     trunk = cfg.trunk or bb.trunk
+    if cfg.stem is not None and trunk != "resnet":
+        raise UsageError(f"stem applies to the tiny backbone's resnet trunk only, not {bb.name} {trunk or ''}")
+    stem = (bb.stem if cfg.stem is None else int(cfg.stem)) if trunk == "resnet" else None
     filters = tuple(cfg.filters) if cfg.filters else (tiny_filters(size, trunk) if trunk else None)
     dropout = bb.dropout if cfg.dropout is None else float(cfg.dropout)
     return cfg.replace(backbone=bb.name, image_size=size, weights=weights, frozen=frozen,
                        dense_units=cfg.dense_units or bb.dense_units or None, pooling=cfg.pooling or bb.pooling,
-                       filters=filters, dropout=dropout, trunk=trunk)
+                       filters=filters, dropout=dropout, trunk=trunk, stem=stem)
 
 
-__all__ = ["Backbone", "BACKBONES", "FROM_PROJECT", "get_backbone", "tiny_filters", "keras_cache_dir", "resolve_weights",
-           "resolve_config", "offline_message"]
+__all__ = ["Backbone", "BACKBONES", "FROM_PROJECT", "get_backbone", "tiny_filters", "keras_cache_dir",
+           "resolve_weights", "resolve_config", "offline_message"]

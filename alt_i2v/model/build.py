@@ -36,18 +36,20 @@ def _conv_bn(x: Any, filters: int, name: str, strides: int = 1, relu: bool = Tru
     return layers.ReLU(name=f"{name}_relu")(x) if relu else x
 
 
-def _tiny_trunk(size: int, filters: tuple[int, ...], trunk: str = "resnet") -> keras.Model:
+def _tiny_trunk(size: int, filters: tuple[int, ...], trunk: str = "resnet", stem: int = 2) -> keras.Model:
     """A small CNN that trains fast on a CPU; each width in ``filters`` halves the image side once.
 
     plain (the original 4-block CNN): per width a 3x3 conv-BN-relu then a 2x2 max-pool.
     resnet (the default, after ResNet-9): the first two widths are stride-2 3x3 conv-BN-relu (96px ->
     24x24 in two cheap steps), each further width a conv-BN-relu, a max-pool and a residual block (two
     3x3 convs and a skip connection). At 96px that is 8 convs instead of 4, a 3-4x wider receptive field,
-    for about the same CPU time per image: the work moves from the 96x96 map to the small ones.
+    for about the same CPU time per image: the work moves from the 96x96 map to the small ones. ``stem``
+    caps the strided convs (1: the second width works on the 48x48 map, conv, pool and residual block).
     """
     inp = keras.Input((size, size, 3), name="tiny_input")
     x = inp
     strided = min(2, len(filters) - 1) if trunk == "resnet" else 0
+    strided = min(strided, int(stem))
     for i, f in enumerate(filters, start=1):
         if i <= strided:
             x = _conv_bn(x, f, f"stem{i}", strides=2)
@@ -64,7 +66,8 @@ def _tiny_trunk(size: int, filters: tuple[int, ...], trunk: str = "resnet") -> k
 def _trunk(cfg: ModelConfig, bb: Backbone, load_weights: bool) -> keras.Model:
     size = int(cfg.image_size)
     if bb.app is None:
-        trunk = _tiny_trunk(size, tuple(cfg.filters), cfg.trunk or "plain")
+        stem = 2 if cfg.stem is None else int(cfg.stem)
+        trunk = _tiny_trunk(size, tuple(cfg.filters), cfg.trunk or "plain", stem)
     else:
         ctor = getattr(keras.applications, bb.app)
         weights = cfg.weights if (load_weights and cfg.weights == "imagenet") else None

@@ -3,7 +3,7 @@ registered so that a checkpoint with its compiled loss loads with ``safe_mode=Tr
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import keras
 from keras import ops
@@ -60,11 +60,53 @@ class AsymmetricLoss(keras.losses.Loss):
                 "clip": self.clip}
 
 
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GroupSoftmaxBCE(keras.losses.Loss):
+    """Binary cross-entropy (with label smoothing) plus, for each group of mutually exclusive tags
+    (groups.py: hair colours, eye colours), a softmax cross-entropy over the group's logits on the images
+    that carry a tag of it: the tags of a group compete, so the net learns *which* colour it is, not only
+    whether each one is there. The group term is summed over groups and divided by the number of tags, so
+    each logit gets a softmax gradient about as strong as its binary one; ``weight`` scales it."""
+
+    def __init__(self, groups: Sequence[Sequence[int]] = (), weight: float = 1.0, label_smoothing: float = 0.0,
+                 name: str = "bce_groups", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.groups = [[int(i) for i in g] for g in groups]
+        self.weight, self.label_smoothing = float(weight), float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        p = _clip_probs(y_pred)
+        y = ops.cast(y_true, "float32")
+        s = self.label_smoothing
+        target = y * (1.0 - s) + 0.5 * s
+        loss = -ops.mean(target * ops.log(p) + (1.0 - target) * ops.log(1.0 - p), axis=-1)
+        if not self.groups or not self.weight:
+            return loss
+        logits = ops.log(p) - ops.log(1.0 - p)
+        extra = 0.0
+        for g in self.groups:
+            idx = ops.convert_to_tensor(g, dtype="int32")
+            zg, yg = ops.take(logits, idx, axis=-1), ops.take(y, idx, axis=-1)
+            count = ops.sum(yg, axis=-1, keepdims=True)
+            share = yg / ops.maximum(count, 1.0)  # two tags of the group on one image: half the target each
+            ce = -ops.sum(share * ops.log_softmax(zg, axis=-1), axis=-1)
+            extra = extra + ce * ops.cast(count[:, 0] > 0, "float32")
+        return loss + self.weight * extra / float(y_pred.shape[-1])
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "groups": self.groups, "weight": self.weight,
+                "label_smoothing": self.label_smoothing}
+
+
 def get_loss(name: str = "bce", **params: Any) -> keras.losses.Loss:
-    """``bce`` (binary cross-entropy, the reference; ``label_smoothing`` pulls its 0/1 targets inward),
+    """``bce`` (binary cross-entropy, the reference; ``label_smoothing`` pulls its 0/1 targets inward; with
+    ``groups`` of exclusive tags and a ``group_weight``, plus their softmax term: :class:`GroupSoftmaxBCE`),
     ``focal`` or ``asl``. The batch loss is the mean over the images with a non-zero sample weight, so
     padding (weight 0) changes nothing."""
     red = "mean_with_sample_weight"
+    if name == "bce" and params.get("groups") and params.get("group_weight"):
+        return GroupSoftmaxBCE(params["groups"], float(params["group_weight"]),
+                               float(params.get("label_smoothing") or 0.0), reduction=red)
     if name == "bce":
         return keras.losses.BinaryCrossentropy(label_smoothing=float(params.get("label_smoothing") or 0.0),
                                                name="bce", reduction=red)
@@ -76,4 +118,4 @@ def get_loss(name: str = "bce", **params: Any) -> keras.losses.Loss:
     raise UsageError(f"unknown loss {name!r}; choose bce, focal or asl")
 
 
-__all__ = ["FocalLoss", "AsymmetricLoss", "get_loss"]
+__all__ = ["FocalLoss", "AsymmetricLoss", "GroupSoftmaxBCE", "get_loss"]

@@ -308,6 +308,6 @@ def check_keras_file(file: Path) -> None:
         raise AltI2VError(f"{file}: a zip archive but not a Keras model file (no config.json inside)")
 
 
-__all__ = ["ModelDir", "ModelFiles", "config_record", "save_keras", "load_model", "check_keras_file", "MODEL_FILE", "CONFIG_FILE",
-           "THRESHOLDS_FILE", "HISTORY_FILE", "CURVES_FILE", "CHECKPOINTS_DIR", "STATE_FILE", "BEST_FILE",
-           "CONFIG_VERSION"]
+__all__ = ["ModelDir", "ModelFiles", "config_record", "save_keras", "load_model", "check_keras_file",
+           "MODEL_FILE", "CONFIG_FILE", "THRESHOLDS_FILE", "HISTORY_FILE", "CURVES_FILE", "CHECKPOINTS_DIR",
+           "STATE_FILE", "BEST_FILE", "CONFIG_VERSION"]

@@ -30,6 +30,7 @@ class BuildResult:
     stored: int = 0
     already: int = 0
     removed: int = 0
+    moved: int = 0  # stored records whose split changed (a --dedupe group joined them to another post's)
     skipped: list[dict] = field(default_factory=list)  # {"id", "file", "reason", "detail"}
     posts_errors: list[dict] = field(default_factory=list)
     duplicates: int = 0
@@ -43,7 +44,8 @@ class BuildResult:
         reasons = count_reasons(self.skipped)
         rate = self.stored / self.seconds if self.seconds > 0 else 0.0
         return {"store": str(self.path), "stored now": self.stored, "already stored": self.already,
-                "removed (no longer in posts)": self.removed, "skipped images": len(self.skipped),
+                "removed (no longer in posts)": self.removed,
+                "moved to their near-copies' split": self.moved, "skipped images": len(self.skipped),
                 "skip reasons": reasons, "bad posts.jsonl lines": len(self.posts_errors),
                 "duplicate ids": self.duplicates, "posts with no vocab tag": self.no_labels,
                 "records per split": self.counts, "images/s": round(rate, 1),
@@ -127,6 +129,7 @@ def _build(data_dir: Path, path: Path, cfg: BuildConfig, vocab: Vocab, *, prune:
            shards: int = 1) -> BuildResult:
     """The build itself, into ``path`` (one LevelDB, or ``shards`` of them), under the caller's store lock."""
     from ..data.posts import PostsRead, id_key, iter_posts, post_image_path, posts_path
+    from ..data.groups import group_leaders
     from ..progress import bar
 
     posts_file = posts_path(data_dir)
@@ -138,13 +141,14 @@ def _build(data_dir: Path, path: Path, cfg: BuildConfig, vocab: Vocab, *, prune:
             "split": {"val": cfg.val_fraction, "test": cfg.test_fraction}}
     result = BuildResult(path=path)
     read = PostsRead()
+    leaders = group_leaders(data_dir)  # --dedupe's groups: each takes the split of its first post
     entries = []  # (key, id, file, labels, split) of every post
     for post in iter_posts(data_dir, read):
         labels = vocab.labels(post)
         if not labels:
             result.no_labels += 1
         entries.append((id_key(post["id"]).encode(), post["id"], str(post_image_path(post, data_dir)), labels,
-                        split_of(post["id"], cfg.val_fraction, cfg.test_fraction)))
+                        split_of(leaders.get(post["id"], post["id"]), cfg.val_fraction, cfg.test_fraction)))
     result.posts_errors, result.duplicates = read.errors, len(read.duplicates)
     if not entries:
         raise AltI2VError(f"{posts_file}: not one usable post in {read.lines} lines (see the bad lines in "
@@ -156,6 +160,7 @@ def _build(data_dir: Path, path: Path, cfg: BuildConfig, vocab: Vocab, *, prune:
         else:
             stats = build_sharded(path, want, entries, cfg, data_dir, shards, prune=prune, progress=progress.update)
     result.stored, result.already, result.removed = stats["stored"], stats["already"], stats["removed"]
+    result.moved = stats.get("moved", 0)
     result.skipped, result.counts = stats["skipped"], stats["counts"]
     result.seconds = time.perf_counter() - t0
     return result

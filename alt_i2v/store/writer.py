@@ -71,6 +71,7 @@ def build_shard(path: Path, want: dict, entries: Sequence[tuple], cfg: BuildConf
             progress(stats["already"])
         info = {t[0]: t[1:5] for t in tasks}  # key -> (id, file, labels, split)
         counts = dict(meta.get("counts", {}))
+        stats["moved"] = _move_splits(db, [e for e in entries if e[0] not in info], counts, meta)
         stats["removed"] = _prune(db, {e[0] for e in entries}, counts, meta, allow_all=prune)
 
         pool = threads_pool = None
@@ -125,6 +126,33 @@ def _commit(batch, meta: dict, counts: dict) -> None:
     meta["counts"] = {s: int(counts.get(s, 0)) for s in SPLITS}
     batch.put(META_KEY, pack(meta))
     batch.write()
+
+
+def _move_splits(db, stored: Sequence[tuple], counts: dict, meta: dict) -> int:
+    """Give stored records the split their entry now wants (a --dedupe report put them in a group with a
+    post of another split): the record's own split and its index entry move together, in WriteBatches."""
+    moved = 0
+    wb = db.write_batch()
+    for key, _pid, _file, _labels, split in stored:
+        if db.get(IDX + split.encode() + b"/" + key) is not None:
+            continue
+        old = next((s for s in SPLITS if s != split and db.get(IDX + s.encode() + b"/" + key) is not None), None)
+        raw = db.get(REC + key)
+        if old is None or raw is None:
+            continue
+        record = unpack(raw)
+        record["split"] = split
+        wb.put(REC + key, pack(record))
+        wb.put(IDX + split.encode() + b"/" + key, db.get(IDX + old.encode() + b"/" + key))
+        wb.delete(IDX + old.encode() + b"/" + key)
+        counts[old] = counts.get(old, 0) - 1
+        counts[split] = counts.get(split, 0) + 1
+        moved += 1
+        if moved % 256 == 0:
+            _commit(wb, meta, counts)
+            wb = db.write_batch()
+    _commit(wb, meta, counts)
+    return moved
 
 
 def _prune(db, live: set, counts: dict, meta: dict, *, allow_all: bool) -> int:

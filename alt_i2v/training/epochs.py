@@ -148,6 +148,7 @@ class Run:
     nan_guard: Any = None
     cluster: Any = None  # distribute.Cluster: which process this is, and its devices
     shadow: Any = None  # distributed: a local copy of the training model that checkpoints are saved from
+    groups: list = field(default_factory=list)  # exclusive tag groups the loss uses (indices into the vocabulary)
 
     def saveable(self, model: keras.Model) -> keras.Model:
         """What to save as the last checkpoint: the model itself, or (distributed) its local copy with the

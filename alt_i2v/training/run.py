@@ -39,6 +39,7 @@ from .augment import tagger_of, training_model
 from .distribute import Cluster, DistConfig, start
 from .epochs import NaNGuard, Run, RunState
 from .evaluation import predict_split
+from .groups import exclusive_groups, label_matrix
 from .metrics import prf_at
 from .optim import compile_model, learning_rate, precision_policy
 from .pipeline import EpochSetter, StoreDataset
@@ -245,14 +246,15 @@ def _train(job: _Job) -> TrainResult:
             run.stopped_early = tc.patience > 0 and run.wait >= tc.patience  # --patience may have changed
         checkpoint = run.dir.checkpoints / state["last"] if state else None
         steps = len(train_ds)
+        groups = run.groups = _groups(store, tc)
         if cluster.distribution is None:
-            model = _model(mc, tc, checkpoint, steps, vocab.names)
+            model = _model(mc, tc, checkpoint, steps, vocab.names, groups)
         else:
-            model = _replicated_model(cluster, mc, tc, checkpoint, steps, vocab.names)
+            model = _replicated_model(cluster, mc, tc, checkpoint, steps, vocab.names, groups)
             if cluster.is_writer:
                 with cluster.host_scope():
                     run.shadow = training_model(build_model(config=mc, load_weights=False))
-                    compile_model(run.shadow, tc, steps)
+                    compile_model(run.shadow, tc, steps, groups)
                     run.shadow.optimizer.build(run.shadow.trainable_variables)
         keras.config.set_dtype_policy("float32")
         run.export = build_model(config=mc, load_weights=False)  # float32, uncompiled: best.keras, model.keras
@@ -260,7 +262,8 @@ def _train(job: _Job) -> TrainResult:
         dim = embedding_dim(tagger_of(model))
         if cluster.is_writer:
             run.dir.write_config(config_record(mc, tc, image, vocab, dim, **_init_from(mc, vocab),
-                                               precision_policy=policy, finished=False))
+                                               **_groups_record(run.groups, vocab), precision_policy=policy,
+                                               finished=False))
 
         run.nan_guard = NaNGuard()
         done = run.stopped_early or initial_epoch >= tc.epochs
@@ -306,14 +309,27 @@ def _train(job: _Job) -> TrainResult:
     return result
 
 
+def _groups(store: Store, tc: TrainConfig) -> list[list[int]]:
+    """The exclusive tag groups of the training labels (groups.py), when the loss uses them."""
+    if not (tc.group_loss and tc.loss == "bce"):
+        return []
+    _, labels = store.index("train")
+    return exclusive_groups(label_matrix(labels, store.num_tags))
+
+
+def _groups_record(groups: list[list[int]], vocab: Vocab) -> dict[str, Any]:
+    """config.json's record of the groups the loss used, by tag name (none: nothing)."""
+    return {"tag_groups": [[vocab.names[i] for i in g] for g in groups]} if groups else {}
+
+
 def _model(mc: ModelConfig, tc: TrainConfig, checkpoint: Path | None, steps: int,
-           tag_names: Sequence[str] | None = None) -> keras.Model:
+           tag_names: Sequence[str] | None = None, groups: list[list[int]] | None = None) -> keras.Model:
     """The compiled training model (augmentation step + tagger): fresh, or the checkpoint's. ``tag_names``
-    map a DeepDanbooru project's head onto the vocabulary (--init-from)."""
+    map a DeepDanbooru project's head onto the vocabulary (--init-from); ``groups`` are the loss's."""
     keras.utils.set_random_seed(int(tc.seed))  # the same initial weights for the same settings
     if checkpoint is None:
         model = training_model(build_model(config=mc, tag_names=tag_names))
-        compile_model(model, tc, steps)
+        compile_model(model, tc, steps, groups)
         return model
     model = keras.saving.load_model(checkpoint, safe_mode=True, compile=True)
     if tc.schedule == "cosine":  # --epochs may have changed: the schedule spans the new total
@@ -322,12 +338,13 @@ def _model(mc: ModelConfig, tc: TrainConfig, checkpoint: Path | None, steps: int
         warnings.warn("the checkpoint has no augmentation step; the optimizer state restarts",
                       UserWarning, stacklevel=4)
         model = training_model(model)
-        compile_model(model, tc, steps)
+        compile_model(model, tc, steps, groups)
     return model
 
 
 def _replicated_model(cluster: Cluster, mc: ModelConfig, tc: TrainConfig, checkpoint: Path | None,
-                      steps: int, tag_names: Sequence[str] | None = None) -> keras.Model:
+                      steps: int, tag_names: Sequence[str] | None = None,
+                      groups: list[list[int]] | None = None) -> keras.Model:
     """The training model with its variables on the device mesh, every replica starting from process 0's
     values: its fresh weights, or the checkpoint only process 0 reads (the model directory may be local
     to process 0)."""
@@ -335,12 +352,12 @@ def _replicated_model(cluster: Cluster, mc: ModelConfig, tc: TrainConfig, checkp
     with cluster.scope():
         model = training_model(build_model(config=mc, load_weights=cluster.is_writer and checkpoint is None,
                                            tag_names=tag_names))
-        compile_model(model, tc, steps)
+        compile_model(model, tc, steps, groups)
         model.optimizer.build(model.trainable_variables)
     variables = [*model.trainable_variables, *model.non_trainable_variables, *model.optimizer.variables]
     values = None
     if cluster.is_writer:
-        source = _model(mc, tc, checkpoint, steps) if checkpoint else model
+        source = _model(mc, tc, checkpoint, steps, tag_names, groups) if checkpoint else model
         if not source.optimizer.built:
             source.optimizer.build(source.trainable_variables)
         values = [keras.ops.convert_to_numpy(v) for v in
@@ -372,7 +389,7 @@ def _finish(job: _Job, run: Run, image: ImageConfig, dim: int, has_val: bool, po
     md.write_config(config_record(mc, tc, image, vocab, dim, **_init_from(mc, vocab), **{
         "precision_policy": policy, "finished": True, "epochs_completed": run.history[-1]["epoch"],
         "best_epoch": run.best_epoch, "monitor": run.monitor, "best_value": run.best_value,
-        "stopped_early": run.stopped_early, f"{split}_scores": val_scores}))
+        "stopped_early": run.stopped_early, f"{split}_scores": val_scores, **_groups_record(run.groups, vocab)}))
     last = md.last_checkpoint()
     run.write_state(int(run.history[-1]["epoch"]), last.name if last else None, finished=True)
     return TrainResult(model_dir=model_dir, model_config=mc, train_config=tc, history=run.history,
