@@ -156,6 +156,7 @@ class ModelConfig(JsonConfig):
     dropout: float | None = None  # before the tags layer; None = the backbone's default
     filters: tuple | None = None  # the tiny backbone's conv widths, one per halving of the image side
     trunk: str | None = None  # tiny only: "resnet" (the default) or "plain" (the original 4-block CNN)
+    stem: int | None = None  # tiny resnet only: stride-2 convs before the first pool (None = 2; 1 = finer maps)
 
     def __post_init__(self):
         if not isinstance(self.num_tags, int) or self.num_tags < 1:
@@ -171,14 +172,19 @@ class ModelConfig(JsonConfig):
             raise UsageError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.dropout is not None and not 0.0 <= float(self.dropout) < 1.0:
             raise UsageError("dropout must be in [0, 1)")
+        if self.stem is not None and (not isinstance(self.stem, int) or not 0 <= self.stem <= 2):
+            raise UsageError(f"stem must be 0, 1 or 2 strided convs, got {self.stem!r}")
         if self.trunk not in (None,) + TRUNKS:
             raise UsageError(f"trunk must be one of {', '.join(TRUNKS)}, got {self.trunk!r}")
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "ModelConfig":
-        """As JsonConfig's; a tiny model recorded before ``trunk`` existed was the plain design."""
+        """As JsonConfig's; a tiny model recorded before ``trunk`` existed was the plain design, and a resnet
+        one recorded before ``stem`` existed had two strided convs."""
         if config.get("backbone") == "tiny" and "trunk" not in config:
             config = {**config, "trunk": "plain"}
+        if config.get("backbone") == "tiny" and config.get("trunk") == "resnet" and "stem" not in config:
+            config = {**config, "stem": 2}
         return super().from_config(config)
 
 
@@ -208,6 +214,14 @@ class TrainConfig(JsonConfig):
     schedule: str = "cosine"  # cosine: linear warm-up, then cosine decay to 1% over all epochs; or constant
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1  # bce only: targets 0/1 become s/2 and 1 - s/2 (missing tags cost less)
+    group_loss: float = 1.0  # bce only: weight of a softmax term per group of exclusive tags (groups.py); 0 = off
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "TrainConfig":
+        """As JsonConfig's; a run recorded before ``group_loss`` existed trained without the group term."""
+        if "group_loss" not in config:
+            config = {**config, "group_loss": 0.0}
+        return super().from_config(config)
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -235,6 +249,8 @@ class TrainConfig(JsonConfig):
             raise UsageError("weight decay and warm-up epochs must be >= 0")
         if not 0.0 <= float(self.label_smoothing) < 0.5:
             raise UsageError("label smoothing must be in [0, 0.5)")
+        if not float(self.group_loss) >= 0:
+            raise UsageError(f"group loss weight must be >= 0, got {self.group_loss!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".
 TMP_SUFFIX = ".part"
 # every temp name this program makes starts with this: a sweep removes those and nothing a user named
 TMP_MARKER = ".~alt-i2v-"
-_TEMP_RE = re.compile(r"^\.~alt-i2v-(\d+)-[0-9a-f]{8}-.*\.part(\.[A-Za-z0-9]{1,8})?$", re.S)
+_TEMP_RE = re.compile(r"^\.~alt-i2v-(\d+)-[0-9a-f]{8}-(.*)\.part(\.[A-Za-z0-9]{1,8})?$", re.S)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -298,8 +298,9 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict:
     """A JSON file that must hold an object; a damaged one is an AltI2VError naming ``what`` it is."""
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AltI2VError(f"{path}: damaged {what} ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise AltI2VError(f"{path}: damaged {what} ({e if not isinstance(e, RecursionError) else 'nested too deeply'})"
+                          ) from None
     if not isinstance(doc, dict):
         raise AltI2VError(f"{path}: the {what} must be a JSON object")
     return doc
@@ -357,6 +358,20 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int =
     return h.hexdigest()
 
 
+def stale_temps(folder: str | os.PathLike, target: str) -> list[Path]:
+    """Temps :func:`temp_path` made for ``folder/target`` whose writer no longer runs (what a killed write
+    of that very file or folder left)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = _TEMP_RE.match(p.name)
+        if m and m.group(2) == target and not _writer_alive(p.name):
+            found.append(p)
+    return found
+
+
 def remove_stale_temps(root: str | os.PathLike, *, recursive: bool = True,
                        exclude: Iterable[str | os.PathLike] = ()) -> int:
     """Delete what an interrupted atomic write of this program left under ``root`` (names :func:`temp_path`
@@ -388,6 +403,11 @@ def remove_stale_temps(root: str | os.PathLike, *, recursive: bool = True,
             except OSError:
                 pass
     return n
+
+
+def printable(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (kept by Python as surrogates) shown as ``\\xe9``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def is_md5(value: Any) -> bool:

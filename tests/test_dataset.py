@@ -138,3 +138,52 @@ def test_parse_caption_normalises():
 def test_make_dataset_fixture_is_readable(tmp_path):
     make_dataset(tmp_path / "d", n=5)
     assert len(read_posts(tmp_path / "d").posts) == 5
+
+
+# ------------------------------------------------------------------- issue 22: hostile names and captions
+
+def test_import_skips_a_name_that_is_not_utf8_imports_the_rest_and_leaves_no_orphan(tmp_path):
+    """Case 4: a non-UTF-8 file or class-folder name stopped --import ("unexpected UnicodeEncodeError")
+    after copying images posts.jsonl never named."""
+    src = tmp_path / "src"
+    for i in range(30):
+        make_image(src / "cat" / f"a{i}.png", (i + 10, 0, 0))
+        make_image(src / "dog" / f"b{i}.png", (0, i + 10, 0))
+    make_image(src / "cat" / os.fsdecode(b"caf\xe9.png"), (1, 2, 3))
+    make_image(src / os.fsdecode(b"\xff\xfeclass") / "c.png", (4, 5, 6))
+    data = tmp_path / "data"
+    result = import_folder(src, data, mode="folders", quiet=True)
+    assert result.added == 60 and sorted(s["reason"] for s in result.skipped) == ["name not UTF-8"] * 2
+    assert sorted(s["path"] for s in result.skipped) == ["\\xff\\xfeclass/c.png", "cat/caf\\xe9.png"]
+    posts = read_posts(data).posts
+    named = {p["file"] for p in posts}
+    on_disk = {str(p.relative_to(data)) for p in (data / "images").rglob("*") if p.is_file()}
+    assert on_disk == named and len(named) == 60  # every copied image is a post: no orphan
+    report = json.loads((data / "reports" / "import_report.json").read_text(encoding="utf-8"))
+    assert report["skipped"] == 2
+    again = import_folder(src, data, mode="folders", quiet=True)
+    assert again.added == 0 and again.already_present == 60
+
+
+def test_captions_are_read_strictly_and_bad_tags_refused_with_a_count(tmp_path):
+    """Case 16: random bytes, NULs, a BOM or a 100,000-character "tag" became tags ("\\ufeff1girl")."""
+    src = tmp_path / "src"
+    make_image(src / "bom.png", (1, 1, 1))
+    (src / "bom.txt").write_bytes(b"\xef\xbb\xbf1girl, smile")
+    make_image(src / "nul.png", (2, 2, 2))
+    (src / "nul.txt").write_bytes(b"solo, bad\x00tag, " + b"x" * 100_000 + b", a\x1bb")
+    make_image(src / "random.png", (3, 3, 3))
+    (src / "random.txt").write_bytes(bytes(range(128, 256)) * 4)
+    make_image(src / "all_bad.png", (4, 4, 4))
+    (src / "all_bad.txt").write_bytes(b"\x00\x01\x02")
+    data = tmp_path / "data"
+    result = import_folder(src, data, mode="captions", quiet=True)
+    tags = {p["original_path"]: p["tags"]["general"] for p in read_posts(data).posts}
+    assert tags == {"bom.png": ["1girl", "smile"], "nul.png": ["solo"]}
+    reasons = {s["path"]: (s["reason"], s["detail"]) for s in result.skipped}
+    assert reasons["random.png"][0] == "bad caption" and "0x80 at offset 0 is not UTF-8" in reasons["random.png"][1]
+    assert reasons["all_bad.png"][0] == "no valid tag"
+    assert result.refused_tags == 4  # bad\x00tag, the long one, a\x1bb, \x00\x01\x02
+    report = json.loads((data / "reports" / "import_report.json").read_text(encoding="utf-8"))
+    assert report["refused tags"].startswith("4 (control characters or over 200 characters")
+    assert parse_caption("\ufeffa, b\u200bc, d") == ["a", "d"]

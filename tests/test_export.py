@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -103,9 +105,64 @@ def test_an_earlier_export_is_replaced_only_by_one_that_passed(model_dir, tmp_pa
     assert (out / EXPORT_FILE).read_text() == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sm"]
     monkeypatch.undo()
-    (out / "stale.txt").write_text("from before")
     export(model_dir, out, "savedmodel", quiet=True)  # a passing one replaces it whole
-    assert not (out / "stale.txt").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["sm"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sm"]
+
+
+def test_a_file_the_user_put_into_an_export_is_never_deleted(model_dir, tmp_path, capsys):
+    """issue 22 case 2: a second --export into the same folder deleted ``tag_onnx.py`` put there."""
+    out = tmp_path / "sm"
+    export(model_dir, out, "savedmodel", quiet=True)
+    written = sorted(p.name for p in out.iterdir())
+    assert json.loads((out / EXPORT_FILE).read_text())["files"] == written
+    (out / "tag_onnx.py").write_text("print('mine')\n")
+    assert main(["--export", "--model", str(model_dir), "--format", "savedmodel", "--out", str(out), "--quiet"]) == 2
+    assert "holds files the export did not write (tag_onnx.py)" in capsys.readouterr().err
+    assert (out / "tag_onnx.py").read_text() == "print('mine')\n" and sorted(p.name for p in out.iterdir()) == \
+        sorted(written + ["tag_onnx.py"])
+
+
+def test_out_dot_is_a_clear_usage_error(model_dir, tmp_path, monkeypatch, capsys):
+    """issue 22 case 8: ``--export --out .`` said "unexpected ValueError: PosixPath('.') has an empty name"."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for out in (".", "./", str(here), ".."):
+        assert main(["--export", "--model", str(model_dir), "--format", "savedmodel", "--out", out, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "not the current one or one above it" in err and "unexpected" not in err
+    assert list(here.iterdir()) == []
+
+
+def test_what_a_killed_export_left_is_cleared_by_the_next(model_dir, tmp_path):
+    """issue 22 case 5: a kill -9 during --export left its temporary folder for good. The next export
+    clears it (only its own: another program's ``*.part`` beside it stays), and one killed in the middle
+    of the swap gets the previous export back first."""
+    from alt_i2v.fsutil import temp_path
+
+    out = tmp_path / "sm"
+    cmd = [sys.executable, "-m", "alt_i2v", "--export", "--model", str(model_dir), "--format", "savedmodel",
+           "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while not list(tmp_path.glob(".~alt-i2v-*-sm.part")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    left = list(tmp_path.glob(".~alt-i2v-*-sm.part"))
+    assert left and not out.exists()  # what the kill left
+    (tmp_path / ".sm.download.part").write_text("someone else's")
+    export(model_dir, out, "savedmodel", quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".sm.download.part", "sm"]
+
+    first = (out / EXPORT_FILE).read_text()
+    aside = temp_path(tmp_path / "sm.old")  # killed between the swap's two renames: OUT is missing
+    dead = aside.with_name(aside.name.replace(f"-{os.getpid()}-", "-999999999-", 1))
+    out.rename(dead)
+    export(model_dir, out, "savedmodel", quiet=True)  # gets it back, then replaces it as usual
+    assert (out / EXPORT_FILE).is_file() and not dead.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".sm.download.part", "sm"]
+    assert json.loads(first)["files"] == sorted(p.name for p in out.iterdir())
 
 
 def test_a_missing_extra_is_named(model_dir, tmp_path, monkeypatch, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -365,3 +366,47 @@ def test_disk_full_and_interrupt_hints_name_resume_for_train(monkeypatch, capsys
     monkeypatch.setattr(alt_i2v.training.run, "train", interrupted)
     assert main(["--train", "--data", "d", "--model", "m"]) == 1
     assert "with --resume to resume" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- issue 22: damaged model files
+
+@pytest.mark.parametrize("content,says", [(b"", "empty (0 bytes)"), (b"\x00" * 5000, "not a Keras model file"),
+                                          (None, "not a Keras model file"), ("fifo", "not a regular file (a FIFO)")])
+def test_a_damaged_model_keras_is_named_with_what_is_wrong(tmp_path, content, says):
+    """Case 17: a truncated, empty or random model.keras said "File not found" though the file exists."""
+    import io
+    import zipfile
+
+    from alt_i2v.errors import AltI2VError
+    from alt_i2v.model.build import load_model
+
+    file = tmp_path / "model.keras"
+    if content is None:  # a real .keras archive cut in half
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr("config.json", "{}")
+            z.writestr("model.weights.h5", os.urandom(20000))
+        file.write_bytes(buf.getvalue()[:10000])
+    elif content == "fifo":
+        os.mkfifo(file)
+    else:
+        file.write_bytes(content)
+    with pytest.raises(AltI2VError) as e:
+        load_model(tmp_path)
+    assert str(file) in str(e.value) and says in str(e.value) and "File not found" not in str(e.value)
+
+
+def test_a_binary_vocab_json_is_named_with_what_is_wrong(tmp_path):
+    """Case 17: a binary vocab.json gave "unexpected UnicodeDecodeError" without naming the file."""
+    from alt_i2v.data.vocab import Vocab
+    from alt_i2v.errors import AltI2VError
+
+    (tmp_path / "vocab.json").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(100))
+    with pytest.raises(AltI2VError, match=r"vocab\.json: not a vocabulary: byte 0x89 at offset 0 is not UTF-8"):
+        Vocab.load(tmp_path)
+    (tmp_path / "vocab.json").write_text("[" * 100_000)
+    with pytest.raises(AltI2VError, match=r"vocab\.json: not valid JSON"):
+        Vocab.load(tmp_path)
+    (tmp_path / "vocab.json").write_text('{"tags": 3}')
+    with pytest.raises(AltI2VError, match=r".+vocab\.json: vocab\.json is not a vocabulary"):
+        Vocab.load(tmp_path)

@@ -133,12 +133,16 @@ def test_tiny_resnet_trunk_is_the_default_and_plain_the_original_cnn():
     plain = build_model(num_tags=7, image_size=96, backbone="tiny", weights=None, trunk="plain")
     # both end on the same 6x6 map, so the flattened head is the same size
     assert res.get_layer("tiny").output.shape[1:] == plain.get_layer("tiny").output.shape[1:] == (6, 6, 128)
-    # plain: 4 stride-1 convs 16-32-64-128; resnet: 2 strided convs, then conv + residual pair per stage
+    # plain: 4 stride-1 convs 16-32-64-128; resnet: 1 strided conv (--stem 1), then conv + residual pair per
+    # stage; --stem 2 (the previous default): 2 strided convs, then the same from the third width
     assert [(c.filters, c.strides) for c in _convs(plain)] == [(16, (1, 1)), (32, (1, 1)), (64, (1, 1)),
                                                               (128, (1, 1))]
-    assert [(c.filters, c.strides[0]) for c in _convs(res)] == [(24, 2), (32, 2)] + [(64, 1)] * 3 + [(128, 1)] * 3
+    assert [(c.filters, c.strides[0]) for c in _convs(res)] == [(24, 2)] + [(32, 1)] * 3 + [(64, 1)] * 3 + \
+        [(128, 1)] * 3
     assert [layer.name for layer in res.get_layer("tiny").layers if isinstance(layer, keras.layers.Add)] == [
-        "block3_add", "block4_add"]
+        "block2_add", "block3_add", "block4_add"]
+    two = build_model(num_tags=7, image_size=96, backbone="tiny", weights=None, stem=2)
+    assert [(c.filters, c.strides[0]) for c in _convs(two)] == [(24, 2), (32, 2)] + [(64, 1)] * 3 + [(128, 1)] * 3
     x = np.random.default_rng(0).integers(0, 256, (2, 96, 96, 3), dtype=np.uint8)
     assert res.predict_on_batch(x).shape == (2, 7)
 
@@ -205,7 +209,7 @@ def test_load_model_errors_are_clear(tmp_path):
     with pytest.raises(AltI2VError, match="no model file"):
         load_model(tmp_path)
     (tmp_path / "model.keras").write_bytes(b"not a zip")
-    with pytest.raises(AltI2VError, match="cannot load"):
+    with pytest.raises(AltI2VError, match="not a Keras model file"):
         load_model(tmp_path)
 
 

@@ -214,3 +214,38 @@ def test_decoding_memory_is_bounded_across_requests_and_given_back(site, tmp_pat
     print(json.dumps({"one_MiB": one, "four_at_once_MiB": four, "held_after_MiB": after}))
     assert four < 1.5 * one + 64, (one, four)
     assert after < 0.25 * one + 48, (one, after)
+
+
+def _closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_idle_and_slow_header_connections_are_closed_and_health_comes_back(site, monkeypatch):
+    """Case 10 by the head: more connections than the server allows that send nothing (or their request
+    line a byte at a time) are closed after the head timeout, and /api/health answers again."""
+    import alt_i2v.serve.server as server
+    from alt_i2v.serve.limits import MAX_CONNECTIONS
+
+    monkeypatch.setattr(server, "HEADER_TIMEOUT", 1.5)
+    idle = [socket.create_connection(_address(site.url), timeout=10) for _ in range(MAX_CONNECTIONS)]
+    slow = socket.create_connection(_address(site.url), timeout=10)
+    try:
+        time.sleep(0.3)
+        full = requests.get(site.url + "api/health", timeout=10)
+        assert full.status_code == 503  # every connection slot taken: what a monitor saw for ever before
+        for ch in b"GET /api/hea":
+            try:
+                slow.sendall(bytes([ch]))
+            except OSError:
+                break
+            time.sleep(0.2)
+        t0 = time.monotonic()
+        assert all(_closed(s) for s in idle + [slow])  # by the server
+        assert time.monotonic() - t0 < 5
+        assert requests.get(site.url + "api/health", timeout=10).status_code == 200
+    finally:
+        for s in idle + [slow]:
+            s.close()

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ..errors import AltI2VError, ImageLoadError, UnsafePathError, UsageError
-from ..fsutil import IMAGE_SUFFIXES, JsonlWriter, fsync_dir, image_relpath, is_md5, normalize_ext, safe_join
+from ..fsutil import (IMAGE_SUFFIXES, JsonlWriter, fsync_dir, image_relpath, is_md5, normalize_ext, printable,
+                      safe_join)
 from .layout import IMAGES_DIR, DataDir
 
 CATEGORIES = ("general", "character", "copyright", "artist", "meta")
@@ -58,7 +59,24 @@ def normalize_tag(tag: str) -> str:
     return tag
 
 
-def _tag_list(value: Any) -> list[str] | None:
+MAX_TAG_CHARS = 200  # Danbooru's longest tags are under 100 characters
+
+
+def tag_problem(tag: str) -> str | None:
+    """Why ``tag`` (normalised) cannot be a tag, or None: control or format characters (NUL, a BOM, bytes
+    read as text) or more than MAX_TAG_CHARS characters."""
+    import unicodedata
+
+    if len(tag) > MAX_TAG_CHARS:
+        return f"longer than {MAX_TAG_CHARS} characters"
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn") for c in tag):
+        return "control characters"
+    return None
+
+
+def _tag_list(value: Any, refused: list[str] | None = None) -> list[str] | None:
+    """Normalised, de-duplicated tags; those :func:`tag_problem` refuses are left out (and appended to
+    ``refused`` when given)."""
     if isinstance(value, str):
         value = value.split()
     if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
@@ -66,6 +84,10 @@ def _tag_list(value: Any) -> list[str] | None:
     out, seen = [], set()
     for t in value:
         t = normalize_tag(t)
+        if t and tag_problem(t):
+            if refused is not None:
+                refused.append(t)
+            continue
         if t and t not in seen:
             seen.add(t)
             out.append(t)
@@ -211,6 +233,8 @@ class ImportResult:
     merged_duplicates: int = 0
     skipped: list[dict] = field(default_factory=list)  # {"path", "reason", "detail"}
     mode: str = ""
+    refused_tags: int = 0  # tags with control characters or too long (tag_problem), left out
+    refused_examples: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         from ..progress import count_reasons
@@ -218,7 +242,9 @@ class ImportResult:
         reasons = count_reasons(self.skipped)
         return {"mode": self.mode, "added": self.added, "already present": self.already_present,
                 "merged duplicates": self.merged_duplicates, "skipped": len(self.skipped),
-                "skip reasons": reasons}
+                "skip reasons": reasons,
+                "refused tags": (f"{self.refused_tags} (control characters or over {MAX_TAG_CHARS} characters, "
+                                 f"e.g. {', '.join(self.refused_examples[:3])})" if self.refused_tags else 0)}
 
 
 def _caption_for(img: Path) -> Path | None:
@@ -228,10 +254,25 @@ def _caption_for(img: Path) -> Path | None:
     return None
 
 
-def parse_caption(text: str) -> list[str]:
-    """Comma-separated tags (newlines also separate) to normalised Danbooru-style names."""
-    parts = re.split(r"[,\n]", text)
-    return _tag_list([p for p in parts if p.strip()]) or []
+def parse_caption(text: str, refused: list[str] | None = None) -> list[str]:
+    """Comma-separated tags (newlines also separate) to normalised Danbooru-style names; a leading BOM is
+    dropped, tags with control characters or over MAX_TAG_CHARS are left out (into ``refused``)."""
+    parts = re.split(r"[,\n]", text.removeprefix("\ufeff"))
+    return _tag_list([p for p in parts if p.strip()], refused) or []
+
+
+def read_caption(path: Path) -> str:
+    """A caption file's text: UTF-8 strictly, a BOM dropped; ValueError saying which byte is wrong."""
+    from ..fsutil import open_regular
+
+    with open_regular(path) as f:
+        raw = f.read((1 << 20) + 1)
+    if len(raw) > 1 << 20:
+        raise ValueError(f"{path.name}: over 1 MiB, not a caption")
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path.name}: byte {raw[e.start]:#04x} at offset {e.start} is not UTF-8 text") from None
 
 
 def _detect_mode(images: list[Path], src: Path) -> str:
@@ -273,35 +314,50 @@ def _import_locked(src: Path, data_dir: Path, mode: str, workers: int, quiet: bo
     for p in iter_posts(data_dir):
         existing.update(x for x in (p.get("md5"), p["id"]) if isinstance(x, str))
 
-    def tags_of(path: Path) -> list[str] | None:
+    def tags_of(path: Path, refused: list[str]) -> list[str] | None:
         if result.mode == "folders":
             rel = path.relative_to(src)
-            return [normalize_tag(rel.parts[0])] if len(rel.parts) > 1 else None
+            return _tag_list([rel.parts[0]], refused) if len(rel.parts) > 1 else None
         cap = _caption_for(path)
-        return parse_caption(cap.read_text(encoding="utf-8", errors="replace")) if cap else None
+        return parse_caption(read_caption(cap), refused) if cap else None
 
-    def examine(path: Path) -> tuple[Path, dict | None, dict | None]:
+    def examine(path: Path) -> tuple[Path, dict | None, dict | None, list[str]]:
         rel = str(path.relative_to(src))
-        tags = tags_of(path)
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:  # skipped before its image is copied: no orphan in DATA/images
+            return path, None, {"path": printable(rel), "reason": "name not UTF-8",
+                                "detail": "rename it (file or class folder) to UTF-8 and import again"}, []
+        refused: list[str] = []
+        try:
+            tags = tags_of(path, refused)
+        except (ValueError, OSError, AltI2VError) as e:
+            return path, None, {"path": rel, "reason": "bad caption", "detail": str(e)}, []
         if tags is None:
             reason = "not in a class folder" if result.mode == "folders" else "no caption file"
-            return path, None, {"path": rel, "reason": reason, "detail": ""}
+            return path, None, {"path": rel, "reason": reason, "detail": ""}, []
+        if not tags and refused:
+            return path, None, {"path": rel, "reason": "no valid tag",
+                                "detail": f"{len(refused)} refused: {tag_problem(refused[0])}"}, refused
         try:
             data = path.read_bytes()
             ext, w, h = identify(data)
         except ImageLoadError as e:
-            return path, None, {"path": rel, "reason": e.reason, "detail": str(e)}
+            return path, None, {"path": rel, "reason": e.reason, "detail": str(e)}, refused
         except OSError as e:
-            return path, None, {"path": rel, "reason": "unreadable", "detail": str(e)}
+            return path, None, {"path": rel, "reason": "unreadable", "detail": str(e)}, refused
         md5, rel_file = DataDir(data_dir).save_image(data, ext)  # an identical file already there is kept
         post = {"id": md5, "md5": md5, "file_ext": ext, "file": rel_file,
                 "tags": {"general": tags}, "width": w, "height": h, "source": "import", "original_path": rel}
-        return path, post, None
+        return path, post, None, refused
 
     new_posts: dict[str, dict] = {}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
-        for path, post, skip in bar(ex.map(examine, images), total=len(images), desc="import", unit="img",
-                                    quiet=quiet):
+        for path, post, skip, refused in bar(ex.map(examine, images), total=len(images), desc="import", unit="img",
+                                             quiet=quiet):
+            result.refused_tags += len(refused)
+            result.refused_examples.extend(printable(t[:80]).encode("unicode_escape").decode("ascii")
+                                           for t in refused[:max(0, 5 - len(result.refused_examples))])
             if skip:
                 result.skipped.append(skip)
             elif post["md5"] in existing:

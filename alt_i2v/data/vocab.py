@@ -98,10 +98,25 @@ class Vocab:
             path = path / VOCAB_FILE
         if not path.exists():
             raise AltI2VError(f"{path}: no vocabulary; run `python -m alt_i2v --vocab --data DIR` first")
+        from ..fsutil import NotRegularFile, open_regular
+
         try:
-            return cls.from_config(json.loads(path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as e:
-            raise AltI2VError(f"{path}: not valid JSON ({e})") from None
+            with open_regular(path) as f:
+                raw = f.read()
+        except NotRegularFile as e:
+            raise AltI2VError(str(e)) from None
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise AltI2VError(f"{path}: not a vocabulary: byte {raw[e.start]:#04x} at offset {e.start} is not "
+                              "UTF-8 text (a binary or damaged file?)") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise AltI2VError(f"{path}: not valid JSON ({e if isinstance(e, ValueError) else 'nested too deeply'})") \
+                from None
+        try:
+            return cls.from_config(doc)
+        except AltI2VError as e:
+            raise AltI2VError(f"{path}: {e}") from None
 
 
 def count_tags(posts: Iterable[dict], categories: Sequence[str]) -> tuple[Counter, dict[str, str], int]:

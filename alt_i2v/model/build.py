@@ -18,7 +18,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import keras
 from keras import layers, ops
@@ -51,6 +51,7 @@ class Backbone:
     dropout: float = 0.0  # default dropout before the tags layer
     lr: float = 1e-3  # default peak learning rate (training setting, but it depends on the network)
     trunk: str | None = None  # tiny's default design (resnet or plain); None for the keras.applications ones
+    stem: int | None = None  # tiny resnet: its stride-2 convs before the first pool (ModelConfig.stem)
 
     @property
     def pretrained(self) -> bool:
@@ -77,7 +78,7 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in [
     Backbone("convnext_tiny", "ConvNeXtTiny", "raw", 224, 32, "avg", 768),
     Backbone("xception", "Xception", "tf", 299, 71, "avg", 2048),
     Backbone("inception_v3", "InceptionV3", "tf", 299, 75, "avg", 2048),
-    Backbone("tiny", None, "unit", 64, 16, "flatten", 256, 0, dropout=0.2, lr=3e-3, trunk="resnet"),
+    Backbone("tiny", None, "unit", 64, 16, "flatten", 256, 0, dropout=0.2, lr=3e-3, trunk="resnet", stem=1),
     # a DeepDanbooru project's network (--init-from PROJECT: weights = the project), fine-tuned gently
     Backbone("deepdanbooru", None, "unit", 512, 32, "avg", 0, 0, lr=1e-4),  # 0 units: the trunk's own width
 ]}
@@ -202,11 +203,53 @@ class AsymmetricLoss(keras.losses.Loss):
                 "clip": self.clip}
 
 
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GroupSoftmaxBCE(keras.losses.Loss):
+    """Binary cross-entropy (with label smoothing) plus, for each group of mutually exclusive tags
+    (groups.py: hair colours, eye colours), a softmax cross-entropy over the group's logits on the images
+    that carry a tag of it: the tags of a group compete, so the net learns *which* colour it is, not only
+    whether each one is there. The group term is summed over groups and divided by the number of tags, so
+    each logit gets a softmax gradient about as strong as its binary one; ``weight`` scales it."""
+
+    def __init__(self, groups: Sequence[Sequence[int]] = (), weight: float = 1.0, label_smoothing: float = 0.0,
+                 name: str = "bce_groups", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.groups = [[int(i) for i in g] for g in groups]
+        self.weight, self.label_smoothing = float(weight), float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        p = _clip_probs(y_pred)
+        y = ops.cast(y_true, "float32")
+        s = self.label_smoothing
+        target = y * (1.0 - s) + 0.5 * s
+        loss = -ops.mean(target * ops.log(p) + (1.0 - target) * ops.log(1.0 - p), axis=-1)
+        if not self.groups or not self.weight:
+            return loss
+        logits = ops.log(p) - ops.log(1.0 - p)
+        extra = 0.0
+        for g in self.groups:
+            idx = ops.convert_to_tensor(g, dtype="int32")
+            zg, yg = ops.take(logits, idx, axis=-1), ops.take(y, idx, axis=-1)
+            count = ops.sum(yg, axis=-1, keepdims=True)
+            share = yg / ops.maximum(count, 1.0)  # two tags of the group on one image: half the target each
+            ce = -ops.sum(share * ops.log_softmax(zg, axis=-1), axis=-1)
+            extra = extra + ce * ops.cast(count[:, 0] > 0, "float32")
+        return loss + self.weight * extra / float(y_pred.shape[-1])
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "groups": self.groups, "weight": self.weight,
+                "label_smoothing": self.label_smoothing}
+
+
 def get_loss(name: str = "bce", **params: Any) -> keras.losses.Loss:
-    """``bce`` (binary cross-entropy, the reference; ``label_smoothing`` pulls its 0/1 targets inward),
+    """``bce`` (binary cross-entropy, the reference; ``label_smoothing`` pulls its 0/1 targets inward; with
+    ``groups`` of exclusive tags and a ``group_weight``, plus their softmax term: :class:`GroupSoftmaxBCE`),
     ``focal`` or ``asl``. The batch loss is the mean over the images with a non-zero sample weight, so
     padding (weight 0) changes nothing."""
     red = "mean_with_sample_weight"
+    if name == "bce" and params.get("groups") and params.get("group_weight"):
+        return GroupSoftmaxBCE(params["groups"], float(params["group_weight"]),
+                               float(params.get("label_smoothing") or 0.0), reduction=red)
     if name == "bce":
         return keras.losses.BinaryCrossentropy(label_smoothing=float(params.get("label_smoothing") or 0.0),
                                                name="bce", reduction=red)
@@ -305,11 +348,14 @@ def resolve_config(config: ModelConfig | None = None, *, check_weights: bool = T
     if cfg.trunk and not bb.trunk:
         raise UsageError(f"trunk={cfg.trunk!r} applies to the tiny backbone only, not {bb.name}")
     trunk = cfg.trunk or bb.trunk
+    if cfg.stem is not None and trunk != "resnet":
+        raise UsageError(f"stem applies to the tiny backbone's resnet trunk only, not {bb.name} {trunk or ''}")
+    stem = (bb.stem if cfg.stem is None else int(cfg.stem)) if trunk == "resnet" else None
     filters = tuple(cfg.filters) if cfg.filters else (tiny_filters(size, trunk) if trunk else None)
     dropout = bb.dropout if cfg.dropout is None else float(cfg.dropout)
     return cfg.replace(backbone=bb.name, image_size=size, weights=weights, frozen=frozen,
                        dense_units=cfg.dense_units or bb.dense_units or None, pooling=cfg.pooling or bb.pooling,
-                       filters=filters, dropout=dropout, trunk=trunk)
+                       filters=filters, dropout=dropout, trunk=trunk, stem=stem)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -322,18 +368,20 @@ def _conv_bn(x: Any, filters: int, name: str, strides: int = 1, relu: bool = Tru
     return layers.ReLU(name=f"{name}_relu")(x) if relu else x
 
 
-def _tiny_trunk(size: int, filters: tuple[int, ...], trunk: str = "resnet") -> keras.Model:
+def _tiny_trunk(size: int, filters: tuple[int, ...], trunk: str = "resnet", stem: int = 2) -> keras.Model:
     """A small CNN that trains fast on a CPU; each width in ``filters`` halves the image side once.
 
     plain (the original 4-block CNN): per width a 3x3 conv-BN-relu then a 2x2 max-pool.
     resnet (the default, after ResNet-9): the first two widths are stride-2 3x3 conv-BN-relu (96px ->
     24x24 in two cheap steps), each further width a conv-BN-relu, a max-pool and a residual block (two
     3x3 convs and a skip connection). At 96px that is 8 convs instead of 4, a 3-4x wider receptive field,
-    for about the same CPU time per image: the work moves from the 96x96 map to the small ones.
+    for about the same CPU time per image: the work moves from the 96x96 map to the small ones. ``stem``
+    caps the strided convs (1: the second width works on the 48x48 map, conv, pool and residual block).
     """
     inp = keras.Input((size, size, 3), name="tiny_input")
     x = inp
     strided = min(2, len(filters) - 1) if trunk == "resnet" else 0
+    strided = min(strided, int(stem))
     for i, f in enumerate(filters, start=1):
         if i <= strided:
             x = _conv_bn(x, f, f"stem{i}", strides=2)
@@ -350,7 +398,7 @@ def _tiny_trunk(size: int, filters: tuple[int, ...], trunk: str = "resnet") -> k
 def _trunk(cfg: ModelConfig, bb: Backbone, load_weights: bool) -> keras.Model:
     size = int(cfg.image_size)
     if bb.app is None:
-        trunk = _tiny_trunk(size, tuple(cfg.filters), cfg.trunk or "plain")
+        trunk = _tiny_trunk(size, tuple(cfg.filters), cfg.trunk or "plain", 2 if cfg.stem is None else int(cfg.stem))
     else:
         ctor = getattr(keras.applications, bb.app)
         weights = cfg.weights if (load_weights and cfg.weights == "imagenet") else None
@@ -460,14 +508,44 @@ def load_model(path: str | os.PathLike) -> keras.Model:
     """Load ``MODEL/model.keras`` (or a ``.keras`` file) with safe_mode=True, uncompiled, for inference."""
     path = Path(path)
     file = path / MODEL_FILE if path.is_dir() else path
-    if not file.is_file():
+    if not file.exists():  # there but not a regular file: check_keras_file says so
         hint = (" (a training run there has not finished: continue it with --train --resume)"
                 if (path / "checkpoints").is_dir() else "; train one with --train")
         raise AltI2VError(f"{file}: no model file{hint}")
+    check_keras_file(file)
     try:
         return keras.saving.load_model(file, safe_mode=True, compile=False)
     except Exception as e:  # noqa: BLE001 - corrupt zip, foreign file, newer format
         raise AltI2VError(f"{file}: cannot load the model ({type(e).__name__}: {e})") from None
+
+
+def check_keras_file(file: Path) -> None:
+    """What is wrong with a ``.keras`` file, in words, before Keras says "File not found" about a file that
+    is there: empty, not a regular file, not a zip archive (truncated or another kind of file), a damaged
+    archive, or one without the model's config."""
+    import zipfile
+
+    from ..fsutil import NotRegularFile, open_regular
+
+    try:
+        with open_regular(file) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise AltI2VError(f"{file}: the model file is empty (0 bytes); copy it again, or train again")
+            if not zipfile.is_zipfile(f):
+                raise AltI2VError(f"{file}: not a Keras model file ({size:,} bytes that are not a .keras zip "
+                                  "archive: cut short by an interrupted copy, or another kind of file)")
+            try:
+                with zipfile.ZipFile(f) as z:
+                    names = set(z.namelist())
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+                raise AltI2VError(f"{file}: damaged Keras model file ({e})") from None
+    except NotRegularFile as e:
+        raise AltI2VError(str(e)) from None
+    except PermissionError as e:
+        raise AltI2VError(f"{file}: cannot read the model file ({e.strerror})") from None
+    if "config.json" not in names:
+        raise AltI2VError(f"{file}: a zip archive but not a Keras model file (no config.json inside)")
 
 
 def count_params(model: keras.Model) -> dict[str, int]:
@@ -480,5 +558,5 @@ def count_params(model: keras.Model) -> dict[str, int]:
 
 
 __all__ = ["BACKBONES", "Backbone", "get_backbone", "build_model", "embedding_model", "embedding_dim",
-           "load_model", "Preprocess", "FocalLoss", "AsymmetricLoss", "get_loss", "resolve_weights",
+           "load_model", "Preprocess", "FocalLoss", "AsymmetricLoss", "GroupSoftmaxBCE", "get_loss", "resolve_weights",
            "resolve_config", "keras_cache_dir", "count_params", "tiny_filters", "MODEL_FILE"]

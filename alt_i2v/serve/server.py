@@ -40,13 +40,65 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
+HEADER_TIMEOUT = 10.0  # seconds a connection has to send a complete request head
+
+
+def _protocol() -> type:
+    """uvicorn's h11 protocol with a deadline for request heads. uvicorn waits for ever on a connection
+    that sends nothing, or its headers a byte at a time, so such clients could hold every connection slot
+    (and /api/health would answer 503); here the connection is closed after HEADER_TIMEOUT seconds without
+    a complete head. Bodies have their own timeout (limits.timed_body)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11(H11Protocol):
+        _head_timer: Any = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(HEADER_TIMEOUT, self._head_too_slow)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _waiting_for_head(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _head_too_slow(self) -> None:
+            self._head_timer = None
+            if self._waiting_for_head() and not self.transport.is_closing():
+                self.transport.close()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if not self._waiting_for_head():
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return GuardedH11
+
+
 def _server(app: Any, quiet: bool) -> Any:
     import uvicorn
 
     # the engine thread already serialises the model; 64 requests at once is plenty for one model, and the
     # connections beyond them are for the health check (limits.RequestGate answers busy requests 503)
     config = uvicorn.Config(app, log_level="warning" if quiet else "info", access_log=not quiet,
-                            limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5, server_header=False)
+                            limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5, server_header=False,
+                            http=_protocol())
     return uvicorn.Server(config)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import AltI2VError, UsageError
 
 EXPORT_FILE = "export.json"
+OLD = ".old"  # the previous export, renamed aside for the moment of the swap
 TOLERANCE = 1e-3
 PARITY_IMAGES = 6
 EXTRA = 'pip install "alt-i2v[export]"  (from a checkout: pip install ".[export]")'
@@ -146,6 +147,46 @@ def check_parity(fmt: str, path: Path, reference: np.ndarray, images: np.ndarray
 # The export
 
 
+def _written_by_export(out: Path) -> set[str]:
+    """The names an earlier export wrote into ``out`` (its export.json lists them; one written before it
+    did: the files any export writes)."""
+    from ..fsutil import read_json_object
+
+    meta = read_json_object(out / EXPORT_FILE, "export description")
+    files = meta.get("files")
+    if isinstance(files, list) and all(isinstance(f, str) for f in files):
+        return set(files)
+    return {EXPORT_FILE, "vocab.json", "thresholds.json"} | {name for _, name, _ in FORMATS.values()}
+
+
+def _check_out(out: Path) -> Path:
+    """``out`` made absolute, after what a killed export of it left is cleared; a UsageError for a folder
+    an export must not replace: the current folder or one above it, a file, a folder that is not an
+    export, or an export holding files it did not write (they would be deleted with it)."""
+    from ..fsutil import stale_temps
+
+    out = out.absolute()
+    here = Path.cwd().resolve()
+    resolved = out.resolve()
+    if not out.name or resolved == here or resolved in here.parents:
+        raise UsageError(f"--out {out}: an export is a folder of its own that is replaced whole; give a new "
+                         "folder, not the current one or one above it (e.g. --out export)")
+    if not out.exists():  # killed between the two renames of a swap: the previous export comes back
+        for old in stale_temps(out.parent, out.name + OLD)[:1]:
+            os.replace(old, out)
+    for stale in stale_temps(out.parent, out.name) + stale_temps(out.parent, out.name + OLD):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    if out.exists():
+        if not out.is_dir() or (any(out.iterdir()) and not (out / EXPORT_FILE).is_file()):
+            raise UsageError(f"--out {out} exists and is not an alt-i2v export; choose a new folder")
+        if (out / EXPORT_FILE).is_file():
+            foreign = sorted(p.name for p in out.iterdir() if p.name not in _written_by_export(out))
+            if foreign:
+                raise UsageError(f"--out {out} holds files the export did not write ({', '.join(foreign[:5])}); a new "
+                                 "export replaces the folder whole, so move them out first or choose another --out")
+    return out
+
+
 def export(model: Any, out: str | os.PathLike, format: str = "onnx", *, quiet: bool = False) -> ExportResult:
     """Write ``model`` (a model directory or a Tagger) to the folder ``out`` in ``format`` (savedmodel, onnx,
     tflite), with vocab.json, thresholds.json and export.json beside it, then check it: its runtime must
@@ -153,24 +194,21 @@ def export(model: Any, out: str | os.PathLike, format: str = "onnx", *, quiet: b
     nothing at ``out``. An earlier export at ``out`` is replaced only once the new one has passed."""
     import contextlib
     import io
-    import secrets
 
     from .. import __version__
-    from ..fsutil import atomic_write_json, fsync_dir
+    from ..fsutil import atomic_write_json, fsync_dir, temp_path
     from ..progress import bar
     from .tagger import get_tagger
 
     check_format(format)
     t0 = time.perf_counter()
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / EXPORT_FILE).exists())):
-        raise UsageError(f"--out {out} exists and is not an alt-i2v export; choose a new folder")
+    out = _check_out(Path(out))
     tagger = get_tagger(model)
     if tagger.family != "alt-i2v":
         raise UsageError(f"{tagger.model_dir}: --export writes alt-i2v models; this is a {tagger.family} model "
                          "(a WD14 folder already is ONNX, a DeepDanbooru project already is Keras)")
     keras_format, name, _ = FORMATS[format]
-    tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.part")
+    tmp = temp_path(out)
     steps = bar(total=3, desc=f"export {format}", unit="step", quiet=quiet)
     try:
         tmp.mkdir(parents=True)
@@ -193,9 +231,10 @@ def export(model: Any, out: str | os.PathLike, format: str = "onnx", *, quiet: b
                       "image_size": cfg.image_size, "resize": cfg.resize, "pad_color": list(cfg.pad_color)},
             "output": "sigmoid probabilities (N, T), tag i = tags[i]",
             "tags": list(tagger.vocab.names), "thresholds": [round(float(t), 6) for t in tagger.thresholds],
-            "parity": {"images": len(images), "max_abs_diff": diff, "tolerance": TOLERANCE, "runtime": runtime}})
+            "parity": {"images": len(images), "max_abs_diff": diff, "tolerance": TOLERANCE, "runtime": runtime},
+            "files": sorted([p.name for p in tmp.iterdir()] + [EXPORT_FILE])})
         fsync_dir(tmp)
-        old = out.with_name(f".{out.name}.{secrets.token_hex(4)}.old") if out.exists() else None
+        old = temp_path(out.with_name(out.name + OLD)) if out.exists() else None
         if old:
             os.replace(out, old)
         os.replace(tmp, out)

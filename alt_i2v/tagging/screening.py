@@ -214,8 +214,8 @@ def screen(src: str | os.PathLike, model: Any, out: str | os.PathLike, *, keep: 
 def _screen(tagger: Any, src: Path, out: Path, files: list[Path], rel_of: dict, settings: dict,
             result: ScreenResult, decide_args: tuple, *, move: bool, dry_run: bool, quiet: bool) -> ScreenResult:
     """The run itself, under OUT's lock."""
-    from ..fsutil import (NotRegularFile, atomic_write_json, atomic_write_text, file_digest, fsync_dir, read_json,
-                          remove_stale_temps)
+    from ..fsutil import (NotRegularFile, atomic_write_json, atomic_write_text, file_digest, fsync_dir, printable,
+                          read_json, remove_stale_temps)
     from ..progress import bar
 
     report = result.report
@@ -329,12 +329,9 @@ def _decisions(tagger: Any, files: Sequence[Path], rel_of: dict, decide_args: tu
                 yield (rel, *decide(p, keep, reject, tagger.row_thresholds(p, thresholds), names))  # MCut per image
 
 
-def printable(name: str) -> str:
-    """A file name as text: bytes that are not UTF-8 (kept by Python as surrogates) shown as ``\\xe9``."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
-
-
 def _csv(rows: list[dict]) -> str:
+    from ..fsutil import printable
+
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=REPORT_FIELDS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()

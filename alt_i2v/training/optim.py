@@ -66,12 +66,15 @@ def make_optimizer(tc: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Op
     return keras.optimizers.Adam(learning_rate=lr)
 
 
-def compile_model(model: keras.Model, tc: TrainConfig, steps_per_epoch: int) -> None:
-    """Compile with the run's optimizer, loss and the AUC / mAP / micro-F1 metrics that history.csv records."""
+def compile_model(model: keras.Model, tc: TrainConfig, steps_per_epoch: int,
+                  groups: list[list[int]] | None = None) -> None:
+    """Compile with the run's optimizer, loss and the AUC / mAP / micro-F1 metrics that history.csv records;
+    ``groups`` (exclusive tag groups, groups.py) get the loss's softmax term when ``tc.group_loss`` > 0."""
     model.compile(
         optimizer=make_optimizer(tc, steps_per_epoch),
         loss=get_loss(tc.loss, focal_gamma=tc.focal_gamma, asl_gamma_neg=tc.asl_gamma_neg,
-                      asl_gamma_pos=tc.asl_gamma_pos, asl_clip=tc.asl_clip, label_smoothing=tc.label_smoothing),
+                      asl_gamma_pos=tc.asl_gamma_pos, asl_clip=tc.asl_clip, label_smoothing=tc.label_smoothing,
+                      groups=groups, group_weight=tc.group_loss),
         metrics=[keras.metrics.AUC(name="auc"),
                  keras.metrics.AUC(curve="PR", multi_label=True, num_thresholds=100, name="map"),
                  keras.metrics.F1Score(average="micro", threshold=0.5, name="f1")])

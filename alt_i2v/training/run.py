@@ -35,6 +35,7 @@ from ..config import ImageConfig, ModelConfig, TrainConfig, resolve_workers
 from .distribute import Cluster, DistConfig, start
 from ..errors import AltI2VError, UsageError
 from .evaluation import predict_split
+from .groups import exclusive_groups, label_matrix
 from .history import plot_curves, read_history, write_history
 from ..fsutil import atomic_copy, atomic_path, atomic_write_json, remove_stale_temps
 from ..data.layout import CHECKPOINTS_DIR as CKPT_DIR
@@ -318,6 +319,7 @@ class _Run:
     nan_guard: Any = None
     cluster: Any = None  # distribute.Cluster: which process this is, and its devices
     shadow: Any = None  # distributed: a local copy of the training model that checkpoints are saved from
+    groups: list = field(default_factory=list)  # exclusive tag groups the loss uses (indices into the vocabulary)
 
     def saveable(self, model: keras.Model) -> keras.Model:
         """What to save as the last checkpoint: the model itself, or (distributed) its local copy with the
@@ -485,14 +487,15 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
             run.stopped_early = tc.patience > 0 and run.wait >= tc.patience  # --patience may have changed
         checkpoint = run.ckpt / state["last"] if state else None
         steps = len(train_ds)
+        groups = run.groups = _groups(store, tc)
         if cluster.distribution is None:
-            model = _model(mc, tc, checkpoint, steps, vocab.names)
+            model = _model(mc, tc, checkpoint, steps, vocab.names, groups)
         else:
-            model = _replicated_model(cluster, mc, tc, checkpoint, steps, vocab.names)
+            model = _replicated_model(cluster, mc, tc, checkpoint, steps, vocab.names, groups)
             if cluster.is_writer:
                 with cluster.host_scope():
                     run.shadow = training_model(build_model(config=mc, load_weights=False))
-                    compile_model(run.shadow, tc, steps)
+                    compile_model(run.shadow, tc, steps, groups)
                     run.shadow.optimizer.build(run.shadow.trainable_variables)
         keras.config.set_dtype_policy("float32")
         run.export = build_model(config=mc, load_weights=False)  # float32, uncompiled: best.keras, model.keras
@@ -500,7 +503,7 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
         dim = embedding_dim(tagger_of(model))
         if cluster.is_writer:
             atomic_write_json(model_dir / CONFIG_FILE, _config_record(mc, tc, image, vocab, dim, {
-                "precision_policy": policy, "finished": False}))
+                "precision_policy": policy, "finished": False, **_groups_record(run.groups, vocab)}))
 
         run.nan_guard = NaNGuard()
         done = run.stopped_early or initial_epoch >= tc.epochs
@@ -546,14 +549,27 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
     return result
 
 
+def _groups(store: Store, tc: TrainConfig) -> list[list[int]]:
+    """The exclusive tag groups of the training labels (groups.py), when the loss uses them."""
+    if not (tc.group_loss and tc.loss == "bce"):
+        return []
+    _, labels = store.index("train")
+    return exclusive_groups(label_matrix(labels, store.num_tags))
+
+
+def _groups_record(groups: list[list[int]], vocab: Vocab) -> dict[str, Any]:
+    """config.json's record of the groups the loss used, by tag name (none: nothing)."""
+    return {"tag_groups": [[vocab.names[i] for i in g] for g in groups]} if groups else {}
+
+
 def _model(mc: ModelConfig, tc: TrainConfig, checkpoint: Path | None, steps: int,
-           tag_names: Sequence[str] | None = None) -> keras.Model:
+           tag_names: Sequence[str] | None = None, groups: list[list[int]] | None = None) -> keras.Model:
     """The compiled training model (augmentation step + tagger): fresh, or the checkpoint's. ``tag_names``
-    map a DeepDanbooru project's head onto the vocabulary (--init-from)."""
+    map a DeepDanbooru project's head onto the vocabulary (--init-from); ``groups`` are the loss's."""
     keras.utils.set_random_seed(int(tc.seed))  # the same initial weights for the same settings
     if checkpoint is None:
         model = training_model(build_model(config=mc, tag_names=tag_names))
-        compile_model(model, tc, steps)
+        compile_model(model, tc, steps, groups)
         return model
     model = keras.saving.load_model(checkpoint, safe_mode=True, compile=True)
     if tc.schedule == "cosine":  # --epochs may have changed: the schedule spans the new total
@@ -562,12 +578,13 @@ def _model(mc: ModelConfig, tc: TrainConfig, checkpoint: Path | None, steps: int
         warnings.warn("the checkpoint has no augmentation step; the optimizer state restarts",
                       UserWarning, stacklevel=4)
         model = training_model(model)
-        compile_model(model, tc, steps)
+        compile_model(model, tc, steps, groups)
     return model
 
 
 def _replicated_model(cluster: Cluster, mc: ModelConfig, tc: TrainConfig, checkpoint: Path | None,
-                      steps: int, tag_names: Sequence[str] | None = None) -> keras.Model:
+                      steps: int, tag_names: Sequence[str] | None = None,
+                      groups: list[list[int]] | None = None) -> keras.Model:
     """The training model with its variables on the device mesh, every replica starting from process 0's
     values: its fresh weights, or the checkpoint only process 0 reads (the model directory may be local
     to process 0)."""
@@ -575,12 +592,12 @@ def _replicated_model(cluster: Cluster, mc: ModelConfig, tc: TrainConfig, checkp
     with cluster.scope():
         model = training_model(build_model(config=mc, load_weights=cluster.is_writer and checkpoint is None,
                                            tag_names=tag_names))
-        compile_model(model, tc, steps)
+        compile_model(model, tc, steps, groups)
         model.optimizer.build(model.trainable_variables)
     variables = [*model.trainable_variables, *model.non_trainable_variables, *model.optimizer.variables]
     values = None
     if cluster.is_writer:
-        source = _model(mc, tc, checkpoint, steps) if checkpoint else model
+        source = _model(mc, tc, checkpoint, steps, tag_names, groups) if checkpoint else model
         if not source.optimizer.built:
             source.optimizer.build(source.trainable_variables)
         values = [keras.ops.convert_to_numpy(v) for v in
@@ -611,7 +628,7 @@ def _finish(run: _Run, store: Store, model_dir: Path, mc: ModelConfig, tc: Train
     atomic_write_json(model_dir / CONFIG_FILE, _config_record(mc, tc, image, vocab, dim, {
         "precision_policy": policy, "finished": True, "epochs_completed": run.history[-1]["epoch"],
         "best_epoch": run.best_epoch, "monitor": run.monitor, "best_value": run.best_value,
-        "stopped_early": run.stopped_early, f"{split}_scores": val_scores}))
+        "stopped_early": run.stopped_early, f"{split}_scores": val_scores, **_groups_record(run.groups, vocab)}))
     run.write_state(int(run.history[-1]["epoch"]), _last_name(run), finished=True)
     return TrainResult(model_dir=model_dir, model_config=mc, train_config=tc, history=run.history,
                        best_epoch=run.best_epoch, best_value=run.best_value, stopped_early=run.stopped_early,
