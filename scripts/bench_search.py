@@ -1,5 +1,8 @@
 """Similar-image search latency: exact (chunked matrix product) and approximate (faiss IVF-SQ8 + exact
-re-rank) at 100k and 1M x 2048 generated embeddings, with the approximate recall@10 against exact.
+re-rank) at 100k and 1M x 2048 generated embeddings, with the approximate recall@10 against exact; and
+``--large N``: an ivf-pq index (OPQ + PQ codes in memory, float16 vectors memory-mapped from disk for the
+re-rank) built in bounded memory from N generated vectors streamed in chunks, with its memory and time per
+vector, so the figures for 10M x 2048 follow by formula.
 
 The vectors imitate image embeddings: clusters (same subject) with structured variation inside a cluster
 (a 16-d subspace: pose, colours) and small noise; queries are fresh samples of the same distribution, so
@@ -8,6 +11,9 @@ float16 (4 GB; the exact search converts it chunk by chunk, never all at once).
 
     python scripts/bench_search.py                 # 100k and 1M (about 4.5 GB of RAM at 1M)
     python scripts/bench_search.py --sizes 100000  # quicker
+
+    nice -n 10 python scripts/bench_search.py --large 2000000 --record            # 2M x 2048, ~45 min
+    nice -n 10 python scripts/bench_search.py --large 10000000 --dim 128 --record # 10M at width 128
 
 Exact latency is given for one query at a time and per query in a batch of 64 (how --index/--similar
 and a folder of queries use it). The naive way (full scores, full argsort) is measured beside it at
@@ -18,10 +24,12 @@ sizes where its full-size temporary is reasonable. Last line:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -120,6 +128,228 @@ def bench(n: int, args: argparse.Namespace) -> dict:
     return row
 
 
+TARGET = {"n": 10_000_000, "dim": 2048, "ram_gib": 4.0, "recall10": 0.95, "query_ms": 10.0, "build_h": 1.0,
+          "cores": 16}
+
+
+def rss_anon_of_loaded(path: Path, queries: np.ndarray) -> tuple[int, int]:
+    """Anonymous memory (not the mapped vector file) of a fresh process before and after opening the index
+    at ``path`` and answering ``queries``: what the index costs in RAM."""
+    import subprocess
+
+    code = ("import sys, numpy as np\n"
+            "from alt_i2v.search import SimilarityIndex\n"
+            "import faiss; faiss.omp_set_num_threads(1)\n"
+            "def anon():\n"
+            "    return int(next(l for l in open('/proc/self/status') if l.startswith('RssAnon')).split()[1]) * 1024\n"
+            "a = anon()\n"
+            "index = SimilarityIndex.load(sys.argv[1], verify=False)\n"
+            "q = np.load(sys.argv[2])\n"
+            "index.search_positions(q, 10)\n"
+            "print(a, anon())\n")
+    qfile = path.parent / (path.name + ".queries.npy")
+    np.save(qfile, queries)
+    env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."),
+           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code, str(path), str(qfile)], capture_output=True, text=True,
+                         env=env, check=True).stdout.split()
+    qfile.unlink()
+    return int(out[0]), int(out[1])
+
+
+def drop_cached(file: Path) -> None:
+    """Ask the kernel to forget ``file``'s cached pages, so the next reads come from the disk."""
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def bench_large(n: int, dim: int, args: argparse.Namespace) -> dict:
+    """Stream ``n`` generated vectors into an ivf-pq index on disk and measure it, one thread throughout."""
+    import faiss
+
+    from alt_i2v.search.kernels import _topk, normalize_rows
+    from alt_i2v.search.large import build_streaming
+
+    faiss.omp_set_num_threads(1)
+    gen = Generator(dim, clusters=max(10, n // 500), seed=0)
+    queries = gen.sample(np.random.default_rng(2), args.queries)
+    qn = normalize_rows(queries)
+    k = 10
+    truth = {"s": np.full((len(qn), 0), -np.inf, np.float32), "p": np.full((len(qn), 0), -1, np.int64)}
+    spent = {"generate": 0.0}
+    chunk = max(1024, (64 << 20) // (4 * dim))
+
+    def chunks():
+        rng = np.random.default_rng(1)
+        for s in range(0, n, chunk):
+            t = time.perf_counter()
+            x = gen.sample(rng, min(chunk, n - s))
+            stored = normalize_rows(x).astype(np.float16).astype(np.float32)  # what the index keeps
+            cs, cp = _topk(qn @ stored.T, np.arange(s, s + len(x)), k)  # the exact answer, as we go
+            truth["s"], truth["p"] = _topk(np.concatenate([truth["s"], cs], 1), np.concatenate([truth["p"], cp], 1), k)
+            spent["generate"] += time.perf_counter() - t
+            yield x, None, None
+
+    work = Path(args.workdir) / f"bench_search_{n}x{dim}.index"
+    times: dict = {}
+    print(f"\n== ivf-pq {n:,} x {dim}: generating and streaming into {work} (one thread)", flush=True)
+    t0 = time.perf_counter()
+    index = build_streaming(work, chunks(), dim=dim, total=n, quiet=args.quiet, timings=times, nprobe=args.nprobe,
+                            target_recall=args.target_recall)
+    wall = time.perf_counter() - t0
+    _, truth_p = _topk(truth["s"], truth["p"], k, sort=True)
+    p = dict(index.approx_params)
+    sec = p.pop("seconds")
+    write_s = times["write"] - spent["generate"]
+    ivf = faiss.extract_index_ivf(index._approx)
+    per_vec_ram = int(ivf.code_size) + 8  # codes + the 64-bit id each inverted list keeps
+    print(f"built in {wall:.0f} s wall: generate {spent['generate']:.0f} s (not the index's), write "
+          f"{write_s:.0f} s, train {sec['train']:.0f} s on {p['train_size']:,}, add {sec['add']:.0f} s, calibrate "
+          f"{sec['calibrate']:.0f} s, save {times['save']:.0f} s; {p}", flush=True)
+
+    before, after = rss_anon_of_loaded(work, qn[:4])
+    ram = after - before
+    row = {"n": n, "dim": dim, "kind": "ivf-pq", "nlist": p["nlist"], "nprobe": p["nprobe"], "refine": p["refine"],
+           "m": p["m"], "width": p["width"], "opq": p["opq"], "train_size": p["train_size"],
+           "generate_s": spent["generate"], "write_s": write_s, "train_s": sec["train"], "add_s": sec["add"],
+           "calibrate_s": sec["calibrate"], "save_s": times["save"], "ram_bytes": ram,
+           "ram_per_vector": per_vec_ram, "disk_bytes": n * dim * 2}
+
+    index.search_positions(qn, k)  # warm: codes touched, vectors cached
+    warm = [timed(lambda i=i: index.search_positions(qn[i:i + 1], k), 1)[0] for i in range(len(qn))]
+    found = np.concatenate([index.search_positions(qn[i:i + 1], k)[1] for i in range(len(qn))])
+    row["recall10"] = recall_at(found, truth_p, k)
+    row["query_ms"] = statistics.median(warm)
+    row["query_p95_ms"] = float(np.percentile(warm, 95))
+    vec_file = work / "vectors.f16"
+    cold = []
+    for i in range(min(30, len(qn))):
+        drop_cached(vec_file)
+        cold.append(timed(lambda i=i: index.search_positions(qn[i:i + 1], k), 1)[0])
+    row["query_cold_ms"] = statistics.median(cold)
+    t = time.perf_counter()
+    index.search_positions(qn[:1], k, approx=False)
+    row["exact_ms"] = (time.perf_counter() - t) * 1000
+    print(f"recall@10 {row['recall10']:.3f} (re-ranked {p['refine'] * k} candidates, nprobe {p['nprobe']} of "
+          f"{p['nlist']}); one query {row['query_ms']:.2f} ms median, p95 {row['query_p95_ms']:.2f} ms, "
+          f"{row['query_cold_ms']:.2f} ms with the vectors' pages dropped from the cache; exact scan "
+          f"{row['exact_ms']:.0f} ms (x{row['exact_ms'] / row['query_ms']:.0f})", flush=True)
+    print(f"RAM {ram / 2**20:.0f} MiB measured ({per_vec_ram} B a vector: {ivf.code_size} B codes + 8 B id); "
+          f"disk {row['disk_bytes'] / 2**30:.2f} GiB of float16 vectors", flush=True)
+    row.update(extrapolate(row))
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return row
+
+
+def extrapolate(row: dict) -> dict:
+    """The 10M x 2048 figures by formula from a measured row (meaningful for a 2048-wide row).
+
+    RAM: fixed part (measured minus per-vector part) + 10M x bytes a vector. Query: the coarse search and
+    the lists scanned both grow with nlist ~ sqrt(N) at the same nprobe, so x sqrt(10M / N). Build on 16
+    cores: write (disk, not divided) + (add + calibrate) x 10M / N / 16 + train x (k-means work ratio) / 16,
+    k-means work = sample x nlist, the sample being 40 rows a list (65,536 at least)."""
+    n, big = row["n"], TARGET["n"]
+    fixed = max(0, row["ram_bytes"] - n * row["ram_per_vector"])
+    ram = fixed + big * row["ram_per_vector"]
+    nlist_big = round(big ** 0.5)
+    work = max(nlist_big * 40, 65536) * nlist_big / (row["train_size"] * row["nlist"])
+    build = (row["write_s"] * big / n + ((row["add_s"] + row["calibrate_s"]) * big / n + row["train_s"] * work)
+             / TARGET["cores"])
+    return {"x10m_ram_gib": ram / 2**30, "x10m_query_ms": row["query_ms"] * (big / n) ** 0.5,
+            "x10m_build_h": build / 3600, "ram_fixed_bytes": fixed}
+
+
+def report_large(row: dict) -> None:
+    t = TARGET
+    ok = {"ram": row["x10m_ram_gib"] <= t["ram_gib"], "recall": row["recall10"] >= t["recall10"],
+          "query": row["x10m_query_ms"] <= t["query_ms"], "build": row["x10m_build_h"] <= t["build_h"]}
+    print(f"\n10M x {row['dim']} by formula from {row['n']:,} x {row['dim']} (targets for 10M x 2048):")
+    print(f"  RAM    {row['ram_fixed_bytes'] / 2**20:.0f} MiB + 10M x {row['ram_per_vector']} B = "
+          f"{row['x10m_ram_gib']:.2f} GiB   target <= {t['ram_gib']} GiB   {'met' if ok['ram'] else 'NOT met'}")
+    print(f"  recall@10 {row['recall10']:.3f} (measured)   target >= {t['recall10']}   {'met' if ok['recall'] else 'NOT met'}")
+    print(f"  query  {row['query_ms']:.2f} ms x sqrt({t['n'] // row['n']}) = {row['x10m_query_ms']:.2f} ms on one core   "
+          f"target <= {t['query_ms']} ms   {'met' if ok['query'] else 'NOT met'}")
+    print(f"  build  {row['x10m_build_h'] * 60:.1f} min on {t['cores']} cores   target <= {t['build_h'] * 60:.0f} min   "
+          f"{'met' if ok['build'] else 'NOT met'}")
+
+
+def record_large(row: dict) -> None:
+    """This run's figures as the ``search_<n>x<dim>`` entry of scripts/results.json."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_all
+
+    results = bench_all.load_results()
+    n = row["n"]
+    size = f"{n // 1_000_000}m" if n % 1_000_000 == 0 else f"{n // 1000}k"
+    name = f"search_pq_{size}_{row['dim']}"
+    measured = (f"{row['n'] / 1e6:g}M x {row['dim']} measured: recall@10 {row['recall10']:.3f}, {row['query_ms']:.2f} ms "
+                f"a query warm / {row['query_cold_ms']:.2f} ms cold (one core), RAM {row['ram_bytes'] / 2**20:.0f} MiB "
+                f"({row['ram_per_vector']} B a vector), build {row['train_s']:.0f} s train + "
+                f"{(row['write_s'] + row['add_s']) / row['n'] * 1e6:.0f} us a vector (one core)")
+    target = "10M x 2048: RAM <= 4 GB, recall@10 >= 0.95, <= 10 ms/query, build <= 1 h (16 cores)"
+    if row["dim"] == TARGET["dim"]:
+        measured += (f"; 10M x 2048 by formula: RAM {row['x10m_ram_gib']:.2f} GiB, {row['x10m_query_ms']:.1f} ms a query, "
+                     f"build {row['x10m_build_h'] * 60:.0f} min on 16 cores")
+    bench_all.record(results, name, measured, f"{row['exact_ms'] / row['query_ms']:.0f}x", target,
+                     bench_all.this_device())
+    entry = next(e for e in results["results"] if e["name"] == name)
+    entry["compares"] = (f"ivf-pq (OPQ+PQ codes in RAM, float16 vectors on disk for the re-rank) vs the exact "
+                         f"float16 scan, one query on one core; {row['n']:,} x {row['dim']} clustered synthetic "
+                         f"vectors streamed in chunks")
+    bench_all.save_results(results)
+    print(f"recorded {name} in {bench_all.RESULTS_FILE}; python scripts/bench_all.py --readme updates README")
+
+
+
+def bench_dedupe(originals: int, args: argparse.Namespace) -> dict:
+    """--dedupe on a generated dataset: ``originals`` distinct pictures, a third with their 5 near-copies,
+    and some parent/child pairs; precision and recall of the grouping's pairs against the truth."""
+    import tempfile
+
+    from alt_i2v.demo.copies import pair_scores, write_copies_dataset
+    from alt_i2v.search.dedupe import find_groups
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        data = Path(tmp) / "data"
+        t = time.perf_counter()
+        truth = write_copies_dataset(data, originals, originals // 3, parent_pairs=max(1, originals // 50), seed=3,
+                                     size=256)
+        made = time.perf_counter() - t
+        t = time.perf_counter()
+        report = find_groups(data, quiet=args.quiet)
+        took = time.perf_counter() - t
+    precision, recall = pair_scores(report["groups"], truth)
+    row = {"posts": report["posts"], "true_groups": len(truth), "groups": len(report["groups"]),
+           "precision": precision, "recall": recall, "seconds": took, "ms_per_picture": took / report["posts"] * 1000}
+    print(f"\n== --dedupe on {report['posts']:,} generated pictures ({len(truth)} true groups: {originals // 3} "
+          f"pictures with 5 copies each, {max(1, originals // 50)} parent/child pairs; made in {made:.0f} s)")
+    print(f"groups found {row['groups']}, pair precision {precision:.3f}, recall {recall:.3f}; "
+          f"{took:.1f} s ({row['ms_per_picture']:.1f} ms a picture)")
+    return row
+
+
+def record_dedupe(row: dict) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_all
+
+    results = bench_all.load_results()
+    bench_all.record(results, "search_dedupe",
+                     f"precision {row['precision']:.3f}, recall {row['recall']:.3f} over {row['posts']:,} pictures; "
+                     f"{row['ms_per_picture']:.1f} ms a picture", None, "precision and recall >= 0.95",
+                     bench_all.this_device())
+    entry = next(e for e in results["results"] if e["name"] == "search_dedupe")
+    entry["compares"] = ("`--dedupe` (DCT signature, no model) on generated pictures and their resized, JPEG q25, "
+                         "5%-cropped, mirrored and recoloured copies vs distinct pictures: pairs found vs true pairs")
+    bench_all.save_results(results)
+    print(f"recorded search_dedupe in {bench_all.RESULTS_FILE}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="100000,1000000", help="comma-separated index sizes")
@@ -127,7 +357,40 @@ def main() -> int:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16"])
     p.add_argument("--nprobe", type=int, default=None, help="approximate: lists visited per query")
     p.add_argument("--no-approx", action="store_true")
+    p.add_argument("--large", default="", help="comma-separated sizes of ivf-pq runs (streamed, on disk)")
+    p.add_argument("--dim", type=int, default=DIM, help="--large: vector width")
+    p.add_argument("--target-recall", type=float, default=0.98,
+                   help="--large: recall@10 the build calibrates nprobe for, on stored vectors as queries")
+    p.add_argument("--workdir", default=os.environ.get("TMPDIR", "/tmp"), help="--large: where the index goes")
+    p.add_argument("--keep", action="store_true", help="--large: keep the index on disk")
+    p.add_argument("--record", action="store_true",
+                   help="--large/--dedupe: write the figures to scripts/results.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--dedupe", type=int, default=0, metavar="N",
+                   help="--dedupe precision/recall on N generated pictures (+ their copies)")
     args = p.parse_args()
+    if args.dedupe:
+        row = bench_dedupe(args.dedupe, args)
+        print(f"RESULT search_dedupe precision={row['precision']:.3f} recall={row['recall']:.3f} "
+              f"posts={row['posts']} ms_per_picture={row['ms_per_picture']:.1f} ratio={min(row['precision'], row['recall']):.3f} "
+              f"target=precision,recall>=0.95", flush=True)
+        if args.record:
+            record_dedupe(row)
+        return 0
+    if args.large:
+        for n in [int(float(v)) for v in args.large.split(",") if v.strip()]:
+            row = bench_large(n, args.dim, args)
+            report_large(row)
+            out = Path(args.workdir) / f"bench_search_{n}x{args.dim}.json"
+            out.write_text(json.dumps(row, indent=1))
+            print(f"RESULT search_large n={n} dim={args.dim} recall10={row['recall10']:.3f} "
+                  f"query_ms={row['query_ms']:.2f} ram_mib={row['ram_bytes'] / 2**20:.0f} "
+                  f"x10m_ram_gib={row['x10m_ram_gib']:.2f} x10m_query_ms={row['x10m_query_ms']:.1f} "
+                  f"x10m_build_min={row['x10m_build_h'] * 60:.0f} ratio={row['exact_ms'] / row['query_ms']:.0f} "
+                  f"target=ram<=4GiB,recall10>=0.95,query<=10ms,build<=60min", flush=True)
+            if args.record:
+                record_large(row)
+        return 0
     sizes = [int(float(s)) for s in args.sizes.split(",") if s.strip()]
     t0 = time.perf_counter()
     rows = [bench(n, args) for n in sizes]

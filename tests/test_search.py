@@ -280,3 +280,128 @@ def test_cli_similar_refuses_an_index_of_another_model(model_dir, gallery, tmp_p
     assert "different model" in capsys.readouterr().err
     assert main(["--similar", str(originals[0]), "--index", str(tmp_path / "none")]) == 1
     assert main(["--index", "--model", str(model_dir), "--out", str(out)]) == 2  # neither --data nor --images
+
+
+# ------------------------------------------------------------------------------------------------ ivf-pq
+
+
+def test_auto_index_type_by_size():
+    from alt_i2v.search.index import choose_kind, pq_shape
+
+    assert choose_kind(100_000, 2048) == "exact"
+    assert choose_kind(400_000, 2048) == "ivf-sq8"
+    assert choose_kind(10_000_000, 2048) == "ivf-pq"
+    assert choose_kind(10_000_000, 128) == "ivf-pq" and choose_kind(1_000_000, 128) == "exact"
+    assert pq_shape(2048) == (256, 64) and pq_shape(128) == (128, 32) and pq_shape(100) == (100, 25)
+    with pytest.raises(ValueError, match="index type"):
+        SimilarityIndex.build(clustered(10), kind="hnsw")
+
+
+def _chunks(x: np.ndarray, start: int = 0, step: int = 700):
+    for s in range(0, len(x), step):
+        yield x[s:s + step], [f"p{start + i}" for i in range(s, min(s + step, len(x)))], None
+
+
+@needs_faiss
+def test_ivfpq_is_built_streaming_and_searches_from_a_memory_mapped_file(tmp_path):
+    from alt_i2v.search.large import build_streaming
+
+    x = clustered(4000, dim=64, clusters=40, seed=11)
+    q = clustered(40, dim=64, clusters=40, seed=11)[::-1] + 0.05
+    index = build_streaming(tmp_path / "pq", _chunks(x), dim=64, info={"model": {"path": "m"}})
+    assert index.kind == "ivf-pq" and isinstance(index.vectors(), np.memmap)  # rows stay on disk
+    p = index.approx_params
+    assert p["m"] == 16 and p["recall10"] >= 0.95 and not p["opq"]
+    header = json.loads((tmp_path / "pq" / "index.json").read_text())
+    assert header["version"] == 2 and "vectors.f16" in header["files"] and header["info"]["model"]["path"] == "m"
+    assert (tmp_path / "pq" / "vectors.f16").stat().st_size == 4000 * 64 * 2
+    _, exact = index.search_positions(q, 10, approx=False)
+    _, approx = index.search_positions(q, 10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx, exact)]) >= 0.9
+    scores = index.search_positions(q, 10)[0]  # re-ranked: true cosines of the float16 rows
+    rows = index.vectors()[index.search_positions(q, 10)[1]].astype(np.float32)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    np.testing.assert_allclose(scores, np.einsum("qkd,qd->qk", rows, qn), atol=1e-5)
+    wide = SimilarityIndex.build(clustered(1200, dim=288, clusters=12, seed=3), kind="ivf-pq", nlist=4)
+    assert wide.approx_params["opq"] and wide.approx_params["width"] == 256  # OPQ reduces wide vectors
+    assert wide.approx_params["recall10"] >= 0.9
+    with pytest.raises(ValueError, match="at least"):
+        SimilarityIndex.build(clustered(500), kind="ivf-pq")
+
+
+@needs_faiss
+@pytest.mark.parametrize("kind", ["exact", "ivf-sq8", "ivf-pq"])
+def test_adding_to_a_saved_index_equals_a_rebuilt_one(kind, tmp_path):
+    """A (saved), then B added to it on disk, answers every query as an index built from A + B at once.
+    Every inverted list is visited and enough candidates re-ranked (a tenth of the index for ivf-pq, whose
+    small test codes are coarse), so the approximate kinds differ only in the quantisers (trained on A
+    alone or on A + B), which the exact re-rank of the candidates then makes irrelevant; the queries include
+    rows of B, which only the added codes can bring up."""
+    from alt_i2v.search.large import build_streaming
+
+    x = clustered(3000, dim=32, clusters=30, seed=12)
+    a, b = x[:2000], x[2000:]
+    q = np.concatenate([clustered(30, dim=32, clusters=30, seed=12) + 0.05, b[:10]])
+    ids = [f"p{i}" for i in range(len(x))]
+    kw = {} if kind == "exact" else {"nlist": 16, "nprobe": 16, "refine": 30 if kind == "ivf-pq" else 4}
+    if kind == "ivf-pq":
+        build_streaming(tmp_path / "grown", _chunks(a), dim=32, **kw)
+        rebuilt = build_streaming(tmp_path / "whole", _chunks(x), dim=32, **kw)
+    else:
+        SimilarityIndex.build(a, ids[:2000], kind=kind, **kw).save(tmp_path / "grown")
+        rebuilt = SimilarityIndex.build(x, ids, kind=kind, **kw)
+    grown = SimilarityIndex.load(tmp_path / "grown")
+    grown.add(b, ids[2000:])
+    grown.save(tmp_path / "grown")
+    grown = SimilarityIndex.load(tmp_path / "grown")
+    assert len(grown) == 3000 and grown.ids == ids and grown.kind == kind
+    got, want = grown.search(q, 10), rebuilt.search(q, 10)
+    assert [[i for i, _ in r] for r in got] == [[i for i, _ in r] for r in want]
+    np.testing.assert_allclose([[s for _, s in r] for r in got], [[s for _, s in r] for r in want], atol=1e-5)
+    assert [r[0][0] for r in got[-10:]] == ids[2000:2010]  # the added rows are found through their codes
+    if kind == "ivf-pq":  # the vectors file grew in place: the new rows follow the old ones
+        assert (tmp_path / "grown" / "vectors.f16").stat().st_size == 3000 * 32 * 2
+
+
+@needs_faiss
+@pytest.mark.parametrize("kind", ["exact", "ivf-pq"])
+def test_removed_ids_are_never_found_and_can_come_back(kind, tmp_path):
+    x = clustered(3000, dim=64, clusters=30, seed=13)
+    ids = [f"p{i}" for i in range(3000)]
+    index = SimilarityIndex.build(x, ids, kind=kind)
+    assert index.search(x[5], 1)[0][0] == "p5"
+    assert index.remove(["p5", "p6"]) == 2 and len(index) == 2998
+    with pytest.raises(KeyError, match="p5"):
+        index.remove(["p5"])
+    hits = [i for i, _ in index.search(x[5], 20)]
+    assert "p5" not in hits and "p6" not in hits and len(hits) == 20
+    index.save(tmp_path / "i")
+    back = SimilarityIndex.load(tmp_path / "i")
+    assert back.removed == [5, 6] and len(back) == 2998
+    assert "p5" not in [i for i, _ in back.search(x[5], 20)]
+    back.add(x[5:6], ["p5"])  # the id is free again: a new row
+    assert back.search(x[5], 1)[0][0] == "p5" and back.position("p5") == 3000
+
+
+@needs_faiss
+def test_an_interrupted_add_leaves_the_index_whole(tmp_path):
+    """Rows an interrupted add appended to vectors.f16 past the header's count are ignored, and the next
+    add writes over them."""
+    from alt_i2v.search.large import build_streaming
+
+    x = clustered(3000, dim=64, clusters=30, seed=14)
+    build_streaming(tmp_path / "i", _chunks(x[:2500]), dim=64)
+    with open(tmp_path / "i" / "vectors.f16", "ab") as f:  # what a killed add leaves behind
+        f.write(np.full((7, 64), 9, np.float16).tobytes())
+    index = SimilarityIndex.load(tmp_path / "i")
+    assert len(index) == 2500 and index.search(x[10], 1)[0][0] == "p10"
+    index.add(x[2500:], [f"p{i}" for i in range(2500, 3000)])
+    index.save(tmp_path / "i")
+    back = SimilarityIndex.load(tmp_path / "i")
+    assert (tmp_path / "i" / "vectors.f16").stat().st_size == 3000 * 64 * 2
+    assert back.search(x[2500], 1)[0][0] == "p2500"
+    np.testing.assert_allclose(back.vectors()[2500].astype(np.float32), x[2500] / np.linalg.norm(x[2500]),
+                               atol=1e-3)
+    (tmp_path / "i" / "vectors.f16").write_bytes(b"\0" * 100)
+    with pytest.raises(IndexFileError, match="truncated"):
+        SimilarityIndex.load(tmp_path / "i")

@@ -44,6 +44,9 @@ ACTIONS: dict[str, tuple[str, str]] = {
               "alt-i2v --embed folder/ --model model --out emb.npy"),
     "index": ("build a similar-image index from a dataset or an image folder",
               "alt-i2v --index --model model --images folder/ --out folder.index"),
+    "dedupe": ("find groups of near-copies in a dataset (DATA/reports/dedupe.json); --build keeps each "
+               "group in one split",
+               "alt-i2v --dedupe --data data [--model model]"),
     "similar": ("print the nearest images to one image",
                 "alt-i2v --similar query.jpg --index folder.index --top-k 10"),
     "explain": ("write Grad-CAM heat maps: where in each image the evidence for a tag lies",
@@ -76,7 +79,9 @@ ACTION_OPTIONS: dict[str, set[str]] = {
     "pred": {"model", "threshold", "top_k", "format", "write_captions", "caption_mode", "recursive",
              "exclude", "max_tags", "tag_style", "no_escape", "batch_size", "workers"},
     "embed": {"model", "out", "recursive", "batch_size", "workers"},
-    "index": {"model", "data", "images", "out", "recursive", "approx", "batch_size", "workers"},
+    "index": {"model", "data", "images", "out", "recursive", "approx", "index_type", "add", "remove", "batch_size",
+              "workers"},
+    "dedupe": {"data", "model", "min_cosine"},
     "similar": {"index", "top_k", "model"},
     "explain": {"model", "tag", "top_k", "out", "recursive"},
     "screen": {"model", "keep", "reject", "threshold", "out", "copy", "move", "dry_run", "batch_size", "workers"},
@@ -125,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--pred", nargs="+", metavar="FILE_OR_DIR", help=ACTIONS["pred"][0])
     act.add_argument("--embed", nargs="+", metavar="FILE_OR_DIR", help=ACTIONS["embed"][0])
     act.add_argument("--index", dest="index_action", action="store_true", help=ACTIONS["index"][0])
+    act.add_argument("--dedupe", action="store_true", help=ACTIONS["dedupe"][0])
     act.add_argument("--similar", metavar="FILE", help=ACTIONS["similar"][0])
     act.add_argument("--explain", nargs="+", metavar="FILE_OR_DIR", help=ACTIONS["explain"][0])
     act.add_argument("--screen", metavar="SRC", help=ACTIONS["screen"][0])
@@ -244,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "--evaluate of a ready model or several models)")
     g.add_argument("--images", metavar="DIR", help="--index: an image folder instead of --data")
     g.add_argument("--approx", action="store_true", help="--index: also build an approximate (faiss) index")
+    g.add_argument("--index-type", choices=["auto", "exact", "ivf-sq8", "ivf-pq"],
+                   help="--index: exact (vectors in memory), ivf-sq8 (+ 8-bit codes), ivf-pq (PQ codes in memory, "
+                        "vectors on disk; millions of images), or auto by size (default)")
+    g.add_argument("--add", action="store_true",
+                   help="--index: add the images --data/--images has that the index at --out lacks (no rebuild)")
+    g.add_argument("--remove", metavar="IDS", help="--index: remove these ids (comma-separated) from the index at --out")
+    g.add_argument("--min-cosine", type=float, metavar="C",
+                   help="--dedupe: cosine at which two pictures are copies (default 0.87 without a model, 0.95 with)")
     g.add_argument("--index-path", dest="index", metavar="INDEX", help=argparse.SUPPRESS)
 
     g = p.add_argument_group("--explain")
@@ -405,6 +419,25 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dedupe(args: argparse.Namespace) -> int:
+    """``--dedupe --data DATA [--model M] [--min-cosine C]``: DATA/reports/dedupe.json + contact sheets."""
+    from ..progress import summary
+    from ..search.dedupe import REPORT, SHEETS_DIR, find_groups, write_report
+
+    data = _need(args, "data", "dedupe")
+    report = find_groups(data, model=args.model, min_cosine=args.min_cosine, quiet=args.quiet)
+    path = write_report(data, report)
+    for bad in report["unreadable"]:
+        print(f"alt-i2v: skipped {bad['error']}", file=sys.stderr)
+    summary("dedupe", {"report": str(path), "sheets": str(DataDir(data).reports / SHEETS_DIR),
+                       "method": report["method"], "thresholds": report["thresholds"], "posts": report["posts"],
+                       "groups": len(report["groups"]), "posts in groups": report["grouped_posts"],
+                       "parent links": report["parent_links"], "unreadable": len(report["unreadable"]),
+                       "next": f"--build keeps each group in one split (it reads {REPORT}.json)"},
+            quiet=args.quiet)
+    return 1 if report["unreadable"] else 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from ..progress import summary
     from ..training.run import train
@@ -480,7 +513,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "scrape": cmd_scrape, "import_src": cmd_import_src, "vocab": cmd_vocab, "build": cmd_build,
-    "train": cmd_train, "evaluate": cmd_evaluate, "pred": cmd_pred, "embed": cmd_embed, "index": cmd_index,
+    "train": cmd_train, "evaluate": cmd_evaluate, "pred": cmd_pred, "embed": cmd_embed, "index": cmd_index, "dedupe": cmd_dedupe,
     "similar": cmd_similar, "explain": cmd_explain, "screen": cmd_screen, "export": cmd_export,
     "demo": cmd_demo, "serve": cmd_serve,
 }

@@ -165,30 +165,66 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    """``--index --model DIR (--data DIR | --images DIR) --out INDEX [--approx]``."""
+    """``--index --model DIR (--data DIR | --images DIR) --out INDEX [--index-type T]``; ``--add`` grows the
+    index at --out with the images it lacks; ``--remove IDS --out INDEX`` takes ids out of it."""
     from ..progress import summary
-    from ..search import build_index, faiss_available
-    from ..tagging.tagger import get_tagger
+    from ..search import add_to_index, build_index, faiss_available, open_index
 
+    if not args.out:
+        raise UsageError("--index needs --out INDEX (the index directory to create or change)")
+    if args.remove:
+        return _remove_from_index(args)
     if not args.model:
         raise UsageError("--index needs --model DIR (the model whose embeddings are indexed)")
     if bool(args.data) == bool(args.images):
         raise UsageError("--index needs exactly one of --data DIR (a dataset) or --images DIR (a folder)")
-    if not args.out:
-        raise UsageError("--index needs --out INDEX (a directory to create)")
-    if args.approx and not faiss_available():
-        raise UsageError("--approx needs faiss: pip install 'alt-i2v[faiss]'")
+    kind = args.index_type or ("ivf-sq8" if args.approx else None)
+    if (args.approx or kind in ("ivf-sq8", "ivf-pq")) and not faiss_available():
+        raise UsageError(f"--{'approx' if args.approx else 'index-type ' + kind} needs faiss: "
+                         "pip install 'alt-i2v[faiss]'")
     t0 = time.perf_counter()
-    tagger = get_tagger(args.model, batch_size=args.batch_size, workers=args.workers)
-    index, failures = build_index(tagger, data=args.data or None, images=args.images or None,
-                                  recursive=bool(args.recursive), approx=bool(args.approx), quiet=args.quiet)
+    if args.add:
+        if kind:
+            raise UsageError("--add keeps the index's own type; leave --index-type/--approx out")
+        index, tagger = open_index(args.out, args.model)  # refuses an index another model made
+        added, failures = add_to_index(tagger, index, args.out, data=args.data or None, images=args.images or None,
+                                       recursive=bool(args.recursive), quiet=args.quiet)
+        result = {"index": str(args.out), "added": added, "images": len(index), "failed": len(failures),
+                  "type": index.kind}
+    else:
+        from ..tagging.tagger import get_tagger
+
+        tagger = get_tagger(args.model, batch_size=args.batch_size, workers=args.workers)
+        index, failures = build_index(tagger, data=args.data or None, images=args.images or None,
+                                      recursive=bool(args.recursive), kind=kind, out=args.out, quiet=args.quiet)
+        result = {"index": str(args.out), "images": len(index), "failed": len(failures), "dim": index.dim,
+                  "type": index.kind, "approximate": index.approx_params or "no (exact search)"}
     for f in failures:
         print(f"alt-i2v: skipped {f['error']}", file=sys.stderr)
-    out = index.save(args.out)
-    summary("index", {"index": str(out), "images": len(index), "failed": len(failures), "dim": index.dim,
-                      "approximate": index.approx_params or "no (exact search)",
-                      "seconds": round(time.perf_counter() - t0, 1)}, quiet=args.quiet)
+    summary("index", {**result, "seconds": round(time.perf_counter() - t0, 1)}, quiet=args.quiet)
     return 1 if failures else 0
+
+
+def _remove_from_index(args: argparse.Namespace) -> int:
+    """``--index --remove IDS --out INDEX``: ids as the index holds them (a number is a post id)."""
+    from ..progress import summary
+    from ..search import SimilarityIndex
+
+    if args.add or args.data or args.images:
+        raise UsageError("--remove takes ids out of --out INDEX; leave --add, --data and --images out")
+    index = SimilarityIndex.load(args.out)
+    held = set(index.ids)
+    wanted = []
+    for token in (t.strip() for t in args.remove.split(",") if t.strip()):
+        as_int = int(token) if token.lstrip("-").isdigit() else None
+        wanted.append(as_int if as_int is not None and as_int in held else token)
+    missing = [w for w in wanted if w not in held or not index._has(w)]
+    if missing:
+        raise UsageError(f"not in {args.out}: {missing[:5]} (nothing was removed)")
+    removed = index.remove(wanted)
+    index.save(args.out)
+    summary("index", {"index": str(args.out), "removed": removed, "images": len(index)}, quiet=args.quiet)
+    return 0
 
 
 def cmd_similar(args: argparse.Namespace) -> int:

@@ -40,6 +40,7 @@ class PostInfo:
     height: int | None = None
     deleted: bool = False
     file_size: int | None = None
+    parent_id: int | None = None  # Danbooru's parent post: the same picture as a variant or an edit
 
 
 def _tags(names: Any) -> list[str]:
@@ -75,7 +76,8 @@ def parse_api_post(obj: Any) -> PostInfo:
         file_url=obj.get("file_url") or None, sample_url=obj.get("large_file_url") or None, tags=tags,
         rating=_rating(obj.get("rating")), score=_int(obj.get("score")),
         width=_int(obj.get("image_width")), height=_int(obj.get("image_height")),
-        deleted=bool(obj.get("is_deleted")), file_size=_int(obj.get("file_size")))
+        deleted=bool(obj.get("is_deleted")), file_size=_int(obj.get("file_size")),
+        parent_id=_int(obj.get("parent_id")))
 
 
 def parse_api_page(obj: Any) -> list[Any]:
@@ -169,7 +171,7 @@ def parse_post_page(text: str, page_url: str, expected_id: int | None = None) ->
         id=pid, md5=md5, file_ext=ext, file_url=file_url, sample_url=sample, tags=tags,
         rating=_rating(attr("data-rating")), score=_int(attr("data-score")), width=_int(attr("data-width")),
         height=_int(attr("data-height")), deleted="deleted" in (attr("data-flags") or "").split(),
-        file_size=_int(attr("data-file-size")))
+        file_size=_int(attr("data-file-size")), parent_id=_int(attr("data-parent-id")))
 
 
 def post_record(info: PostInfo, base_url: str, *, md5: str, ext: str, original_md5: str | None = None) -> dict:
@@ -178,6 +180,8 @@ def post_record(info: PostInfo, base_url: str, *, md5: str, ext: str, original_m
             "tags": {c: list(info.tags.get(c, [])) for c in CATEGORIES}, "rating": info.rating,
             "score": info.score, "width": info.width, "height": info.height, "source": "danbooru",
             "url": f"{base_url}/posts/{info.id}"}
+    if info.parent_id is not None:
+        post["parent_id"] = info.parent_id
     if original_md5 is not None:
         post["original_md5"] = original_md5
         post["variant"] = "sample"

@@ -6,10 +6,10 @@
 - :mod:`.build`: an index of a dataset or folder made with a model, and opening one for queries
 """
 
-from .build import build_index, embed_store, open_index
+from .build import add_to_index, build_index, embed_store, open_index
 from .files import INDEX_FORMAT, INDEX_VERSION, IndexFileError, faiss_available
 from .index import SimilarityIndex
 from .kernels import normalize_rows
 
-__all__ = ["SimilarityIndex", "IndexFileError", "normalize_rows", "faiss_available", "build_index", "embed_store",
+__all__ = ["SimilarityIndex", "IndexFileError", "add_to_index", "normalize_rows", "faiss_available", "build_index", "embed_store",
            "open_index", "INDEX_FORMAT", "INDEX_VERSION"]

@@ -3,9 +3,16 @@
 ::
 
     INDEX/index.json     header: format, version, dim, count, dtype, files with sha256 and size, approx, info
-    INDEX/vectors.npy    (count, dim) float32|float16, C order, read with allow_pickle=False
-    INDEX/ids.json       {"ids": [...] | null (= 0..count-1), "paths": [...] | null}
+    INDEX/vectors.npy    (count, dim) float32|float16, C order, read with allow_pickle=False (exact, ivf-sq8)
+    INDEX/vectors.f16    ivf-pq: (count, dim) float16 rows, raw, memory-mapped (version 2)
+    INDEX/ids.json       {"ids": [...] | null (= 0..count-1), "paths": [...] | null, "removed": [positions]}
     INDEX/approx.faiss   optional, faiss's own binary serialisation of the approximate index
+
+Version 2 (written only when version 1 cannot say it: an ivf-pq index, or removed ids) adds
+``vectors.f16`` and ``removed``. ``vectors.f16`` is the one file checked by size only: hashing 40 GB on
+every open would take minutes, and adding to the index appends to it in place (a hard link into the new
+directory, so the old index stays whole until the new one is renamed in); rows past ``count`` are the
+leftovers of an add that was interrupted, and are ignored and overwritten by the next one.
 
 A file whose size or sha256 differs from the header, a newer format version, or arrays that disagree with
 the header are a clear :class:`IndexFileError` naming the file and what to do.
@@ -28,9 +35,10 @@ from ..errors import AltI2VError, UsageError
 from ..fsutil import atomic_dir, file_digest
 
 INDEX_FORMAT = "alt-i2v-similarity-index"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 HEADER_FILE = "index.json"
 VECTORS_FILE = "vectors.npy"
+RAW_FILE = "vectors.f16"
 IDS_FILE = "ids.json"
 APPROX_FILE = "approx.faiss"
 DTYPES = ("float32", "float16")
@@ -41,8 +49,16 @@ class IndexFileError(AltI2VError):
     """An index on disk is damaged, incomplete, of a newer version, or does not fit what uses it."""
 
 
+def _passive_threads() -> None:
+    """OpenMP threads that sleep at barriers instead of spinning, set before faiss loads its runtime: on a
+    busy machine spinning threads starve each other (training an ivf-pq index took 374 s instead of 8 s
+    with the two cores shared). An OMP_WAIT_POLICY already set is kept."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def faiss_available() -> bool:
     """Whether the optional approximate backend can be used (``pip install alt-i2v[faiss]``)."""
+    _passive_threads()
     try:
         import faiss  # noqa: F401
     except ImportError:
@@ -51,6 +67,7 @@ def faiss_available() -> bool:
 
 
 def _import_faiss():
+    _passive_threads()
     try:
         import faiss
     except ImportError:
@@ -67,16 +84,24 @@ def save_index(index: Any, path: str | os.PathLike) -> Path:
             path.rmdir()
         else:
             raise UsageError(f"{path} exists and is not an alt-i2v index; choose another --out path")
+    raw = index.kind == "ivf-pq"
     with atomic_dir(path) as tmp:
-        files = {VECTORS_FILE: _write_vectors(index, tmp / VECTORS_FILE)}
+        if raw:
+            files = {RAW_FILE: _write_raw(index, tmp / RAW_FILE, path / RAW_FILE)}
+        else:
+            files = {VECTORS_FILE: _write_vectors(index, tmp / VECTORS_FILE)}
         ids_doc = {"ids": index._ids, "paths": index._paths}
+        if index._removed:
+            ids_doc["removed"] = sorted(index._removed)
         files[IDS_FILE] = _write_file(tmp / IDS_FILE, json.dumps(ids_doc, ensure_ascii=False).encode())
         if index._approx is not None:
             faiss = _import_faiss()
-            blob = faiss.serialize_index(index._approx)
-            files[APPROX_FILE] = _write_file(tmp / APPROX_FILE, memoryview(np.ascontiguousarray(blob)))
-        header = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "dim": index.dim, "count": index.count,
-                  "dtype": str(index.dtype), "metric": "cosine", "normalized": True,
+            faiss.write_index(index._approx, str(tmp / APPROX_FILE))  # straight to disk: no copy in memory
+            files[APPROX_FILE] = {"sha256": file_digest(tmp / APPROX_FILE, chunk=_IO_CHUNK),
+                                  "bytes": (tmp / APPROX_FILE).stat().st_size}
+        version = 2 if raw or index._removed else 1
+        header = {"format": INDEX_FORMAT, "version": version, "dim": index.dim, "count": index.count,
+                  "dtype": "float16" if raw else str(index.dtype), "metric": "cosine", "normalized": True,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files,
                   "approx": index.approx_params, "info": index.info}
         _write_file(tmp / HEADER_FILE, (json.dumps(header, indent=2, ensure_ascii=False) + "\n").encode())
@@ -101,6 +126,46 @@ def _write_vectors(index: Any, file: Path) -> dict:
                 h.update(mv)
                 size += mv.nbytes
     return {"sha256": h.hexdigest(), "bytes": size}
+
+
+def _write_raw(index: Any, file: Path, existing: Path) -> dict:
+    """The float16 rows of an ivf-pq index as ``vectors.f16``. When the index's first block is a map of
+    ``existing`` (the file being replaced: a loaded index that grew) or of the streaming build's own
+    file, that file is hard-linked in, cut to the rows it holds and only the new rows are appended;
+    otherwise every row is written (a map of another index's file is copied, never shared)."""
+    row = index.dim * 2
+    first = index._blocks[0] if index._blocks else None
+    mapped = isinstance(first, np.memmap) and first.filename is not None and Path(first.filename).is_file()
+    own = getattr(index, "_staged", None)  # a file the streaming build wrote for this index alone
+    reuse = mapped and ((existing.is_file() and os.path.samefile(first.filename, existing))
+                        or (own is not None and os.path.samefile(first.filename, own)))
+    if reuse:
+        os.link(first.filename, file)
+        blocks, start = index._blocks[1:], len(first)
+        mode = "r+b"
+    else:
+        blocks, start, mode = index._blocks, 0, "wb"
+    with open(file, mode) as f:
+        f.truncate(start * row)
+        f.seek(start * row)
+        step = max(1, _IO_CHUNK // row)
+        for block in blocks:
+            for s in range(0, len(block), step):
+                f.write(memoryview(np.ascontiguousarray(block[s:s + step], dtype=np.float16)).cast("B"))
+    return {"bytes": index.count * row, "rows": index.count, "checked": "size"}
+
+
+def _map_raw(path: Path, entry: Any, count: int, dim: int) -> np.ndarray:
+    file = path / RAW_FILE
+    if not isinstance(entry, dict) or "bytes" not in entry:
+        raise IndexFileError(f"{path / HEADER_FILE}: no entry for {RAW_FILE}; rebuild the index")
+    if not file.is_file():
+        raise IndexFileError(f"{file}: missing; the index is incomplete, rebuild it")
+    size, want = file.stat().st_size, count * dim * 2
+    if size < want or int(entry["bytes"]) != want:
+        raise IndexFileError(f"{file}: {size} bytes, the header needs {want} ({count} x {dim} float16): the "
+                             "index is damaged (truncated); rebuild it")
+    return np.memmap(file, dtype=np.float16, mode="r", shape=(count, dim))
 
 
 def load_index(cls: type, path: str | os.PathLike, *, verify: bool = True, mmap: bool = False) -> Any:
@@ -129,15 +194,22 @@ def load_index(cls: type, path: str | os.PathLike, *, verify: bool = True, mmap:
         raise IndexFileError(f"{header_file}: header lacks {e}; rebuild the index") from None
     if dtype not in DTYPES:
         raise IndexFileError(f"{header_file}: unsupported dtype {dtype!r}")
-    for name in (VECTORS_FILE, IDS_FILE) + ((APPROX_FILE,) if header.get("approx") else ()):
+    raw = RAW_FILE in files
+    for name in (IDS_FILE,) + ((APPROX_FILE,) if header.get("approx") else ()) + (() if raw else (VECTORS_FILE,)):
         _check_file(path, name, files.get(name), verify=verify and name != VECTORS_FILE)
-    vectors = _read_vectors(path / VECTORS_FILE, files[VECTORS_FILE], (count, dim), np.dtype(dtype),
-                            verify=verify, mmap=mmap)
+    if raw:
+        vectors = _map_raw(path, files[RAW_FILE], count, dim)
+    else:
+        vectors = _read_vectors(path / VECTORS_FILE, files[VECTORS_FILE], (count, dim), np.dtype(dtype),
+                                verify=verify, mmap=mmap)
     try:
         ids_doc = json.loads((path / IDS_FILE).read_text(encoding="utf-8"))
         ids, paths = ids_doc.get("ids"), ids_doc.get("paths")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        removed = {int(r) for r in ids_doc.get("removed") or []}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as e:
         raise IndexFileError(f"{path / IDS_FILE}: damaged ({e}); rebuild the index") from None
+    if any(not 0 <= r < count for r in removed):
+        raise IndexFileError(f"{path / IDS_FILE}: removed positions outside 0..{count - 1}; rebuild the index")
     for name, lst in (("ids", ids), ("paths", paths)):
         if lst is not None and (not isinstance(lst, list) or len(lst) != count):
             raise IndexFileError(f"{path / IDS_FILE}: {name} has {len(lst) if isinstance(lst, list) else '?'} "
@@ -146,20 +218,22 @@ def load_index(cls: type, path: str | os.PathLike, *, verify: bool = True, mmap:
     index._blocks = [vectors]
     index._ids = ids
     index._paths = paths
+    index._removed = removed
     index.count = count
     if header.get("approx"):
         index.approx_params = dict(header["approx"])
         if faiss_available():
             faiss = _import_faiss()
-            blob = np.fromfile(path / APPROX_FILE, dtype=np.uint8)
             try:
-                index._approx = faiss.deserialize_index(blob)
+                index._approx = faiss.read_index(str(path / APPROX_FILE))
             except Exception as e:  # noqa: BLE001 - faiss raises RuntimeError with its own text
                 raise IndexFileError(f"{path / APPROX_FILE}: faiss cannot read it ({e}); rebuild the index") from None
-            if index._approx.d != dim or index._approx.ntotal != count:
+            if index._approx.d != dim or index._approx.ntotal != count - len(removed):
                 raise IndexFileError(f"{path / APPROX_FILE}: holds {index._approx.ntotal} x {index._approx.d}, "
-                                     f"the index {count} x {dim}; rebuild the index")
-            index._approx.nprobe = int(index.approx_params.get("nprobe", 1))
+                                     f"the index {count - len(removed)} x {dim}; rebuild the index")
+            index._ivf().nprobe = int(index.approx_params.get("nprobe", 1))
+        elif raw:
+            raise IndexFileError(f"{path} is an ivf-pq index: it needs faiss (pip install 'alt-i2v[faiss]')")
         else:
             print("alt-i2v: note: faiss is not installed, so this index is searched exactly "
                   "(pip install 'alt-i2v[faiss]' for the approximate backend)", file=sys.stderr)

@@ -2,15 +2,23 @@
 
 Exact search is a matrix product of the stored vectors (float32, or float16 for half the memory) with the
 queries, done chunk by chunk with a running top-k (:mod:`.kernels`), so 1M x 2048 never needs a full-size
-temporary. The optional approximate backend (``pip install alt-i2v[faiss]``) is an IVF index with 8-bit
-scalar quantisation (L2 on the unit vectors, which ranks like cosine) whose candidates are re-ranked with
-the exact vectors. :mod:`.files` writes and reads the index directory.
+temporary. The optional approximate backends (``pip install alt-i2v[faiss]``) are faiss IVF indexes (L2 on
+the unit vectors, which ranks like cosine) whose candidates are re-ranked with the exact vectors:
+
+- ``ivf-sq8``: 8-bit scalar quantisation (d bytes a vector), the vectors in memory;
+- ``ivf-pq``: OPQ rotation (reducing wide embeddings to 256 dimensions) + product quantisation (d/4 bytes
+  of the reduced width, 64 bytes at 2048), the float16 vectors memory-mapped from disk: RAM holds the codes
+  and the disk holds the rest. :mod:`.large` builds one of those in bounded memory.
+
+Removing an id leaves its row in place, marked removed (its codes leave the faiss index); a rebuild
+reclaims the space. :mod:`.files` writes and reads the index directory.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,6 +29,35 @@ from .files import DTYPES, IndexFileError, _import_faiss, load_index, save_index
 from .kernels import _F16_SCALE, _as_f32, _f16_topk, _topk, normalize_rows
 
 _CHUNK_BYTES = 64 << 20  # largest temporary of an exact search (scores, or float16 rows made float32)
+KINDS = ("exact", "ivf-sq8", "ivf-pq")
+PQ_WIDTH = 256  # ivf-pq: wider embeddings are reduced to this by the OPQ transform
+_PQ_MIN = 1000  # fewer vectors cannot train 256 centroids per sub-quantiser
+
+
+def choose_kind(count: int, dim: int) -> str:
+    """``--index-type auto``: exact while the float32 vectors fit in 1 GiB (131k at 2048), ivf-sq8 (vectors
+    + codes in memory) up to 4 GiB of them (524k at 2048), ivf-pq (codes in memory, vectors on disk) above."""
+    size = int(count) * int(dim) * 4
+    if size <= 1 << 30:
+        return "exact"
+    return "ivf-sq8" if size <= 4 << 30 else "ivf-pq"
+
+
+def pq_shape(dim: int) -> tuple[int, int]:
+    """``(width, m)`` of an ivf-pq index: the OPQ output width (``dim`` up to 256, else 256) and the number
+    of sub-quantisers (1 byte each): the largest divisor of the width up to width/4 and 64."""
+    width = min(int(dim), PQ_WIDTH)
+    m = max(x for x in range(1, max(1, width // 4) + 1) if width % x == 0 and x <= 64)
+    return width, m
+
+
+def resolve_kind(kind: str, count: int, dim: int) -> str:
+    """``kind`` checked, "auto" made concrete by :func:`choose_kind`."""
+    if kind == "auto":
+        return choose_kind(count, dim)
+    if kind not in KINDS:
+        raise ValueError(f"index type must be auto or one of {KINDS}, got {kind!r}")
+    return kind
 
 
 def _check_id(value: Any) -> Any:
@@ -52,24 +89,28 @@ class SimilarityIndex:
         self._id_pos: dict | None = None
         self._approx = None  # faiss index or None
         self.approx_params: dict | None = None
-        self.count = 0
+        self._removed: set[int] = set()  # positions whose id was removed (rows kept until a rebuild)
+        self.count = 0  # rows, removed ones included
 
     # ---------------------------------------------------------------------------------------------- build
     @classmethod
     def build(cls, embeddings: np.ndarray, ids: Sequence | None = None, *, paths: Sequence[str] | None = None,
-              dtype: str = "float32", approx: bool = False, info: dict | None = None,
+              dtype: str | None = None, approx: bool = False, kind: str | None = None, info: dict | None = None,
               **approx_kw: Any) -> "SimilarityIndex":
-        """A new index of ``embeddings`` (N, D); ``ids`` default to 0..N-1. ``approx=True`` also trains the
-        faiss backend (``nlist``, ``nprobe``, ``refine`` may be given)."""
+        """A new index of ``embeddings`` (N, D); ``ids`` default to 0..N-1. ``kind`` "exact" (default),
+        "ivf-sq8" (also ``approx=True``), "ivf-pq" or "auto" (:func:`choose_kind`) trains a faiss backend
+        (``nlist``, ``nprobe``, ``refine`` may be given). ``dtype`` defaults to float16 for ivf-pq (its
+        re-rank vectors), float32 otherwise."""
         emb = np.asarray(embeddings)
         if emb.ndim != 2 or emb.shape[0] == 0:
             raise ValueError(f"embeddings must be a non-empty (N, D) array, got shape {emb.shape}")
-        index = cls(emb.shape[1], dtype=dtype, info=info)
+        kind = resolve_kind(kind or ("ivf-sq8" if approx else "exact"), emb.shape[0], emb.shape[1])
+        index = cls(emb.shape[1], dtype=dtype or ("float16" if kind == "ivf-pq" else "float32"), info=info)
         if ids is None:
             index._ids = None
         index.add(emb, ids, paths=paths)
-        if approx:
-            index.build_approx(**approx_kw)
+        if kind != "exact":
+            index.build_approx(kind=kind, **approx_kw)
         return index
 
     def add(self, embeddings: np.ndarray, ids: Sequence | None = None, *,
@@ -114,7 +155,9 @@ class SimilarityIndex:
             block[s:s + step] = normalize_rows(emb[s:s + step])
         if self._approx is not None:
             for s in range(0, n, step):
-                self._approx.add(np.ascontiguousarray(block[s:s + step], dtype=np.float32))
+                rows = np.ascontiguousarray(block[s:s + step], dtype=np.float32)
+                # explicit ids: after a removal faiss's own count is no longer the next row's position
+                self._approx.add_with_ids(rows, np.arange(self.count + s, self.count + s + len(rows), dtype=np.int64))
         self._blocks.append(block)
         if positional:
             self._ids = None
@@ -131,12 +174,47 @@ class SimilarityIndex:
 
     def _positions(self) -> dict:
         if self._id_pos is None:
-            self._id_pos = {i: k for k, i in enumerate(self._ids or [])}
+            self._id_pos = {i: k for k, i in enumerate(self._ids or []) if k not in self._removed}
         return self._id_pos
+
+    def remove(self, ids: Sequence) -> int:
+        """Remove ``ids`` (KeyError naming the first unknown one, nothing removed then): their rows stay
+        in place, never returned again, and their codes leave the approximate index. Returns how many."""
+        ids = [_check_id(i) for i in ids]
+        missing = [i for i in ids if not self._has(i)]
+        if missing:
+            raise KeyError(f"not in the index: {missing[:5]}")
+        pos = sorted({self.position(i) for i in ids})
+        if self._approx is not None and pos:
+            self._approx.remove_ids(np.asarray(pos, dtype=np.int64))
+        self._removed.update(pos)
+        if self._ids is not None:
+            index_of = self._positions()
+            for i in ids:
+                index_of.pop(i, None)
+        return len(pos)
+
+    def _has(self, id_: Any) -> bool:
+        try:
+            self.position(id_)
+        except KeyError:
+            return False
+        return True
+
+    @property
+    def removed(self) -> list[int]:
+        """Positions of removed rows (sorted)."""
+        return sorted(self._removed)
 
     # ---------------------------------------------------------------------------------------------- access
     def __len__(self) -> int:
-        return self.count
+        """Vectors that can be found (rows less removed ones)."""
+        return self.count - len(self._removed)
+
+    @property
+    def kind(self) -> str:
+        """"exact", "ivf-sq8" or "ivf-pq"."""
+        return str(self.approx_params["kind"]).lower() if self.approx_params else "exact"
 
     @property
     def ids(self) -> list:
@@ -153,9 +231,9 @@ class SimilarityIndex:
         return None if self._paths is None else self._paths[position]
 
     def position(self, id_: Any) -> int:
-        """Row of an id (KeyError if absent)."""
+        """Row of an id (KeyError if absent or removed)."""
         if self._ids is None:
-            if isinstance(id_, int) and 0 <= id_ < self.count:
+            if isinstance(id_, int) and 0 <= id_ < self.count and id_ not in self._removed:
                 return id_
             raise KeyError(id_)
         return self._positions()[id_]
@@ -204,9 +282,10 @@ class SimilarityIndex:
         if k < 1:
             raise ValueError("k must be >= 1")
         q = normalize_rows(q, what="queries")
-        k = min(int(k), self.count)
-        if k == 0:
+        want = min(int(k), len(self))
+        if want == 0:
             return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
+        k = min(want + len(self._removed), self.count)  # removed rows may take places: ask for more
         use_approx = self._approx is not None if approx is None else bool(approx)
         if use_approx:
             if self._approx is None:
@@ -215,8 +294,19 @@ class SimilarityIndex:
             scores, pos = self._search_approx(q, k)
         else:
             scores, pos = self._search_exact(q, k)
+        if self._removed:
+            scores, pos = self._drop_removed(scores, pos, want)
         np.clip(scores, -1.0, 1.0, out=scores)  # rounding can put a self-match a hair above 1
         return scores, pos
+
+    def _drop_removed(self, scores: np.ndarray, pos: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The best ``k`` per row that are not removed (rows are sorted best first)."""
+        gone = np.isin(pos, np.fromiter(self._removed, np.int64, len(self._removed)))
+        order = np.argsort(gone, axis=1, kind="stable")[:, :k]  # kept ones first, order unchanged
+        s, p = np.take_along_axis(scores, order, 1), np.take_along_axis(pos, order, 1)
+        dropped = np.take_along_axis(gone, order, 1)
+        s[dropped], p[dropped] = -np.inf, -1
+        return np.ascontiguousarray(s), np.ascontiguousarray(p)
 
     def _search_exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         nq = len(q)
@@ -258,7 +348,7 @@ class SimilarityIndex:
 
     def _search_approx(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         refine = int((self.approx_params or {}).get("refine", 4))
-        kk = min(self.count, max(k * refine, k))
+        kk = min(self.count, max(k, 10) * refine)  # a short k still re-ranks as many as k=10 would
         step = max(1, _CHUNK_BYTES // (4 * kk * self.dim))  # queries per group: bounded re-rank rows
         if len(q) > step:
             parts = [self._search_approx(q[s:s + step], k) for s in range(0, len(q), step)]
@@ -275,41 +365,93 @@ class SimilarityIndex:
         return s, p
 
     # ---------------------------------------------------------------------------------------------- approx
-    def build_approx(self, nlist: int | None = None, nprobe: int | None = None, refine: int = 4,
-                     train_size: int | None = None, target_recall: float = 0.95, seed: int = 0) -> None:
-        """Train and fill a faiss IVF index with 8-bit scalar quantisation, then measure its recall.
+    def build_approx(self, nlist: int | None = None, nprobe: int | None = None, refine: int | None = None,
+                     train_size: int | None = None, target_recall: float = 0.95, seed: int = 0,
+                     kind: str = "ivf-sq8", progress: Any = None) -> None:
+        """Train a faiss IVF index on a sample, fill it, then measure its recall.
 
-        ``nlist`` inverted lists (default ~sqrt(N)/4); ``nprobe`` lists visited per query (default: the
-        smallest that reaches ``target_recall`` recall@10 against exact search, measured on stored vectors
-        used as queries, see :meth:`calibrate`); ``refine``: candidates per wanted neighbour re-ranked
-        with the exact vectors. The measured recall is kept in ``approx_params["recall10"]``.
+        ``kind`` "ivf-sq8" (8-bit scalar quantisation) or "ivf-pq" (OPQ + product quantisation, see
+        :func:`pq_shape`). ``nlist`` inverted lists (default ~sqrt(N)/4 for ivf-sq8, ~sqrt(N) for ivf-pq);
+        ``nprobe`` lists visited per query (default: the smallest that reaches ``target_recall`` recall@10
+        against exact search, measured on stored vectors used as queries, see :meth:`calibrate`);
+        ``refine``: candidates per wanted neighbour re-ranked with the exact vectors (4, 10 for ivf-pq);
+        ``train_size``: the sample the quantisers learn from. Rows are read a chunk at a time (a
+        memory-mapped block is never read whole); ``progress(rows)`` is called as they are added. The
+        measured recall is kept in ``approx_params["recall10"]``.
         """
         faiss = _import_faiss()
         n = self.count
         if n == 0:
             raise ValueError("add vectors before building the approximate index")
-        nlist = int(nlist or max(1, min(4096, round(math.sqrt(n) / 4))))
-        nlist = max(1, min(nlist, n // 8 or 1))
-        # L2 on unit vectors ranks like cosine, and its k-means cells keep neighbours together better
-        # than inner-product cells (measured: recall@10 0.99 vs 0.91 at the same nprobe)
-        quantizer = faiss.IndexFlatL2(self.dim)
-        index = faiss.IndexIVFScalarQuantizer(quantizer, self.dim, nlist, faiss.ScalarQuantizer.QT_8bit,
-                                              faiss.METRIC_L2)
-        index.cp.niter = 12
-        index.cp.seed = seed
-        index.cp.max_points_per_centroid = 128
-        m = min(n, int(train_size or max(nlist * 128, 20_000)))
+        if kind not in ("ivf-sq8", "ivf-pq"):
+            raise ValueError(f"approximate kind must be ivf-sq8 or ivf-pq, got {kind!r}")
+        params: dict[str, Any] = {"backend": "faiss", "kind": kind.upper(), "metric": "l2"}
+        if kind == "ivf-sq8":
+            nlist = int(nlist or max(1, min(4096, round(math.sqrt(n) / 4))))
+            nlist = max(1, min(nlist, n // 8 or 1))
+            # L2 on unit vectors ranks like cosine, and its k-means cells keep neighbours together better
+            # than inner-product cells (measured: recall@10 0.99 vs 0.91 at the same nprobe)
+            quantizer = faiss.IndexFlatL2(self.dim)
+            index = ivf = faiss.IndexIVFScalarQuantizer(quantizer, self.dim, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                                        faiss.METRIC_L2)
+            m = min(n, int(train_size or max(nlist * 128, 20_000)))
+            refine = int(refine or 4)
+        else:
+            if n < _PQ_MIN:
+                raise ValueError(f"an ivf-pq index needs at least {_PQ_MIN} vectors to train its quantisers, "
+                                 f"this one has {n}: use exact search (--index-type exact)")
+            width, msub = pq_shape(self.dim)
+            nlist = int(nlist or max(1, min(65536, round(math.sqrt(n)))))
+            nlist = max(1, min(nlist, n // 39 or 1))
+            nbits = 8 if n >= 256 * 39 else max(4, int(math.log2(n // 39)))  # k-means wants 39 rows a centroid
+            ivf = faiss.IndexIVFPQ(faiss.IndexFlatL2(width), width, nlist, msub, nbits)
+            # PQ's k-means on 4-wide sub-vectors is the slow part of training: fewer rows and rounds for it
+            ivf.pq.cp.niter = 12
+            ivf.pq.cp.max_points_per_centroid = 64
+            if width < self.dim:  # OPQ: a learned rotation + reduction, so PQ's sub-spaces carry equal energy
+                opq = faiss.OPQMatrix(self.dim, msub, width)
+                opq.niter, opq.niter_pq, opq.niter_pq_0 = 6, 4, 10
+                opq.max_train_points = 32768
+                index = faiss.IndexPreTransform(opq, ivf)
+            else:
+                index = ivf
+            m = min(n, int(train_size or max(nlist * 40, 65536)))
+            refine = int(refine or 10)
+            params.update(width=width, m=msub, nbits=nbits, opq=width < self.dim)
+        ivf.cp.niter = 12
+        ivf.cp.seed = seed
+        ivf.cp.max_points_per_centroid = 128
         rng = np.random.default_rng(seed)
         sample = np.sort(rng.choice(n, size=m, replace=False)) if m < n else np.arange(n)
-        index.train(np.ascontiguousarray(self._rows(sample)))
+        t0 = time.perf_counter()
+        train = np.empty((len(sample), self.dim), np.float32)
+        for s in range(0, len(sample), 65536):  # a memory-mapped block is read in sorted runs
+            train[s:s + 65536] = self._rows(sample[s:s + 65536])
+        index.train(train)
+        del train
+        t1 = time.perf_counter()
         step = max(1, _CHUNK_BYTES // (4 * self.dim))
+        offset = 0
         for block in self._blocks:
             for s in range(0, len(block), step):
-                index.add(_as_f32(block[s:s + step]))
+                rows = _as_f32(block[s:s + step])
+                index.add_with_ids(rows, np.arange(offset + s, offset + s + len(rows), dtype=np.int64))
+                if progress is not None:
+                    progress(len(rows))
+            offset += len(block)
+        if self._removed:
+            index.remove_ids(np.asarray(sorted(self._removed), dtype=np.int64))
         self._approx = index
-        self.approx_params = {"backend": "faiss", "kind": "IVF-SQ8", "nlist": nlist, "nprobe": 1,
-                              "refine": int(refine), "metric": "l2"}
+        t2 = time.perf_counter()
+        self.approx_params = {**params, "nlist": nlist, "nprobe": 1, "refine": refine, "train_size": int(m)}
         self.calibrate(target_recall=target_recall, nprobe=nprobe, seed=seed)
+        self.approx_params["seconds"] = {"train": round(t1 - t0, 2), "add": round(t2 - t1, 2),
+                                         "calibrate": round(time.perf_counter() - t2, 2)}
+
+    def _ivf(self):
+        """The IVF part of the faiss index (under the OPQ transform of an ivf-pq index)."""
+        faiss = _import_faiss()
+        return faiss.extract_index_ivf(self._approx)
 
     def calibrate(self, target_recall: float = 0.95, nprobe: int | None = None, k: int = 10,
                   queries: int = 64, seed: int = 0) -> float:
@@ -318,21 +460,24 @@ class SimilarityIndex:
         of a 1, 2, 3, 4, 6, 8, 12, ... ladder that reaches ``target_recall``. Returns the recall."""
         if self._approx is None:
             raise AltI2VError("this index has no approximate backend")
-        n = self.count
+        live = np.setdiff1d(np.arange(self.count), np.fromiter(self._removed, np.int64, len(self._removed)))
+        n = len(live)
         m = min(queries, n)
-        rows = np.sort(np.random.default_rng(seed + 1).choice(n, size=m, replace=False))
+        rows = np.sort(np.random.default_rng(seed + 1).choice(live, size=m, replace=False))
         q = self._rows(rows)
         kk = min(k + 1, n)
-        _, truth = self._search_exact(q, kk)
+        _, truth = self.search_positions(q, kk, approx=False)
         want = [[p for p in t if p != r][:k] for t, r in zip(truth, rows)]
 
+        ivf = self._ivf()
+
         def recall(probe: int) -> float:
-            self._approx.nprobe = probe
-            _, found = self._search_approx(q, kk)
+            ivf.nprobe = probe
+            _, found = self.search_positions(q, kk, approx=True)
             got = [[p for p in f if p != r][:k] for f, r in zip(found, rows)]
             return float(np.mean([len(set(g) & set(w)) / max(1, len(w)) for g, w in zip(got, want)]))
 
-        nlist = int(self._approx.nlist)
+        nlist = int(ivf.nlist)
         if nprobe is not None:
             chosen, measured = min(int(nprobe), nlist), None
         else:
@@ -343,9 +488,9 @@ class SimilarityIndex:
                 if measured >= target_recall:
                     chosen = probe
                     break
-        if measured is None or self._approx.nprobe != chosen:
+        if measured is None or ivf.nprobe != chosen:
             measured = recall(chosen)
-        self._approx.nprobe = chosen
+        ivf.nprobe = chosen
         self.approx_params.update(nprobe=chosen, recall10=round(measured, 4), recall_queries=m)
         return measured
 
@@ -353,7 +498,7 @@ class SimilarityIndex:
         """Lists visited per approximate query: higher is slower and more accurate."""
         if self._approx is None:
             raise AltI2VError("this index has no approximate backend")
-        self._approx.nprobe = int(nprobe)
+        self._ivf().nprobe = int(nprobe)
         self.approx_params["nprobe"] = int(nprobe)
 
     def drop_approx(self) -> None:

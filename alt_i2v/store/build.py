@@ -33,6 +33,7 @@ class BuildResult:
     stored: int = 0
     already: int = 0
     removed: int = 0
+    moved: int = 0  # stored records whose split changed (a --dedupe group joined them to another post's)
     skipped: list[dict] = field(default_factory=list)  # {"id", "file", "reason", "detail"}
     posts_errors: list[dict] = field(default_factory=list)
     duplicates: int = 0
@@ -46,7 +47,8 @@ class BuildResult:
         reasons = count_reasons(self.skipped)
         rate = self.stored / self.seconds if self.seconds > 0 else 0.0
         return {"store": str(self.path), "stored now": self.stored, "already stored": self.already,
-                "removed (no longer in posts)": self.removed, "skipped images": len(self.skipped),
+                "removed (no longer in posts)": self.removed,
+                "moved to their near-copies' split": self.moved, "skipped images": len(self.skipped),
                 "skip reasons": reasons, "bad posts.jsonl lines": len(self.posts_errors),
                 "duplicate ids": self.duplicates, "posts with no vocab tag": self.no_labels,
                 "records per split": self.counts, "images/s": round(rate, 1),
@@ -154,6 +156,7 @@ def _build(data_dir: Path, path: Path, cfg: BuildConfig, vocab: Vocab, *, prune:
     """The build itself, into ``path`` (one LevelDB, or ``shards`` of them), under the caller's store lock."""
     from ..data.posts import PostsRead, id_key, iter_posts, post_image_path, posts_path
     from ..progress import bar
+    from ..search.dedupe import group_leaders
     from .shards import build_sharded
 
     posts_file = posts_path(data_dir)
@@ -165,13 +168,14 @@ def _build(data_dir: Path, path: Path, cfg: BuildConfig, vocab: Vocab, *, prune:
             "split": {"val": cfg.val_fraction, "test": cfg.test_fraction}}
     result = BuildResult(path=path)
     read = PostsRead()
+    leaders = group_leaders(data_dir)  # --dedupe's groups: each takes the split of its first post
     entries = []  # (key, id, file, labels, split) of every post
     for post in iter_posts(data_dir, read):
         labels = vocab.labels(post)
         if not labels:
             result.no_labels += 1
         entries.append((id_key(post["id"]).encode(), post["id"], str(post_image_path(post, data_dir)), labels,
-                        split_of(post["id"], cfg.val_fraction, cfg.test_fraction)))
+                        split_of(leaders.get(post["id"], post["id"]), cfg.val_fraction, cfg.test_fraction)))
     result.posts_errors, result.duplicates = read.errors, len(read.duplicates)
     if not entries:
         raise AltI2VError(f"{posts_file}: not one usable post in {read.lines} lines (see the bad lines in "
@@ -183,6 +187,7 @@ def _build(data_dir: Path, path: Path, cfg: BuildConfig, vocab: Vocab, *, prune:
         else:
             stats = build_sharded(path, want, entries, cfg, data_dir, shards, prune=prune, progress=progress.update)
     result.stored, result.already, result.removed = stats["stored"], stats["already"], stats["removed"]
+    result.moved = stats.get("moved", 0)
     result.skipped, result.counts = stats["skipped"], stats["counts"]
     result.seconds = time.perf_counter() - t0
     return result
@@ -219,6 +224,7 @@ def build_shard(path: Path, want: dict, entries: Sequence[tuple], cfg: BuildConf
             progress(stats["already"])
         info = {t[0]: t[1:5] for t in tasks}  # key -> (id, file, labels, split)
         counts = dict(meta.get("counts", {}))
+        stats["moved"] = _move_splits(db, [e for e in entries if e[0] not in info], counts, meta)
         stats["removed"] = _prune(db, {e[0] for e in entries}, counts, meta, allow_all=prune)
 
         pool = threads_pool = None
@@ -273,6 +279,33 @@ def _commit(batch, meta: dict, counts: dict) -> None:
     meta["counts"] = {s: int(counts.get(s, 0)) for s in SPLITS}
     batch.put(META_KEY, pack(meta))
     batch.write()
+
+
+def _move_splits(db, stored: Sequence[tuple], counts: dict, meta: dict) -> int:
+    """Give stored records the split their entry now wants (a --dedupe report put them in a group with a
+    post of another split): the record's own split and its index entry move together, in WriteBatches."""
+    moved = 0
+    wb = db.write_batch()
+    for key, _pid, _file, _labels, split in stored:
+        if db.get(IDX + split.encode() + b"/" + key) is not None:
+            continue
+        old = next((s for s in SPLITS if s != split and db.get(IDX + s.encode() + b"/" + key) is not None), None)
+        raw = db.get(REC + key)
+        if old is None or raw is None:
+            continue
+        record = unpack(raw)
+        record["split"] = split
+        wb.put(REC + key, pack(record))
+        wb.put(IDX + split.encode() + b"/" + key, db.get(IDX + old.encode() + b"/" + key))
+        wb.delete(IDX + old.encode() + b"/" + key)
+        counts[old] = counts.get(old, 0) - 1
+        counts[split] = counts.get(split, 0) + 1
+        moved += 1
+        if moved % 256 == 0:
+            _commit(wb, meta, counts)
+            wb = db.write_batch()
+    _commit(wb, meta, counts)
+    return moved
 
 
 def _prune(db, live: set, counts: dict, meta: dict, *, allow_all: bool) -> int:

@@ -219,7 +219,8 @@ def build_sharded(path: Path, want: dict, entries: Sequence[tuple], cfg: BuildCo
     ctx = mp.get_context("spawn")
     messages = ctx.Queue()
     procs = []
-    total: dict[str, Any] = {"stored": 0, "already": 0, "removed": 0, "skipped": [], "counts": {s: 0 for s in SPLITS}}
+    total: dict[str, Any] = {"stored": 0, "already": 0, "removed": 0, "moved": 0, "skipped": [],
+                             "counts": {s: 0 for s in SPLITS}}
     try:
         for i in range(shards):
             shard_meta = {**want, "shard": i, "shards": shards}
@@ -245,8 +246,8 @@ def build_sharded(path: Path, want: dict, entries: Sequence[tuple], cfg: BuildCo
                 raise AltI2VError(f"{path / shard_name(i, shards)}: {payload}")
             else:
                 done.add(i)
-                for k in ("stored", "already", "removed"):
-                    total[k] += payload[k]
+                for k in ("stored", "already", "removed", "moved"):
+                    total[k] += payload.get(k, 0)
                 total["skipped"] += payload["skipped"]
                 for s, c in payload["counts"].items():
                     total["counts"][s] += c
