@@ -23,13 +23,14 @@ _EXPORTS = {
     "create_app": "serve", "run_server": "serve",
     # model and training
     "build_model": "model.build", "train": "training.run", "evaluate": "training.evaluation",
-    "compare": "training.compare",
-    "load_model": "model.build", "embedding_model": "model.build", "ModelConfig": "config",
+    "compare": "tagging.compare",
+    "load_model": "model.modeldir", "embedding_model": "model.build", "ModelConfig": "config",
     "TrainConfig": "config", "DistConfig": "training.distribute",
     # data stages
     "scrape": "scraper", "import_folder": "data.posts", "read_posts": "data.posts", "build_vocab": "data.vocab",
-    "Vocab": "data.vocab", "build_store": "store", "Store": "store", "load_image": "data.imaging",
-    "run_demo": "demo", "generate_demo_dataset": "demo", "DataDir": "data.layout", "ModelDir": "data.layout",
+    "Vocab": "data.vocab", "build_store": "store", "Store": "store", "open_store": "store",
+    "load_image": "data.imaging", "run_demo": "demo", "generate_demo_dataset": "data.synthetic",
+    "DataDir": "data.layout", "ModelDir": "model.modeldir",
     # settings and errors
     "ImageConfig": "config", "AltI2VError": "errors", "ImageLoadError": "errors",
 }

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import UsageError
@@ -18,8 +17,11 @@ from .errors import UsageError
 T = TypeVar("T", bound="JsonConfig")
 
 RESIZE_MODES = ("pad", "stretch", "crop", "square")  # square: pad at full size, then resize (WD14)
-DEFAULT_CATEGORIES = ("general", "character", "copyright")
-ALL_CATEGORIES = ("general", "character", "copyright", "artist", "meta", "rating")
+# Danbooru's tag categories (the lists of a post's "tags"), and "rating", which a vocabulary may learn as
+# tags (rating:g ...); alt_i2v.data.tags has the rest of what a tag is.
+TAG_CATEGORIES = ("general", "character", "copyright", "artist", "meta")
+ALL_CATEGORIES = (*TAG_CATEGORIES, "rating")
+DEFAULT_CATEGORIES = TAG_CATEGORIES[:3]
 
 
 class JsonConfig:
@@ -44,9 +46,6 @@ class JsonConfig:
                 tuple_field = isinstance(f.default, tuple) or "tuple" in str(f.type)
                 kwargs[k] = tuple(v) if tuple_field and isinstance(v, list) else v
         return cls(**kwargs)
-
-    def to_json(self) -> str:
-        return json.dumps(self.get_config(), indent=2)
 
     @classmethod
     def from_json(cls: type[T], text: str) -> T:
@@ -121,10 +120,6 @@ def resolve_workers(workers: int | None) -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - non-Linux
         return max(1, os.cpu_count() or 1)
-
-
-def load_config(cls: type[T], path: str | Path) -> T:
-    return cls.from_json(Path(path).read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -286,7 +281,7 @@ class ServeConfig(JsonConfig):
 
 
 __all__ = [
-    "JsonConfig", "ImageConfig", "VocabConfig", "BuildConfig", "RESIZE_MODES", "DEFAULT_CATEGORIES",
-    "ALL_CATEGORIES", "resolve_workers", "load_config", "field", "ModelConfig", "TrainConfig", "LOSSES",
+    "JsonConfig", "ImageConfig", "VocabConfig", "BuildConfig", "RESIZE_MODES", "TAG_CATEGORIES", "DEFAULT_CATEGORIES",
+    "ALL_CATEGORIES", "resolve_workers", "field", "ModelConfig", "TrainConfig", "LOSSES",
     "MIXED_PRECISION", "OPTIMIZERS", "SCHEDULES", "POOLINGS", "TRUNKS", "ServeConfig",
 ]

@@ -21,6 +21,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".
 TMP_SUFFIX = ".part"
 # every temp name this program makes starts with this: a sweep removes those and nothing a user named
 TMP_MARKER = ".~alt-i2v-"
+OLD_SUFFIX = ".old"  # atomic_dir: the folder replaced, renamed aside (a temp name of <name>.old) for the swap
 _TEMP_RE = re.compile(r"^\.~alt-i2v-(\d+)-[0-9a-f]{8}-(.*)\.part(\.[A-Za-z0-9]{1,8})?$", re.S)
 
 
@@ -82,7 +83,10 @@ def commit(tmp: str | os.PathLike, path: str | os.PathLike, *, sync_dir: bool = 
     return Path(path)
 
 
-def _discard(path: Path) -> None:
+def discard(path: str | os.PathLike) -> None:
+    """Remove a file or folder if it is there; an error removing it is ignored (what is left is a temp
+    file that :func:`remove_stale_temps` clears later)."""
+    path = Path(path)
     try:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
@@ -103,14 +107,15 @@ def atomic_path(path: str | os.PathLike, *, keep_suffix: bool = False, sync_dir:
         yield tmp
         commit(tmp, path, sync_dir=sync_dir)
     finally:
-        _discard(tmp)
+        discard(tmp)
 
 
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a new temporary directory beside ``path`` to fill; on success every file in it is made
-    durable and the directory replaces ``path`` in one rename (an old one is moved aside first, then
-    deleted), on failure it is removed."""
+    durable and the directory replaces ``path`` in one rename (an old one is moved aside first, under a
+    temp name of ``<name>.old`` that :func:`stale_temps` finds after a kill, then deleted), on failure it is
+    removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
@@ -122,15 +127,15 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         fsync_dir(tmp)
-        old = temp_path(path) if path.exists() else None
+        old = temp_path(path.with_name(path.name + OLD_SUFFIX)) if path.exists() else None
         if old is not None:
             os.replace(path, old)
         os.replace(tmp, path)
         fsync_dir(path.parent)
         if old is not None:
-            _discard(old)
+            discard(old)
     finally:
-        _discard(tmp)
+        discard(tmp)
 
 
 @contextmanager
@@ -358,6 +363,26 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int =
     return h.hexdigest()
 
 
+def list_image_files(folder: str | os.PathLike, *, recursive: bool = True, exclude: str | os.PathLike | None = None
+                     ) -> tuple[list[Path], int]:
+    """The image files (by extension) in ``folder``, sub-folders too when ``recursive``, sorted by path;
+    hidden files and folders (a leading dot: temporary files, ``.git``) and the folder ``exclude`` left
+    out. Also how many other files were seen. The one lister of image folders (import, tag, screen)."""
+    root = Path(folder)
+    skip = Path(exclude).resolve() if exclude is not None else None
+    files, others = [], 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if recursive and not d.startswith(".")
+                       and (skip is None or (here / d).resolve() != skip)]
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                files.append(here / name)
+            else:
+                others += 1
+    return sorted(files, key=str), others
 def stale_temps(folder: str | os.PathLike, target: str) -> list[Path]:
     """Temps :func:`temp_path` made for ``folder/target`` whose writer no longer runs (what a killed write
     of that very file or folder left)."""

@@ -1,15 +1,10 @@
-"""Progress bars, one-screen summaries and JSON reports, all silenced by ``quiet``."""
+"""Progress bars and one-screen summaries, silenced by ``quiet``; counting skip reasons for reports."""
 
 from __future__ import annotations
 
 import sys
-import time
 from collections import Counter
-from pathlib import Path
 from typing import Any, Iterable, Mapping
-
-from .fsutil import atomic_write_json
-from .data.layout import DataDir
 
 
 def bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it",
@@ -42,10 +37,3 @@ def _fmt(v: Any) -> str:
 def count_reasons(skipped: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     """How many skipped items (dicts with a ``reason``) there are of each reason, by reason name."""
     return dict(sorted(Counter(s["reason"] for s in skipped).items()))
-
-
-def write_report(data_dir: str | Path, name: str, report: Mapping[str, Any]) -> Path:
-    """Atomically write ``DATA/reports/<name>.json`` and return its path."""
-    path = DataDir(data_dir).report(name)
-    payload = {"written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **report}
-    return atomic_write_json(path, payload)

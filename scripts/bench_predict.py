@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import sys
 import tempfile
@@ -144,20 +143,24 @@ def _on_gpu() -> bool:
 
 def make_model_dir(model_dir: Path, num_tags: int, image_size: int, backbone: str = "tiny") -> None:
     """A model directory in the documented format (docs/formats.md) around an untrained model."""
-    from alt_i2v.model.build import build_model, embedding_dim
+    from alt_i2v.config import ImageConfig, ModelConfig
     from alt_i2v.data.vocab import Vocab
+    from alt_i2v.model.backbones import resolve_config
+    from alt_i2v.model.build import build_model, embedding_dim
+    from alt_i2v.model.modeldir import ModelDir, config_record
+    from alt_i2v.model.thresholds import uniform_thresholds
 
-    model_dir.mkdir(parents=True)
     vocab = Vocab(tags=[{"name": f"tag_{i:04d}", "category": "general", "count": num_tags - i}
                         for i in range(num_tags)])
-    model = build_model(num_tags=num_tags, image_size=image_size, backbone=backbone, weights=None, frozen=0)
-    model.save(model_dir / "model.keras")
-    vocab.save(model_dir / "vocab.json")
-    cfg = {"version": 1, "model": {"backbone": backbone, "num_tags": num_tags, "image_size": image_size},
-           "image": {"image_size": image_size, "resize": "pad"}, "num_tags": num_tags,
-           "vocab_sha256": vocab.sha256, "embedding_dim": embedding_dim(model)}
-    (model_dir / "config.json").write_text(json.dumps(cfg))
-    (model_dir / "thresholds.json").write_text(json.dumps({"version": 1, "global": 0.5, "tags": {}}))
+    config = resolve_config(ModelConfig(num_tags=num_tags, image_size=image_size, backbone=backbone, weights=None,
+                                        frozen=0))
+    model = build_model(config=config)
+    md = ModelDir(model_dir).create()
+    md.write_model(model)
+    md.write_vocab(vocab)
+    md.write_config(config_record(config, None, ImageConfig(image_size=image_size), vocab,
+                                  embedding_dim(model)))
+    md.write_thresholds(uniform_thresholds(0.5))
 
 
 def naive(files: list[Path], model, cfg, names: list[str], thr: np.ndarray) -> tuple[list[dict], np.ndarray]:
@@ -187,6 +190,7 @@ def main() -> int:
     import keras
 
     from alt_i2v.cli import main as cli_main
+    from alt_i2v.model.modeldir import load_model
     from alt_i2v.tagging.tagger import Tagger
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -201,7 +205,7 @@ def main() -> int:
               f"backend {keras.backend.backend()}, {os.cpu_count()} cores; setup {time.perf_counter() - t:.1f} s")
 
         tagger = Tagger(tmp / "model", batch_size=args.batch_size)
-        model = keras.saving.load_model(tmp / "model" / "model.keras", safe_mode=True, compile=False)
+        model = load_model(tmp / "model")
         names, thr = tagger.vocab.names, tagger.thresholds
 
         # warm both paths (graph tracing / compilation is not what is measured)

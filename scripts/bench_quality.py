@@ -96,9 +96,10 @@ def run_one(name: str, data: Path, model_dir: Path, settings: dict, budget: floa
     seconds it took), score the model already in ``model_dir`` instead (``--trained``)."""
     from alt_i2v.training.evaluation import predict_split
     from alt_i2v.training.metrics import compute_metrics, prf_at
-    from alt_i2v.training.thresholds import calibrate_thresholds, read_thresholds, thresholds_vector
-    from alt_i2v.model.build import load_model
-    from alt_i2v.store import Store
+    from alt_i2v.model.modeldir import ModelDir, load_model
+    from alt_i2v.model.thresholds import thresholds_vector
+    from alt_i2v.store import open_store
+    from alt_i2v.training.thresholds import calibrate_thresholds
     from alt_i2v.training.run import train
     from alt_i2v.data.vocab import Vocab
 
@@ -112,9 +113,8 @@ def run_one(name: str, data: Path, model_dir: Path, settings: dict, budget: floa
         history, best_epoch, stopped, hit = res.history, res.best_epoch, res.stopped_early, cb.hit
         params, train_images = res.params.get("total", 0), res.counts.get("train", 0)
     else:  # a model this recipe trained in another run: score it (its CPU seconds as that run measured them)
-        from alt_i2v.data.layout import ModelDir
         from alt_i2v.model.build import count_params
-        from alt_i2v.training.history import read_history
+        from alt_i2v.model.history import read_history
 
         cpu, wall = trained, None
         record = ModelDir(model_dir).read_config()
@@ -122,14 +122,14 @@ def run_one(name: str, data: Path, model_dir: Path, settings: dict, budget: floa
         stopped, hit = bool(record.get("stopped_early")), False
         params, train_images = count_params(load_model(model_dir))["total"], None
     vocab = Vocab.load(data / "vocab.json")
-    store = Store(data, vocab=vocab)
+    store = open_store(data, vocab=vocab)
     try:
         model = load_model(model_dir)
         _, y_true, y_prob = predict_split(model, store, "test", batch_size=128)
         _, y_val, p_val = predict_split(model, store, "val", batch_size=128)
     finally:
         store.close()
-    thr = thresholds_vector(read_thresholds(model_dir / "thresholds.json"), vocab.names)
+    thr = thresholds_vector(ModelDir(model_dir).read_thresholds(), vocab.names)
     m = compute_metrics(y_true, y_prob, thr)
     # the same calibration without its guards (no logit midpoint shrinkage or clamp), for comparison
     raw = calibrate_thresholds(y_val, p_val, vocab.names, clamp=None, shrink_prior=0)
@@ -158,10 +158,10 @@ def run_one(name: str, data: Path, model_dir: Path, settings: dict, budget: floa
 def subset_dataset(data: Path, root: Path, fraction: float) -> Path:
     """A copy of ``data`` whose train split keeps ``fraction`` of its posts (chosen by a hash of the post id),
     with every validation and test post, the same vocabulary and image size: a point of the learning curve."""
-    from alt_i2v.store import Store, build_store
+    from alt_i2v.store import build_store, open_store
     from alt_i2v.store.records import split_of
 
-    store = Store(data)
+    store = open_store(data)
     try:
         size, split = store.image_size, store.meta.get("split", {})
     finally:
@@ -217,9 +217,9 @@ def report(r: dict) -> None:
 
 def describe(data: Path) -> str:
     """What DATA is, from its store: counts, image size and tags."""
-    from alt_i2v.store import Store
+    from alt_i2v.store import open_store
 
-    store = Store(data)
+    store = open_store(data)
     try:
         counts, size, tags = store.counts(), store.image_size, store.num_tags
     finally:
@@ -297,9 +297,12 @@ def record_curves(data: Path, budget: float, points: list[dict], full: dict | No
     bench_all.record(results, name, measured, None, "which helps more: pictures or time", bench_all.this_device())
     row = next(e for e in results["results"] if e["name"] == name)
     row["benchmark"] = "`bench_quality.py --curves`"
-    row["compares"] = (f"test mAP of the defaults trained on 25% / 50% / 100% of the training pictures (the same "
-                       f"epochs) and with 1x / 2x{'/4x' if len(times) > 2 else ''} the epochs and budget "
-                       f"({budget:g} CPU-s = 1x); {about}")
+    shares = " / ".join(f"{p['fraction']:.0%}" if "fraction" in p else "100%" for p in pics)
+    multiples = " / ".join(f"{p.get('multiple', 1):g}x" for p in times)
+    row["compares"] = (f"test mAP of the defaults trained on {shares} of the training pictures (the same epochs) "
+                       f"and with {multiples} the epochs and budget ({budget:g} CPU-s = 1x); {about}")
+    if len(times) < 2:
+        row["note"] = "the budget curve (2x, 4x the time) was not measured: no CPU time was left (docs/quality.md)"
     _place(results, entry)
     bench_all.save_results(results)
     print(f"recorded in {bench_all.RESULTS_FILE}")
@@ -354,8 +357,11 @@ def main(argv=None) -> int:
             k, v = kv.split("=", 1)
             DEFAULTS[k] = json.loads(v)
         if args.curves:
-            points = curves(data, tmp, models, budget, [float(x) for x in args.fractions.split(",") if x],
-                            [float(x) for x in args.multiples.split(",") if x])
+            if args.combine:  # points measured by earlier --curves runs
+                points = [p for file in args.combine for p in json.loads(Path(file).read_text())["curves"]]
+            else:
+                points = curves(data, tmp, models, budget, [float(x) for x in args.fractions.split(",") if x],
+                                [float(x) for x in args.multiples.split(",") if x])
             if args.json:
                 Path(args.json).write_text(json.dumps({"data": str(data), "about": describe(data),
                                                        "cpu_budget_s": budget, "curves": points}, indent=2))

@@ -103,7 +103,8 @@ def build_models(backbone: str, tags: int, size: int, policy: str):
     import keras
 
     from alt_i2v.training.augment import training_model
-    from alt_i2v.model.build import build_model, get_loss
+    from alt_i2v.model.build import build_model
+    from alt_i2v.model.losses import get_loss
 
     previous = keras.config.dtype_policy().name
     keras.config.set_dtype_policy(policy)
@@ -279,9 +280,9 @@ def device_name() -> str:
 
 def gpu_mode(args, root: Path, policy: str) -> int:
     from alt_i2v.config import resolve_workers
-    from alt_i2v.model.build import get_backbone
+    from alt_i2v.model.backbones import get_backbone
     from alt_i2v.training.readers import ReaderPool
-    from alt_i2v.store import Store
+    from alt_i2v.store import open_store
 
     bb = get_backbone(args.backbone)
     size = args.image_size or bb.image_size
@@ -292,7 +293,7 @@ def gpu_mode(args, root: Path, policy: str) -> int:
     t = time.perf_counter()
     data, _ = stores_for(root, size, n, shards=cores, one_shard=False)
     print(f"generated and stored {n} images at {size}px in {cores} shards in {time.perf_counter() - t:.1f}s")
-    store = Store(data)
+    store = open_store(data)
     tags = int(args.num_tags or store.num_tags)
     counts = [p for p in (1, 2, 4, 8, 16, 32, 64) if p < cores] + [cores]
     print(f"pipeline alone (read + batch, {size}px, batch {batch}), by reader processes:")
@@ -326,17 +327,17 @@ def gpu_mode(args, root: Path, policy: str) -> int:
 
 def cpu_mode(args, root: Path, policy: str) -> int:
     from alt_i2v.training.readers import ReaderPool
-    from alt_i2v.store import Store
+    from alt_i2v.store import open_store
 
     size, batch = args.image_size or 150, args.batch_size or 64
     n = args.images or 1536
     t = time.perf_counter()
     data, single = stores_for(root, size, n, shards=2, one_shard=True)
     print(f"generated {n} images, stored at {size}px as 1 and as 2 shards in {time.perf_counter() - t:.1f}s")
-    store = Store(data)
+    store = open_store(data)
     threads = p1 = p2 = 0.0
     for _ in range(2):  # alternate, so every configuration sees the same machine load
-        with Store(single) as one:
+        with open_store(single) as one:
             threads = max(threads, pipeline_rate(one, batch, threads=2))
         p1 = max(p1, pipeline_rate(store, batch, processes=1))
         p2 = max(p2, pipeline_rate(store, batch, processes=2))
@@ -348,7 +349,7 @@ def cpu_mode(args, root: Path, policy: str) -> int:
 
     tiny = 64
     tdata, _ = stores_for(root / "tiny", tiny, 1024, shards=2, one_shard=False)
-    tstore = Store(tdata)
+    tstore = open_store(tdata)
     model, _ = build_models("tiny", tstore.num_tags, tiny, policy)
     alone = model_rate(model, batch, 30, tstore.num_tags, tiny)
     with ReaderPool(tstore, processes=2) as pool:

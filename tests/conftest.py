@@ -83,9 +83,9 @@ def temp_files(root: Path) -> list[Path]:
 def rerun_killed_build(data: Path, cmd: list[str], total: int, timeout: float, size: int = 64) -> int:
     """After a ``--build`` was SIGKILLed: every record present is whole and decodable, and running ``cmd``
     again exits 0 having stored exactly the rest. Returns how many records the killed build had kept."""
-    from alt_i2v.store import Store
+    from alt_i2v.store import open_store
 
-    with Store(data) as s:
+    with open_store(data) as s:
         partial = s.count()
         for k in s.ids():
             assert s.get(k)["image"].shape == (size, size, 3)

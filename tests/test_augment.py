@@ -3,14 +3,13 @@ inference model without it whose outputs do not change."""
 
 from __future__ import annotations
 
+import keras
 import numpy as np
-import pytest
 
-keras = pytest.importorskip("keras")
-
-from alt_i2v.training.augment import (FlipCrop, augment_params, flip_crop, flip_crop_numpy, identity_params,  # noqa: E402
+from alt_i2v.training.augment import (FlipCrop, augment_params, flip_crop, flip_crop_numpy, identity_params,
                              tagger_of, training_model)
-from alt_i2v.model.build import build_model, load_model  # noqa: E402
+from alt_i2v.model.build import build_model
+from alt_i2v.model.modeldir import load_model
 
 
 def _on_backend(x, p):

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from alt_i2v.cli import ACTIONS, main
+from alt_i2v.cli import ACTIONS, build_parser, main
+from alt_i2v.cli.options import ACTION_OPTIONS, OPTIONS, keywords
 from conftest import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +26,7 @@ def test_help_lists_every_action_with_an_example(capsys):
     out = capsys.readouterr().out
     for flag in ACTION_FLAGS:
         assert flag in out, flag
-    for _help, example in ACTIONS.values():
+    for *_, example in ACTIONS.values():
         assert example in out
     assert out.count("e.g. alt-i2v") == len(ACTIONS)
 
@@ -108,3 +111,29 @@ def test_full_disk_is_reported_clearly(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "No space left" in err and "disk is full" in err and "Traceback" not in err
     assert not (tmp_path / "d" / "vocab.json").exists()
+
+
+def test_each_option_is_declared_once_and_drives_parser_checks_and_keywords():
+    flags = [f for o in OPTIONS for f in o.flags]
+    assert len(flags) == len(set(flags))
+    args = build_parser().parse_args(["--train", "--data", "d", "--model", "m", "--epochs", "3", "--batch-size",
+                                      "8", "--devices", "2", "--resume", "--quiet"])
+    assert keywords(args, "train") == {"epochs": 3, "batch_size": 8, "resume": True}  # --data/--model: positional
+    assert keywords(args, "train", part="distribution") == {"devices": 2}
+    serve = build_parser().parse_args(["--serve", "--batch-size", "4", "--top-k", "5"])
+    assert keywords(serve, "serve") == {"max_batch": 4, "top_k": 5}  # the keyword can differ per action
+    assert "devices" in ACTION_OPTIONS["train"] and "devices" not in ACTION_OPTIONS["evaluate"]
+
+
+def test_every_flag_the_library_names_in_a_message_is_declared():
+    """Library errors name options by their flag; the table is where flags are declared, so a message
+    never points at a flag that does not exist."""
+    declared = {f for o in OPTIONS for f in o.flags} | {f for flags, *_ in ACTIONS.values() for f in flags}
+    named = {}
+    for path in (ROOT / "alt_i2v").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", node.value):
+                    named.setdefault(flag, path.name)
+    assert "--batch-size" in named and "--shards" in named
+    assert {f: where for f, where in named.items() if f not in declared | {"--help", "--version"}} == {}

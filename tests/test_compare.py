@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alt_i2v.training.compare import compare, score, split_images
+from alt_i2v.tagging.compare import compare, score, split_images
 from alt_i2v.store import split_of
 from alt_i2v.data.vocab import Vocab
 

@@ -128,8 +128,9 @@ def test_jax_coordinator_listens_only_on_the_host_given():
     """Case 13: ``jax.distributed.initialize`` as a run starts it; it listened on every interface (*:PORT)."""
     port = _free_port()
     code = ("import sys, time\n"
-            "from alt_i2v.training.distribute import DistConfig, _initialize\n"
-            f"_initialize(DistConfig(coordinator='127.0.0.1:{port}', num_processes=1), quiet=True)\n"
+            "from alt_i2v.training.distribute import DistConfig\n"
+            "from alt_i2v.training.peers import join\n"
+            f"join(DistConfig(coordinator='127.0.0.1:{port}', num_processes=1), quiet=True)\n"
             "print('up', flush=True)\n"
             "time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,

@@ -8,7 +8,8 @@ import os
 import pytest
 from PIL import Image
 
-from alt_i2v.data.posts import PostsWriter, import_folder, parse_caption, read_posts
+from alt_i2v.data.posts import PostsWriter, import_folder, read_posts
+from alt_i2v.data.tags import parse_tags
 from conftest import make_dataset
 
 MD5 = "0f343b0931126a20f133d67c2b018a3b"
@@ -132,7 +133,7 @@ def test_import_captions(tmp_path):
 
 
 def test_parse_caption_normalises():
-    assert parse_caption("A B,  c\\(d\\) ,,\nE") == ["a_b", "c(d)", "e"]
+    assert parse_tags("A B,  c\\(d\\) ,,\nE") == ["a_b", "c(d)", "e"]
 
 
 def test_make_dataset_fixture_is_readable(tmp_path):
@@ -186,4 +187,4 @@ def test_captions_are_read_strictly_and_bad_tags_refused_with_a_count(tmp_path):
     assert result.refused_tags == 4  # bad\x00tag, the long one, a\x1bb, \x00\x01\x02
     report = json.loads((data / "reports" / "import_report.json").read_text(encoding="utf-8"))
     assert report["refused tags"].startswith("4 (control characters or over 200 characters")
-    assert parse_caption("\ufeffa, b\u200bc, d") == ["a", "d"]
+    assert parse_tags("\ufeffa, b\u200bc, d") == ["a", "d"]

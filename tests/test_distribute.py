@@ -20,16 +20,16 @@ import time
 import zipfile
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
-
-from alt_i2v.cli import main  # noqa: E402
-from alt_i2v.training.distribute import DistConfig, ProcessSlice, settings_from_env, start, store_view  # noqa: E402
-from alt_i2v.errors import UsageError  # noqa: E402
-from alt_i2v.training.pipeline import StoreDataset  # noqa: E402
-from alt_i2v.store import Store  # noqa: E402
+from alt_i2v.cli import main
+from alt_i2v.store.views import store_view
+from alt_i2v.training.distribute import DistConfig, ProcessSlice, settings_from_env, start
+from alt_i2v.errors import UsageError
+from alt_i2v.training.pipeline import StoreDataset
+from alt_i2v.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -81,7 +81,7 @@ def test_cli_rejects_distribution_flags_elsewhere_and_bad_values(built_data, tmp
 def test_process_slices_are_the_global_batch_cut_in_equal_parts(built_data, processes, replicas, batch):
     """The processes' slices of every global batch, put together, are the whole batch (images,
     augmentation, labels, weights), and every training record is in exactly one slice per epoch."""
-    with Store(built_data) as store:
+    with open_store(built_data) as store:
         keys, labels = store.index("train")
         ds = StoreDataset(store, keys, labels, batch_size=batch, shuffle=True, augment=True, seed=3, epoch=1)
         slices = [ProcessSlice(ds, p, processes, replicas) for p in range(processes)]
@@ -112,15 +112,15 @@ def test_store_views_are_private_hard_linked_and_wait_for_a_writer(built_data, t
     shutil.copytree(built_data, data)
     stale = data / ".store-views" / f"{sock.gethostname()}-999999999"  # a view whose process is gone
     stale.mkdir(parents=True)
-    with Store(data):  # opening a LevelDB moves its log into a table file
+    with open_store(data):  # opening a LevelDB moves its log into a table file
         pass
     view = store_view(data / "store")
     assert not stale.exists()
     tables = list(view.glob("*.ldb"))
     assert tables and all(os.stat(f).st_nlink > 1 for f in tables)  # linked, not copied
-    with Store(view) as mine, Store(data) as original:  # both open at once
+    with open_store(view) as mine, open_store(data) as original:  # both open at once
         assert mine.counts() == original.counts() and mine.ids("train") == original.ids("train")
-        code = ("import sys; from alt_i2v.training.distribute import store_view\n"
+        code = ("import sys; from alt_i2v.store.views import store_view\n"
                 "try:\n    store_view(sys.argv[1], timeout=1)\nexcept Exception as e:\n    print(e)")
         out = subprocess.run([sys.executable, "-c", code, str(data / "store")], cwd=ROOT, capture_output=True,
                              text=True, timeout=120)
@@ -144,16 +144,18 @@ def _env(devices: int = 1) -> dict:
     return env
 
 
-def _launch(data: Path, model: Path, *extra: str, devices: int = 1) -> subprocess.Popen:
+def _launch(data: Path, model: Path, *extra: str, devices: int = 1, record_log: Path | None = None
+            ) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "alt_i2v", "--train", "--data", str(data), "--model", str(model),
            *TRAIN_ARGS, *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    env = {**_env(devices), **({"ALT_I2V_RECORD_LOG": str(record_log)} if record_log else {})}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _processes(data: Path, model: Path, *extra: str, n: int = 2) -> list[subprocess.Popen]:
+def _processes(data: Path, model: Path, *extra: str, n: int = 2, record_log: Path | None = None
+               ) -> list[subprocess.Popen]:
     where = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", str(n)]
-    return [_launch(data, model, *where, "--process-id", str(i), *extra) for i in range(n)]
+    return [_launch(data, model, *where, "--process-id", str(i), *extra, record_log=record_log) for i in range(n)]
 
 
 def _finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[str]:
@@ -180,7 +182,7 @@ def runs(tmp_path_factory):
     make_dataset(data, n=64, seed=1, size=40)
     build_vocab(data)
     build_store(data, image_size=16, workers=1, quiet=True)
-    with Store(data) as s:
+    with open_store(data) as s:
         counts = s.counts()
     assert counts["train"] % 2 == 0 and counts["val"] % 2 == 0 and counts["train"] % 16, counts
     shutil.copytree(data, root / "copy")  # two single-process runs at once: one store each
@@ -238,7 +240,7 @@ def two_processes(runs):
     """Two 2-process runs at once: one uninterrupted, with a record log, and one whose process 1 gets
     SIGKILL after the first epoch (its process 0 must then stop by itself)."""
     root, data = runs["root"], runs["data"]
-    whole = _processes(data, root / "two_processes", "--epochs", str(EPOCHS), "--record-log", str(root / "records"))
+    whole = _processes(data, root / "two_processes", "--epochs", str(EPOCHS), record_log=root / "records")
     killed = _processes(data, root / "killed", "--epochs", str(EPOCHS), "--peer-timeout", "30")
     state = root / "killed" / "checkpoints" / "state.json"
     deadline = time.time() + 300
@@ -269,7 +271,7 @@ def test_two_processes_match_one_device(runs, two_processes):
 
 @pytest.mark.slow
 def test_two_processes_see_every_training_record_once_per_epoch(runs, two_processes):
-    with Store(runs["data"]) as s:
+    with open_store(runs["data"]) as s:
         train_keys = sorted(k.decode() for k in s.ids("train"))
     per_process = []
     for p in (0, 1):

@@ -12,7 +12,8 @@ import pytest
 
 from alt_i2v.training.metrics import (average_precision, compute_metrics, confusion, is_single_label, most_wrong, prf_at,
                              roc_auc)
-from alt_i2v.training.thresholds import calibrate_thresholds, thresholds_vector
+from alt_i2v.model.thresholds import thresholds_vector
+from alt_i2v.training.thresholds import calibrate_thresholds
 
 
 def test_auc_and_average_precision_match_hand_computed_values():

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from alt_i2v.config import ModelConfig, TrainConfig
-from alt_i2v.model.build import GroupSoftmaxBCE, build_model, get_loss, resolve_config
+from alt_i2v.model.backbones import resolve_config
+from alt_i2v.model.build import build_model
+from alt_i2v.model.losses import GroupSoftmaxBCE, get_loss
 from alt_i2v.training.groups import exclusive_groups, label_matrix
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from alt_i2v.errors import AltI2VError
-from alt_i2v.store import STORE_DIR, Store, build_store, pack
+from alt_i2v.store import STORE_DIR, build_store, open_store, pack
 from alt_i2v.data.vocab import build_vocab
 from conftest import make_dataset
 
@@ -61,9 +61,9 @@ def test_hostile_store_records_are_skipped_and_reported_not_decoded(tmp_path):
     # a subprocess, so that a segfault shows up as a failed test rather than a dead pytest
     code = textwrap.dedent(f"""
         import json, sys
-        from alt_i2v.store import Store
+        from alt_i2v.store import open_store
         from alt_i2v.errors import BadRecordError
-        with Store({str(data)!r}) as s:  # what the training and evaluation pipeline reads, batch by batch
+        with open_store({str(data)!r}) as s:  # what the training and evaluation pipeline reads, batch by batch
             keys, n = s.ids("train"), 0
             for i in range(0, len(keys), 8):
                 x, labels = s.get_batch(keys[i:i + 8])
@@ -89,10 +89,10 @@ def test_hostile_store_records_are_skipped_and_reported_not_decoded(tmp_path):
 
 def test_rebuild_refuses_while_another_process_reads_the_store_then_swaps_atomically(tmp_path):
     data = small_store(tmp_path)
-    with Store(data) as s:
+    with open_store(data) as s:
         before = {k: s.get(k)["labels"] for k in s.ids()}
     reader = subprocess.Popen(  # a second real process holding the store open, as --train does
-        [sys.executable, "-c", f"import sys; from alt_i2v.store import Store; s = Store({str(data)!r}); "
+        [sys.executable, "-c", f"import sys; from alt_i2v.store import open_store; s = open_store({str(data)!r}); "
                                "print('open', flush=True); sys.stdin.read(); print(len(s.ids()))"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
@@ -106,13 +106,13 @@ def test_rebuild_refuses_while_another_process_reads_the_store_then_swaps_atomic
     assert reader.returncode == 0 and int(out.split()[-1]) == len(before)
     done = run_cli("--build", "--rebuild", "--data", str(data), "--image-size", "16", "--workers", "1", "--quiet")
     assert done.returncode == 0, done.stderr
-    with Store(data) as s:
+    with open_store(data) as s:
         assert {k: s.get(k)["labels"] for k in s.ids()} == before and s.count() == len(before)
     assert sorted(p.name for p in data.iterdir() if "store" in p.name) == [".store.lock", "store"]
 
 
 def test_rebuild_killed_before_its_swap_is_completed_by_the_next_build(tmp_path):
-    from alt_i2v.store import _finish_swap
+    from alt_i2v.store.build import _finish_swap
 
     data = small_store(tmp_path)
     store = data / STORE_DIR
@@ -141,14 +141,14 @@ def test_build_without_posts_is_an_error_and_a_large_prune_needs_the_flag(tmp_pa
     posts.write_text("".join(lines[:10]))  # half the posts left: refused without --prune
     with pytest.raises(AltI2VError, match="--prune"):
         build_store(data, image_size=16, workers=1, quiet=True)
-    with Store(data) as s:
+    with open_store(data) as s:
         assert s.count() == 20  # nothing was removed by any of the refused builds
     posts.write_text("".join(lines[:18]))  # 10% gone: an ordinary build prunes it
     assert build_store(data, image_size=16, workers=1, quiet=True).removed == 2
     posts.write_text("".join(lines[:9]))
     pruned = run_cli("--build", "--prune", "--data", str(data), "--image-size", "16", "--workers", "1", "--quiet")
     assert pruned.returncode == 0, pruned.stderr
-    with Store(data) as s:
+    with open_store(data) as s:
         assert s.count() == 9
 
 
@@ -285,7 +285,7 @@ def test_per_tag_thresholds_are_validated_like_the_global_one(bad, built_data, t
 
     from _inference_model import trained_model
 
-    from alt_i2v.data.layout import ModelDir
+    from alt_i2v.model.modeldir import ModelDir
     from alt_i2v.tagging.tagger import Tagger
 
     model = tmp_path_factory.mktemp("thr") / "model"
@@ -378,7 +378,7 @@ def test_a_damaged_model_keras_is_named_with_what_is_wrong(tmp_path, content, sa
     import zipfile
 
     from alt_i2v.errors import AltI2VError
-    from alt_i2v.model.build import load_model
+    from alt_i2v.model.modeldir import load_model
 
     file = tmp_path / "model.keras"
     if content is None:  # a real .keras archive cut in half

@@ -9,7 +9,8 @@ import warnings
 import pytest
 
 from alt_i2v.errors import AltI2VError, UnsafePathError
-from alt_i2v.data.layout import DataDir, ModelDir, store_matches
+from alt_i2v.data.layout import DataDir, store_matches
+from alt_i2v.model.modeldir import ModelDir
 from alt_i2v.data.vocab import Vocab
 
 
@@ -97,9 +98,9 @@ def test_data_dir_saves_bytes_by_md5_once(tmp_path):
 
 def test_store_matches_compares_size_and_resize(built_data):
     from alt_i2v.config import ImageConfig
-    from alt_i2v.store import Store
+    from alt_i2v.store import open_store
 
-    with Store(built_data) as store:  # a real 32px padded store
+    with open_store(built_data) as store:  # a real 32px padded store
         assert store_matches(ImageConfig(image_size=32), store)
         assert not store_matches(ImageConfig(image_size=32, resize="crop"), store)
         assert not store_matches(ImageConfig(image_size=48), store)

@@ -9,15 +9,16 @@ import subprocess
 import sys
 import warnings
 
+import keras
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
-
-from alt_i2v.errors import AltI2VError, UsageError  # noqa: E402
-from alt_i2v.model.build import (AsymmetricLoss, FocalLoss, Preprocess, build_model, count_params,  # noqa: E402
-                           embedding_model, get_backbone, get_loss, keras_cache_dir, load_model,
-                           resolve_weights)
+from alt_i2v.errors import AltI2VError, UsageError
+from alt_i2v.model.backbones import get_backbone, keras_cache_dir, resolve_weights
+from alt_i2v.model.build import build_model, count_params, embedding_model
+from alt_i2v.model.layers import Preprocess
+from alt_i2v.model.losses import AsymmetricLoss, FocalLoss, get_loss
+from alt_i2v.model.modeldir import load_model
 
 VGG16_FROZEN = ["input_layer", "block1_conv1", "block1_conv2", "block1_pool", "block2_conv1", "block2_conv2",
                 "block2_pool", "block3_conv1", "block3_conv2", "block3_conv3", "block3_pool", "block4_conv1"]
@@ -149,7 +150,7 @@ def test_tiny_resnet_trunk_is_the_default_and_plain_the_original_cnn():
 
 def test_trunk_option_is_checked_and_old_tiny_configs_read_as_plain():
     from alt_i2v.config import ModelConfig
-    from alt_i2v.model.build import resolve_config
+    from alt_i2v.model.backbones import resolve_config
 
     cfg = resolve_config(ModelConfig(backbone="tiny", weights=None, num_tags=3, image_size=64))
     assert cfg.trunk == "resnet" and cfg.filters == (24, 32, 64, 128)
@@ -218,7 +219,8 @@ import json, sys, warnings
 warnings.filterwarnings("ignore")
 import numpy as np, keras
 from alt_i2v.training.run import train
-from alt_i2v.model.build import load_model, embedding_model
+from alt_i2v.model.build import embedding_model
+from alt_i2v.model.modeldir import load_model
 data, out = sys.argv[1], sys.argv[2]
 r = train(data, out, backbone="tiny", epochs=2, batch_size=32, lr=3e-3, quiet=True, workers=2)
 m = load_model(out)

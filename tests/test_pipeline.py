@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import math
 
+import keras
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
-
-from alt_i2v.training.pipeline import StoreDataset, measure_pipeline  # noqa: E402
-from alt_i2v.store import Store, multi_hot  # noqa: E402
+from alt_i2v.training.pipeline import StoreDataset, measure_pipeline
+from alt_i2v.store import multi_hot, open_store
 
 
 @pytest.fixture
 def store(built_data):
-    s = Store(built_data)
+    s = open_store(built_data)
     yield s
     s.close()
 

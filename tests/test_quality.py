@@ -6,19 +6,22 @@ from __future__ import annotations
 import json
 import warnings
 
+import keras
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
-
-from alt_i2v.config import ModelConfig, TrainConfig  # noqa: E402
-from alt_i2v.errors import UsageError  # noqa: E402
-from alt_i2v.training.metrics import prf_at  # noqa: E402
-from alt_i2v.model.build import build_model, get_loss, load_model, resolve_config  # noqa: E402
-from alt_i2v.training.thresholds import calibrate_thresholds, thresholds_vector  # noqa: E402
-from alt_i2v.training.history import read_history  # noqa: E402
-from alt_i2v.training.optim import learning_rate, make_optimizer  # noqa: E402
-from alt_i2v.training.run import train  # noqa: E402
+from alt_i2v.config import ModelConfig, TrainConfig
+from alt_i2v.errors import UsageError
+from alt_i2v.training.metrics import prf_at
+from alt_i2v.model.backbones import resolve_config
+from alt_i2v.model.build import build_model
+from alt_i2v.model.losses import get_loss
+from alt_i2v.model.modeldir import load_model
+from alt_i2v.model.thresholds import thresholds_vector
+from alt_i2v.training.thresholds import calibrate_thresholds
+from alt_i2v.model.history import read_history
+from alt_i2v.training.optim import learning_rate, make_optimizer
+from alt_i2v.training.run import train
 
 
 def test_cosine_schedule_warms_up_then_decays_to_one_percent():

@@ -206,3 +206,15 @@ def test_a_model_started_from_a_project_keeps_the_head_of_the_tags_it_knows(dd, 
     assert bigger.input_shape == (None, 48, 48, 3)
     np.testing.assert_array_equal(bigger.get_layer("trunk").get_weights()[0],
                                   model.get_layer("trunk").get_weights()[0])
+
+
+def test_cuda_is_asked_for_first_when_onnxruntime_has_it(monkeypatch):
+    import onnxruntime
+
+    from alt_i2v.ready.onnxrun import providers
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert providers() == ["CPUExecutionProvider"]

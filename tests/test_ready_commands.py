@@ -98,7 +98,7 @@ def test_pred_writes_captions_with_every_caption_option(family, models, folder, 
 
 
 def test_threshold_mcut_takes_the_largest_gap_per_category(models, folder):
-    from alt_i2v.training.thresholds import mcut_threshold
+    from alt_i2v.model.thresholds import mcut_threshold
 
     model = models["wd14"]
     file = folder / "p0.png"

@@ -44,9 +44,9 @@ def assert_consistent(data: Path, expected_ids: set[int]) -> list[dict]:
         assert hashlib.md5(f.read_bytes()).hexdigest() == p["md5"]
         assert p["file"] == f"images/{p['md5'][:2]}/{p['md5']}.{p['file_ext']}"
     images = data / "images"
-    assert not list(images.rglob("*.part")) if images.exists() else True
-    on_disk = {str(f.relative_to(data)) for f in images.rglob("*") if f.is_file()} if images.exists() else set()
-    assert on_disk == {p["file"] for p in posts}
+    files = [f for f in images.rglob("*") if f.is_file()] if images.exists() else []
+    assert [f.name for f in files if f.suffix == ".part"] == []  # no temporary file left behind
+    assert {str(f.relative_to(data)) for f in files} == {p["file"] for p in posts}
     return posts
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from alt_i2v.errors import AltI2VError, UsageError
 from alt_i2v.store import ShardedStore, shard_name, shard_of, shards_for_process
-from alt_i2v.store import Store, build_store
+from alt_i2v.store import build_store, open_store
 from alt_i2v.data.vocab import build_vocab
 
 from conftest import jpeg_dataset, rerun_killed_build
@@ -46,7 +46,7 @@ def test_every_record_is_in_exactly_one_shard_and_reads_like_the_one_shard_store
     assert sorted(p.name for p in store_dir.iterdir()) == \
         ["meta.json"] + [shard_name(i, 3) for i in range(3)]
     assert json.loads((store_dir / "meta.json").read_text())["shards"] == 3
-    with Store(built_data) as one, Store(sharded_data) as many:
+    with open_store(built_data) as one, open_store(sharded_data) as many:
         assert isinstance(many, ShardedStore) and many.num_shards == 3 and one.num_shards == 1
         assert many.counts() == one.counts()
         seen: dict[bytes, int] = {}
@@ -73,7 +73,7 @@ def test_a_rerun_keeps_the_layout_and_resharding_is_an_explicit_rebuild(sharded_
     with pytest.raises(UsageError, match="reshard"):
         build_store(dataset_dir, image_size=32, quiet=True, shards=4)
     build_store(dataset_dir, image_size=32, workers=2, quiet=True, shards=4, rebuild=True)
-    with Store(dataset_dir) as s:
+    with open_store(dataset_dir) as s:
         assert s.num_shards == 4 and s.count() == 120
 
 
@@ -85,7 +85,7 @@ def test_processes_own_disjoint_shards(sharded_data):
     assert sorted(owned) == list(range(8))
     with pytest.raises(UsageError, match="shards"):
         shards_for_process(2, 0, 3)
-    with Store(sharded_data) as store:  # two training processes: each reads its own shards, together all
+    with open_store(sharded_data) as store:  # two training processes: each reads its own shards, together all
         parts = [StoreDataset.from_split(store, "train", shards=shards_for_process(3, p, 2)).keys for p in (0, 1)]
         assert not set(parts[0]) & set(parts[1]) and sorted(parts[0] + parts[1]) == sorted(store.ids("train"))
         assert {store.shard_of(k) for k in parts[1]} == {1}
@@ -95,8 +95,8 @@ def test_reader_processes_give_the_batches_threads_give(built_data, sharded_data
     from alt_i2v.training.pipeline import StoreDataset, measure_pipeline
     from alt_i2v.training.readers import ReaderPool
 
-    one = Store(built_data)
-    many = Store(sharded_data)
+    one = open_store(built_data)
+    many = open_store(sharded_data)
     kw = dict(batch_size=48, shuffle=True, augment=True, seed=4)
     try:
         with ReaderPool(many, processes=2) as pool:
@@ -120,11 +120,11 @@ def test_reader_processes_give_the_batches_threads_give(built_data, sharded_data
             assert measure_pipeline(procs) > 0
             procs.close()
             with pytest.raises(AltI2VError, match="in use"):
-                Store(sharded_data / "store" / shard_name(0, 3))  # the readers hold the shards
+                open_store(sharded_data / "store" / shard_name(0, 3))  # the readers hold the shards
     finally:
         one.close()
         many.close()
-    with Store(sharded_data) as again:  # released by the pool: readable here again
+    with open_store(sharded_data) as again:  # released by the pool: readable here again
         assert again.count() == 400
 
 
@@ -151,7 +151,7 @@ def test_sharded_build_killed_with_sigkill_resumes_to_a_complete_store(tmp_path)
             break
         time.sleep(0.05)
     rerun_killed_build(data, cmd, 300, timeout=180)
-    with Store(data) as s:
+    with open_store(data) as s:
         ids = s.ids()
         assert s.count() == 300 and len(ids) == len(set(ids)) == 300
         assert sum(len(shard.ids()) for shard in s.stores) == 300
@@ -162,8 +162,8 @@ def test_sharded_build_killed_with_sigkill_resumes_to_a_complete_store(tmp_path)
 @pytest.mark.slow
 def test_sharded_and_one_shard_stores_train_resume_and_evaluate_identically(built_data, sharded_data, tmp_path):
     from alt_i2v.training.evaluation import evaluate
-    from alt_i2v.model.build import load_model
-    from alt_i2v.training.history import read_history
+    from alt_i2v.model.modeldir import load_model
+    from alt_i2v.model.history import read_history
     from alt_i2v.training.run import train
 
     # a constant learning rate (a cosine schedule spans the epochs a run starts with: 1 vs 2 here) and no
@@ -198,13 +198,13 @@ def test_reader_processes_weight_a_bad_record_zero_and_report_it(tmp_path, built
 
     data = _copy_dataset(built_data, tmp_path / "data")
     build_store(data, image_size=32, workers=2, quiet=True, shards=2)
-    with Store(data) as store:
+    with open_store(data) as store:
         victim = store.ids("train")[5]
         path = store.shard_paths()[store.shard_of(victim)]
     db = plyvel.DB(str(path))  # a record whose image is not what the meta promises
     db.put(b"r/" + victim, pack({"id": 0, "image": np.zeros((8, 8, 3), np.uint8), "labels": [0], "split": "train"}))
     db.close()
-    with Store(data) as store, ReaderPool(store, processes=2) as pool:
+    with open_store(data) as store, ReaderPool(store, processes=2) as pool:
         ds = StoreDataset.from_split(store, "train", batch_size=64, readers=pool)
         x, y, w = ds[0]
         pos = ds.keys.index(victim)
@@ -217,7 +217,7 @@ def test_a_reader_process_that_dies_is_a_clear_error_not_a_hang(sharded_data):
     from alt_i2v.training.pipeline import StoreDataset
     from alt_i2v.training.readers import ReaderPool
 
-    with Store(sharded_data) as store, ReaderPool(store, processes=2) as pool:
+    with open_store(sharded_data) as store, ReaderPool(store, processes=2) as pool:
         ds = StoreDataset.from_split(store, "train", batch_size=32, readers=pool)
         ds[0]
         os.kill(pool._procs[1].pid, signal.SIGKILL)

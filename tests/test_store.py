@@ -18,7 +18,7 @@ from PIL import Image
 from alt_i2v.data.posts import read_posts
 from alt_i2v.errors import AltI2VError, StoreMismatchError
 from alt_i2v.data.imaging import load_image
-from alt_i2v.store import SPLITS, Store, build_store, multi_hot, split_of, unpack
+from alt_i2v.store import SPLITS, build_store, multi_hot, open_store, split_of, unpack
 from alt_i2v.data.vocab import Vocab, build_vocab
 from conftest import jpeg_dataset, rerun_killed_build
 from test_imaging import png_header_only
@@ -34,7 +34,7 @@ def test_loader_and_store_agree_pixel_for_pixel(dataset_dir):
     build_vocab(dataset_dir)
     build(dataset_dir, workers=2, resize="pad")
     posts = read_posts(dataset_dir).posts
-    with Store(dataset_dir) as s:
+    with open_store(dataset_dir) as s:
         assert s.count() == len(posts)
         for p in posts[:20]:
             rec = s.get(p["id"])
@@ -92,7 +92,7 @@ def test_hostile_images_are_stored_or_skipped_with_their_reason(dataset_dir):
     result = build(dataset_dir, workers=2)
     reasons = {s["id"]: s["reason"] for s in result.skipped}
     assert reasons == {**{f"bad-{k}": v[2] for k, v in bad.items()}, "bad-missing": "missing"}
-    with Store(dataset_dir) as s:
+    with open_store(dataset_dir) as s:
         for name in good:
             assert s.get(f"good-{name}")["image"].shape == (32, 32, 3)
         assert s.count() == 120 + len(good)
@@ -102,7 +102,7 @@ def test_hostile_images_are_stored_or_skipped_with_their_reason(dataset_dir):
 
 
 def test_reader_api(built_data):
-    with Store(built_data) as s:
+    with open_store(built_data) as s:
         counts = s.counts()
         assert sum(counts.values()) == 400 and all(counts[x] > 0 for x in SPLITS)
         keys = s.ids("val")
@@ -121,7 +121,7 @@ def test_reader_api(built_data):
 def test_records_are_msgpack_not_pickle(built_data):
     import plyvel
 
-    s = Store(built_data)
+    s = open_store(built_data)
     path = s.path
     s.close()
     db = plyvel.DB(str(path))
@@ -140,9 +140,9 @@ def test_mismatches_are_clear_errors(dataset_dir):
     build(dataset_dir)
     other = Vocab(tags=[{"name": "something_else", "category": "general", "count": 1}])
     with pytest.raises(StoreMismatchError, match="different vocabulary"):
-        Store(dataset_dir, vocab=other)
+        open_store(dataset_dir, vocab=other)
     with pytest.raises(StoreMismatchError, match="32px, not 64px"):
-        Store(dataset_dir, image_size=64)
+        open_store(dataset_dir, image_size=64)
     with pytest.raises(StoreMismatchError, match="32px, not 48px"):
         build(dataset_dir, image_size=48)
     with pytest.raises(StoreMismatchError, match="resize mode"):
@@ -155,10 +155,10 @@ def test_mismatches_are_clear_errors(dataset_dir):
 
 def test_missing_store_and_lock_errors(tmp_path, built_data):
     with pytest.raises(AltI2VError, match="--build"):
-        Store(tmp_path / "nothing")
-    with Store(built_data):
+        open_store(tmp_path / "nothing")
+    with open_store(built_data):
         with pytest.raises(AltI2VError, match="in use by another process"):
-            Store(built_data)
+            open_store(built_data)
 
 
 def test_split_is_a_stable_function_of_the_id():
@@ -170,7 +170,7 @@ def test_split_is_a_stable_function_of_the_id():
 def test_rerun_does_nothing_new_and_prunes_removed_posts(dataset_dir):
     build_vocab(dataset_dir)
     first = build(dataset_dir)
-    with Store(dataset_dir) as s:
+    with open_store(dataset_dir) as s:
         before = {k: s.get(k)["split"] for k in s.ids()}
     again = build(dataset_dir)
     assert first.stored == 120 and again.stored == 0 and again.already == 120
@@ -178,7 +178,7 @@ def test_rerun_does_nothing_new_and_prunes_removed_posts(dataset_dir):
     (dataset_dir / "posts.jsonl").write_text("\n".join(lines[:-10]) + "\n")
     pruned = build(dataset_dir)
     assert pruned.removed == 10
-    with Store(dataset_dir) as s:
+    with open_store(dataset_dir) as s:
         assert s.count() == 110 and all(before[k] == s.get(k)["split"] for k in s.ids())
         assert sum(s.counts().values()) == len(s.ids())
 
@@ -196,7 +196,7 @@ def test_build_killed_with_sigkill_resumes_to_a_complete_store(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     rerun_killed_build(data, cmd, 400, timeout=120)
-    with Store(data) as s:
+    with open_store(data) as s:
         assert s.count() == 400 and len(s.ids()) == 400
         x, _ = s.get_batch(s.ids()[:400])
         assert x.shape == (400, 64, 64, 3)
@@ -204,7 +204,7 @@ def test_build_killed_with_sigkill_resumes_to_a_complete_store(tmp_path):
 
 def test_store_fixture_has_expected_labels(built_data):
     vocab = Vocab.load(built_data)
-    with Store(built_data, vocab=vocab, image_size=32) as s:
+    with open_store(built_data, vocab=vocab, image_size=32) as s:
         _, labels = s.index()
         assert all(labels) and max(max(lab) for lab in labels) < len(vocab)
         assert s.meta["vocab_sha256"] == vocab.sha256 and Path(s.path).name == "store"

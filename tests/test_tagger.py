@@ -193,10 +193,10 @@ def test_module_functions_cache_the_last_tagger(model_dir, images):
 def test_prediction_sees_the_pixels_training_saw(tagger, built_data):
     """The store's record and the original file, loaded by the Tagger, give the same embedding."""
     from alt_i2v.data.posts import post_image_path, read_posts
-    from alt_i2v.store import Store
+    from alt_i2v.store import open_store
 
     post = read_posts(built_data).posts[0]
-    with Store(built_data) as store:
+    with open_store(built_data) as store:
         record = store.get(post["id"])
     from_store = tagger.embed_arrays(record["image"][None])[0]
     from_file = tagger.embed(post_image_path(post, built_data))

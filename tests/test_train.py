@@ -13,16 +13,15 @@ import time
 import warnings
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
-
-from conftest import temp_files  # noqa: E402
-from alt_i2v.errors import AltI2VError, UsageError  # noqa: E402
-from alt_i2v.training.history import read_history  # noqa: E402
-from alt_i2v.training.optim import precision_policy  # noqa: E402
-from alt_i2v.training.run import train  # noqa: E402
+from conftest import temp_files
+from alt_i2v.errors import AltI2VError, UsageError
+from alt_i2v.model.history import read_history
+from alt_i2v.training.optim import precision_policy
+from alt_i2v.training.run import train
 
 TINY = dict(backbone="tiny", batch_size=32, lr=3e-3, workers=2)
 
@@ -88,7 +87,7 @@ def test_loss_goes_down_and_history_has_one_row_per_epoch(trained):
 
 
 def test_model_keras_is_the_best_checkpoint_and_loads_in_safe_mode(trained):
-    from alt_i2v.model.build import load_model
+    from alt_i2v.model.modeldir import load_model
 
     data, out, result = trained
     model = load_model(out)
@@ -206,7 +205,7 @@ def test_mixed_precision_run_saves_a_float32_model(built_data, tmp_path):
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["precision_policy"] == "mixed_bfloat16" and cfg["train"]["mixed_precision"] == "bfloat16"
-    from alt_i2v.model.build import load_model
+    from alt_i2v.model.modeldir import load_model
 
     model = load_model(out)
     assert model.get_layer("features").dtype_policy.name == "float32"
@@ -227,7 +226,7 @@ def test_cli_trains_tiny_with_weights_none_and_evaluates(built_data, tmp_path, c
     assert (out / "model.keras").is_file()
     assert json.loads((out / "config.json").read_text())["model"]["trunk"] == "plain"
     # the plain trunk is the original 4-block CNN: no residual additions
-    from alt_i2v.model.build import load_model
+    from alt_i2v.model.modeldir import load_model
     assert not [la for la in load_model(out).get_layer("tiny").layers if isinstance(la, keras.layers.Add)]
     assert main(["--evaluate", "--data", str(built_data), "--model", str(out), "--split", "test", "--quiet"]) == 0
     assert (out / "reports" / "metrics.json").is_file()
@@ -241,7 +240,7 @@ def test_cli_trains_tiny_with_weights_none_and_evaluates(built_data, tmp_path, c
 _TRACE_SCRIPT = """
 import json, sys, warnings
 warnings.simplefilter("ignore")
-from alt_i2v.model.build import Preprocess
+from alt_i2v.model.layers import Preprocess
 shapes, call = [], Preprocess.call
 def traced(self, inputs):  # runs once per trace (jax.jit compiles one program per input shape)
     shapes.append([None if d is None else int(d) for d in inputs.shape])

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AltI2VError, ImageLoadError, UsageError
-
-PRED_FORMATS = ("text", "json", "caption")
-EXPORT_FORMATS = ("savedmodel", "onnx", "tflite")
+from ..data.tags import split_tags
+from .options import EXPORT_FORMATS, PRED_FORMATS
 
 
 def _emit(progress: Any, text: str, file: Any = None) -> None:
@@ -32,7 +31,8 @@ def _emit(progress: Any, text: str, file: Any = None) -> None:
 def cmd_pred(args: argparse.Namespace) -> int:
     """``--pred FILES/DIRS --model DIR``: print tags (text/json/caption) and/or write caption files."""
     from ..data.captions import (DEFAULT_CAPTION_MODE, DEFAULT_TAG_STYLE, caption_conflicts, caption_path,
-                            format_caption, format_tag, parse_tag_list, select_tags, write_caption)
+                                 check_max_tags, format_caption, format_tag, select_tags, write_caption)
+    from ..data.tags import parse_tags
     from ..progress import bar, summary
     from ..tagging.tagger import check_top_k, get_tagger, list_images, parse_threshold
 
@@ -45,11 +45,10 @@ def cmd_pred(args: argparse.Namespace) -> int:
         for opt in ("caption_mode",):
             if getattr(args, opt, None):
                 raise UsageError(f"--{opt.replace('_', '-')} applies only with --write-captions")
-    if args.max_tags is not None and args.max_tags < 0:
-        raise UsageError("--max-tags must be >= 0")
+    check_max_tags(args.max_tags)
     threshold = parse_threshold(args.threshold)
     top_k = check_top_k(args.top_k)
-    exclude = parse_tag_list(args.exclude)
+    exclude = set(parse_tags(args.exclude))
     style = args.tag_style or DEFAULT_TAG_STYLE
     escape = not args.no_escape
     mode = args.caption_mode or DEFAULT_CAPTION_MODE
@@ -130,22 +129,14 @@ def cmd_pred(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     """``--embed FILES/DIRS --model DIR --out FILE.npy``: embeddings plus ``FILE.ids.json`` (the paths)."""
-    import io
-
-    import numpy as np
-
-    from ..fsutil import atomic_write_bytes, atomic_write_json
     from ..progress import summary
+    from ..tagging.embeddings import write_embeddings
     from ..tagging.tagger import get_tagger, list_images
 
     if not args.model:
         raise UsageError("--embed needs --model DIR")
     if not args.out:
         raise UsageError("--embed needs --out FILE.npy")
-    out = Path(args.out)
-    if out.suffix.lower() != ".npy":
-        out = out.with_name(out.name + ".npy")
-    ids_file = out.with_name(out.name[:-4] + ".ids.json")
     files = list_images(args.embed, recursive=bool(args.recursive))
     if not files:
         raise AltI2VError(f"no images found in {', '.join(args.embed)}")
@@ -153,12 +144,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     emb, ok, failures = tagger.embed_files(files, quiet=args.quiet)
     for f in failures:
         print(f"alt-i2v: skipped {f['error']}", file=sys.stderr)
-    buf = io.BytesIO()
-    np.save(buf, emb.astype(np.float32), allow_pickle=False)
-    atomic_write_bytes(out, buf.getvalue())
-    atomic_write_json(ids_file, {"version": 1, "count": int(len(emb)), "dim": int(emb.shape[1]),
-                                 "normalized": True, "model": str(tagger.model_dir.resolve()),
-                                 "ids": [files[i] for i in ok], "failed": failures})
+    out, ids_file = write_embeddings(args.out, emb, [files[i] for i in ok], model=tagger.model_dir, failed=failures)
     summary("embed", {"embeddings": f"{len(emb)} x {emb.shape[1]} float32 (L2-normalised)", "file": str(out),
                       "ids": str(ids_file), "failed": len(failures)}, quiet=args.quiet)
     return 1 if failures else 0
@@ -250,11 +236,6 @@ def cmd_similar(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tag_list(values: Any) -> list[str]:
-    """Tags of a repeatable, comma-separated option."""
-    return [t.strip() for group in (values or []) for t in group.split(",") if t.strip()]
-
-
 def cmd_explain(args: argparse.Namespace) -> int:
     """``--explain FILES/DIRS --model DIR [--tag T,...] [--top-k K] [--out DIR]``: Grad-CAM pictures."""
     import os
@@ -272,7 +253,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise UsageError(f"no images found in {', '.join(args.explain)}" +
                          ("" if args.recursive else " (use --recursive for sub-folders)"))
     roots = [p for p in args.explain if os.path.isdir(p)]
-    result = explain_images(files, args.model, args.out or "explain", tags=_tag_list(args.tag) or None,
+    result = explain_images(files, args.model, args.out or "explain", tags=split_tags(args.tag) or None,
                             top_k=DEFAULT_TOP_K if args.top_k is None else args.top_k, quiet=args.quiet, roots=roots)
     for f in result.failed:
         print(f"alt-i2v: skipped {f['error']}", file=sys.stderr)
@@ -290,10 +271,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
         raise UsageError("--screen needs --model DIR (a trained model directory)")
     if not args.out:
         raise UsageError("--screen needs --out DIR (where ok/, ng/ and the report go)")
-    keep, reject = _tag_list(args.keep), _tag_list(args.reject)
-    if not keep and not reject:
-        raise UsageError("--screen needs --keep TAGS (and/or --reject TAGS)")
-    result = screen(args.screen, args.model, args.out, keep=keep, reject=reject,
+    result = screen(args.screen, args.model, args.out, keep=split_tags(args.keep), reject=split_tags(args.reject),
                     threshold=parse_threshold(args.threshold), move=args.move, dry_run=args.dry_run,
                     quiet=args.quiet, batch_size=args.batch_size, workers=args.workers)
     for f in result.unreadable:

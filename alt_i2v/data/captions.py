@@ -10,15 +10,13 @@ parentheses are escaped (``\\(``) because prompt syntax gives them a meaning, un
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from .posts import normalize_tag
 from ..errors import UsageError
 from ..fsutil import atomic_write_text
+from .tags import CATEGORY_ORDER, normalize_tag, split_tags
 
-CATEGORY_ORDER = ("character", "copyright", "artist", "general", "meta", "rating")
 CAPTION_MODES = ("append", "skip", "overwrite")
 TAG_STYLES = ("spaces", "underscores")
 DEFAULT_CAPTION_MODE = "skip"
@@ -47,18 +45,11 @@ def format_tag(name: str, style: str = DEFAULT_TAG_STYLE, escape: bool = True) -
     return text
 
 
-def parse_tag_list(values: Iterable[str] | str | None) -> set[str]:
-    """``--exclude`` values (comma-separated, repeatable, any style) to normalised tag names."""
-    if values is None:
-        return set()
-    if isinstance(values, str):
-        values = [values]
-    out = set()
-    for v in values:
-        for part in re.split(r"[,\n]", v):
-            if part.strip():
-                out.add(normalize_tag(part))
-    return out
+def check_max_tags(max_tags: int | None) -> int | None:
+    """``max_tags`` (None: no limit), or a UsageError when it is negative."""
+    if max_tags is not None and max_tags < 0:
+        raise UsageError("--max-tags must be >= 0")
+    return max_tags
 
 
 def select_tags(tags: Mapping[str, float], categories: Mapping[str, str], *, exclude: Iterable[str] = (),
@@ -67,9 +58,7 @@ def select_tags(tags: Mapping[str, float], categories: Mapping[str, str], *, exc
     category (:data:`CATEGORY_ORDER`, unknown categories last) and probability."""
     excluded = {normalize_tag(t) for t in exclude}
     names = [t for t in sorted(tags, key=lambda t: -tags[t]) if normalize_tag(t) not in excluded]
-    if max_tags is not None:
-        if max_tags < 0:
-            raise UsageError("--max-tags must be >= 0")
+    if check_max_tags(max_tags) is not None:
         names = names[:max_tags]
     rank = {c: i for i, c in enumerate(CATEGORY_ORDER)}
     return sorted(names, key=lambda t: (rank.get(categories.get(t, "general"), len(rank)), -tags[t]))
@@ -82,15 +71,10 @@ def format_caption(tags: Mapping[str, float], categories: Mapping[str, str], *, 
     return ", ".join(format_tag(t, style, escape) for t in names)
 
 
-def split_caption(text: str) -> list[str]:
-    """The tags of an existing caption file, as written (comma or newline separated, trimmed)."""
-    return [p.strip() for p in re.split(r"[,\n]", text) if p.strip()]
-
-
 def merge_caption(existing: str, new: Sequence[str]) -> str:
     """Existing caption tags kept in their order and spelling, then the new ones it lacks (compared in
     normalised form, so ``long hair`` and ``long_hair`` are the same tag)."""
-    old = split_caption(existing)
+    old = split_tags(existing)
     have = {normalize_tag(t) for t in old}
     added = []
     for t in new:
@@ -118,7 +102,7 @@ def write_caption(image: str | os.PathLike, tags: Sequence[str], mode: str = DEF
         return "overwritten"
     existing = path.read_text(encoding="utf-8", errors="replace")
     merged = merge_caption(existing, tags)
-    if merged == ", ".join(split_caption(existing)):
+    if merged == ", ".join(split_tags(existing)):
         return "unchanged"
     atomic_write_text(path, merged + "\n")
     return "appended"
@@ -132,6 +116,6 @@ def caption_conflicts(images: Sequence[str | os.PathLike]) -> dict[str, list[str
     return {k: v for k, v in groups.items() if len(v) > 1}
 
 
-__all__ = ["caption_path", "format_tag", "format_caption", "select_tags", "split_caption", "merge_caption",
-           "write_caption", "caption_conflicts", "parse_tag_list", "CATEGORY_ORDER", "CAPTION_MODES",
+__all__ = ["caption_path", "format_tag", "format_caption", "select_tags", "check_max_tags", "merge_caption",
+           "write_caption", "caption_conflicts", "CATEGORY_ORDER", "CAPTION_MODES",
            "TAG_STYLES", "KAOMOJI"]

@@ -1,26 +1,20 @@
-"""The two directories every stage works in, each file named once: ``DataDir`` (a dataset) and ``ModelDir``
-(a trained model). ``ModelDir.read()`` is the one place a model directory is read and checked.
+"""The dataset directory, each file named once: ``DataDir``.
 
 ``DATA/``: ``posts.jsonl`` (one post a line), ``images/<md5[:2]>/<md5>.<ext>``, ``vocab.json``, ``store/``
-(LevelDB), ``reports/``, ``.scrape.lock``. ``MODEL/``: ``model.keras``, ``config.json``, ``vocab.json``, ``thresholds.json``,
-``history.csv``, ``curves.png``, ``checkpoints/``, ``reports/``. docs/formats.md writes each one out.
+(LevelDB), ``reports/``, ``.scrape.lock``. docs/formats.md writes each one out. The model directory is
+:mod:`alt_i2v.model.modeldir`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import warnings
-from dataclasses import dataclass
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Mapping
 
 from ..config import ImageConfig
-from ..errors import AltI2VError
-from ..fsutil import atomic_write_bytes, image_relpath, read_json_object, safe_join
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .vocab import Vocab
+from ..fsutil import atomic_write_bytes, atomic_write_json, image_relpath, safe_join
 
 # DATA
 POSTS_FILE = "posts.jsonl"
@@ -29,13 +23,6 @@ IMAGES_DIR = "images"
 VOCAB_FILE = "vocab.json"
 STORE_DIR = "store"
 REPORTS_DIR = "reports"
-# MODEL (and VOCAB_FILE, REPORTS_DIR)
-MODEL_FILE = "model.keras"
-CONFIG_FILE = "config.json"
-THRESHOLDS_FILE = "thresholds.json"
-HISTORY_FILE = "history.csv"
-CURVES_FILE = "curves.png"
-CHECKPOINTS_DIR = "checkpoints"
 
 
 class DataDir:
@@ -74,6 +61,10 @@ class DataDir:
     def report(self, name: str) -> Path:
         return self.reports / f"{name}.json"
 
+    def write_report(self, name: str, report: Mapping[str, Any]) -> Path:
+        """Atomically write ``DATA/reports/<name>.json`` (stamped with the time) and return its path."""
+        return atomic_write_json(self.report(name), {"written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **report})
+
     def image_path(self, rel: str) -> Path:
         """The file a post's ``file`` names, refused (UnsafePathError) unless it lies inside ``images/``."""
         return safe_join(self.root, rel, inside=IMAGES_DIR)
@@ -89,121 +80,10 @@ class DataDir:
         return md5, rel
 
 
-@dataclass
-class ModelFiles:
-    """What a model directory holds, read and checked once (the Keras model itself loads separately)."""
-
-    dir: "ModelDir"
-    config: dict[str, Any]
-    vocab: "Vocab"
-    image: ImageConfig
-    thresholds: dict[str, Any] | None  # None: no thresholds.json (calibration never finished)
-
-
-class ModelDir:
-    """A model directory written by ``--train``: every file's path, and :meth:`read` to load and check it."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-
-    def __fspath__(self) -> str:
-        return os.fspath(self.root)
-
-    @property
-    def model_file(self) -> Path:
-        return self.root / MODEL_FILE
-
-    @property
-    def config_file(self) -> Path:
-        return self.root / CONFIG_FILE
-
-    @property
-    def vocab_file(self) -> Path:
-        return self.root / VOCAB_FILE
-
-    @property
-    def thresholds_file(self) -> Path:
-        return self.root / THRESHOLDS_FILE
-
-    @property
-    def history_file(self) -> Path:
-        return self.root / HISTORY_FILE
-
-    @property
-    def curves_file(self) -> Path:
-        return self.root / CURVES_FILE
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / CHECKPOINTS_DIR
-
-    @property
-    def reports(self) -> Path:
-        return self.root / REPORTS_DIR
-
-    def require(self) -> "ModelDir":
-        """This directory, or a clear error when there is none."""
-        if not self.root.is_dir():
-            raise AltI2VError(f"{self.root}: no such model directory; train one with "
-                              "`alt-i2v --train --data DIR --model DIR`")
-        return self
-
-    def read_config(self, *, required: bool = True) -> dict[str, Any] | None:
-        """config.json as a dict; None when absent and not ``required``."""
-        path = self.config_file
-        if not path.is_file():
-            if required:
-                raise AltI2VError(f"{path}: missing model configuration; this is not a complete model directory "
-                                  "(train one with --train, or finish an interrupted run with --train --resume)")
-            return None
-        return read_json_object(path, "model configuration")
-
-    def image_config(self, config: dict[str, Any] | None = None) -> ImageConfig:
-        """The image settings the model was trained with: ``config["image"]``; runs that predate it record
-        only the size (``model.image_size``), with the default resize mode."""
-        config = self.read_config() if config is None else config
-        image = config.get("image")
-        if isinstance(image, dict) and image.get("image_size"):
-            return ImageConfig.from_config(image)
-        size = (config.get("model") or {}).get("image_size")
-        if not size:
-            raise AltI2VError(f"{self.config_file}: records no image size; the model directory is incomplete")
-        return ImageConfig(image_size=int(size))
-
-    def read(self) -> ModelFiles:
-        """Config, vocabulary (checked against the one the model was trained with), image settings and
-        thresholds (checked; a missing thresholds.json warns, as every tag then gets the default)."""
-        from ..training.thresholds import DEFAULT_THRESHOLD, read_thresholds
-        from .vocab import Vocab
-
-        self.require()
-        config = self.read_config()
-        vocab = Vocab.load(self.vocab_file)
-        want = config.get("vocab_sha256")
-        if want and want != vocab.sha256:
-            raise AltI2VError(f"{self.root}: vocab.json does not match the one the model was trained with "
-                              "(sha256 differs); restore the model directory's own vocab.json")
-        thresholds = read_thresholds(self.thresholds_file)
-        if thresholds is None:
-            warnings.warn(f"{self.root}: no {THRESHOLDS_FILE} (training did not finish calibrating?); "
-                          f"using {DEFAULT_THRESHOLD} for every tag", UserWarning, stacklevel=3)
-        return ModelFiles(self, config, vocab, self.image_config(config), thresholds)
-
-    def is_finished(self) -> bool:
-        """A completed training run: model.keras, thresholds.json and a config.json that says finished."""
-        if not (self.model_file.is_file() and self.thresholds_file.is_file()):
-            return False
-        try:
-            return bool((self.read_config(required=False) or {}).get("finished"))
-        except AltI2VError:
-            return False
-
-
 def store_matches(image: ImageConfig, store: Any) -> bool:
     """Whether a store's pixels are what a model trained with ``image`` expects (same size and resize)."""
     return store.image_size == image.image_size and store.resize == image.resize
 
 
-__all__ = ["DataDir", "ModelDir", "ModelFiles", "store_matches", "POSTS_FILE", "POSTS_LOCK", "IMAGES_DIR", "VOCAB_FILE",
-           "STORE_DIR", "REPORTS_DIR", "MODEL_FILE", "CONFIG_FILE", "THRESHOLDS_FILE", "HISTORY_FILE",
-           "CURVES_FILE", "CHECKPOINTS_DIR"]
+__all__ = ["DataDir", "store_matches", "POSTS_FILE", "POSTS_LOCK", "IMAGES_DIR", "VOCAB_FILE", "STORE_DIR",
+           "REPORTS_DIR"]

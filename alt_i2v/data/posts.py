@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ..errors import AltI2VError, ImageLoadError, UnsafePathError, UsageError
-from ..fsutil import (IMAGE_SUFFIXES, JsonlWriter, fsync_dir, image_relpath, is_md5, normalize_ext, printable,
+from ..fsutil import (JsonlWriter, fsync_dir, image_relpath, is_md5, list_image_files, normalize_ext, printable,
                       safe_join)
 from .layout import IMAGES_DIR, DataDir
+from .tags import MAX_TAG_CHARS, parse_tags, tag_problem, unique_tags
 
-CATEGORIES = ("general", "character", "copyright", "artist", "meta")
 RATINGS = {"g": "g", "general": "g", "s": "s", "sensitive": "s", "q": "q", "questionable": "q",
            "e": "e", "explicit": "e"}
 IMPORT_MODES = ("auto", "folders", "captions")
@@ -50,48 +49,6 @@ def posts_lock(data_dir: str | os.PathLike):
 
     return lock_file(DataDir(data_dir).posts_lock, f"{data_dir}: another --scrape or --import is writing into "
                                                   "this data directory; wait for it to finish or stop it first")
-
-
-def normalize_tag(tag: str) -> str:
-    """Danbooru style: lowercase, spaces to underscores, caption escapes ``\\(`` removed."""
-    tag = tag.strip().replace("\\(", "(").replace("\\)", ")")
-    tag = re.sub(r"\s+", "_", tag).lower()
-    return tag
-
-
-MAX_TAG_CHARS = 200  # Danbooru's longest tags are under 100 characters
-
-
-def tag_problem(tag: str) -> str | None:
-    """Why ``tag`` (normalised) cannot be a tag, or None: control or format characters (NUL, a BOM, bytes
-    read as text) or more than MAX_TAG_CHARS characters."""
-    import unicodedata
-
-    if len(tag) > MAX_TAG_CHARS:
-        return f"longer than {MAX_TAG_CHARS} characters"
-    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn") for c in tag):
-        return "control characters"
-    return None
-
-
-def _tag_list(value: Any, refused: list[str] | None = None) -> list[str] | None:
-    """Normalised, de-duplicated tags; those :func:`tag_problem` refuses are left out (and appended to
-    ``refused`` when given)."""
-    if isinstance(value, str):
-        value = value.split()
-    if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
-        return None
-    out, seen = [], set()
-    for t in value:
-        t = normalize_tag(t)
-        if t and tag_problem(t):
-            if refused is not None:
-                refused.append(t)
-            continue
-        if t and t not in seen:
-            seen.add(t)
-            out.append(t)
-    return out
 
 
 MAX_ID_CHARS = 256
@@ -137,13 +94,13 @@ def validate_post(obj: Any, data_dir: str | os.PathLike) -> dict:
     if isinstance(tags, dict):
         norm = {}
         for cat, lst in tags.items():
-            got = _tag_list(lst)
+            got = unique_tags(lst)
             if got is None:
                 raise ValueError(f"tags[{cat!r}] is not a list of strings")
             norm[str(cat)] = got
         post["tags"] = norm
     else:
-        got = _tag_list(tags)
+        got = unique_tags(tags)
         if got is None:
             raise ValueError("tags must be an object of category lists, a list, or a string")
         post["tags"] = {"general": got}
@@ -254,13 +211,6 @@ def _caption_for(img: Path) -> Path | None:
     return None
 
 
-def parse_caption(text: str, refused: list[str] | None = None) -> list[str]:
-    """Comma-separated tags (newlines also separate) to normalised Danbooru-style names; a leading BOM is
-    dropped, tags with control characters or over MAX_TAG_CHARS are left out (into ``refused``)."""
-    parts = re.split(r"[,\n]", text.removeprefix("\ufeff"))
-    return _tag_list([p for p in parts if p.strip()], refused) or []
-
-
 def read_caption(path: Path) -> str:
     """A caption file's text: UTF-8 strictly, a BOM dropped; ValueError saying which byte is wrong."""
     from ..fsutil import open_regular
@@ -303,9 +253,9 @@ def import_folder(src: str | os.PathLike, data_dir: str | os.PathLike, mode: str
 
 def _import_locked(src: Path, data_dir: Path, mode: str, workers: int, quiet: bool) -> ImportResult:
     from .imaging import identify
-    from ..progress import bar, write_report
+    from ..progress import bar
 
-    images = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    images = list_image_files(src)[0]
     result = ImportResult(mode=_detect_mode(images, src) if mode == "auto" and images else mode)
     if mode == "auto" and not images:
         result.mode = "folders"
@@ -317,9 +267,9 @@ def _import_locked(src: Path, data_dir: Path, mode: str, workers: int, quiet: bo
     def tags_of(path: Path, refused: list[str]) -> list[str] | None:
         if result.mode == "folders":
             rel = path.relative_to(src)
-            return _tag_list([rel.parts[0]], refused) if len(rel.parts) > 1 else None
+            return unique_tags([rel.parts[0]], refused) if len(rel.parts) > 1 else None
         cap = _caption_for(path)
-        return parse_caption(read_caption(cap), refused) if cap else None
+        return parse_tags(read_caption(cap), refused) if cap else None
 
     def examine(path: Path) -> tuple[Path, dict | None, dict | None, list[str]]:
         rel = str(path.relative_to(src))
@@ -372,11 +322,12 @@ def _import_locked(src: Path, data_dir: Path, mode: str, workers: int, quiet: bo
     with PostsWriter(data_dir) as w:
         w.append_many(new_posts.values())
     result.added = len(new_posts)
-    write_report(data_dir, "import_report", {"source": str(src), **result.summary(), "skipped_files": result.skipped,
-                                             "unfinished_last_line_removed": w.removed_tail.decode("utf-8", "replace")})
+    DataDir(data_dir).write_report("import_report", {
+        "source": str(src), **result.summary(), "skipped_files": result.skipped,
+        "unfinished_last_line_removed": w.removed_tail.decode("utf-8", "replace")})
     return result
 
 
 __all__ = ["PostsRead", "PostsWriter", "ImportResult", "read_posts", "iter_posts", "validate_post",
-           "post_image_path", "import_folder", "normalize_tag", "parse_caption", "id_key", "posts_path",
+           "post_image_path", "import_folder", "read_caption", "id_key", "posts_path",
            "check_post_id", "normalize_ext"]

@@ -159,8 +159,4 @@ def build_vocab(data_dir: str | os.PathLike, size: int = 4096, min_count: int = 
     return vocab
 
 
-def load_vocab(path: str | os.PathLike) -> Vocab:
-    return Vocab.load(path)
-
-
-__all__ = ["Vocab", "build_vocab", "load_vocab", "count_tags", "VOCAB_FILE"]
+__all__ = ["Vocab", "build_vocab", "count_tags", "VOCAB_FILE"]

@@ -4,7 +4,6 @@ similar, offline, printing what each stage did and reusing whatever an earlier r
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -13,8 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from ..data.layout import DataDir, ModelDir
-from .synthetic import generate_demo_dataset
+from ..data.layout import DataDir
+from ..data.synthetic import generate_demo_dataset
+from ..errors import AltI2VError
+from ..fsutil import read_json_object
+from ..model.modeldir import ModelDir
 
 # ---------------------------------------------------------------------------------------------------------
 # The end-to-end run
@@ -105,8 +107,8 @@ def _fresh_metrics(model_dir: ModelDir) -> dict | None:
     try:
         if path.stat().st_mtime < model_dir.model_file.stat().st_mtime:
             return None
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        metrics = read_json_object(path, "metrics report")
+    except (OSError, AltI2VError):
         return None
     return metrics if metrics.get("split") == "test" and "micro_f1" in metrics else None
 

@@ -23,7 +23,7 @@ import numpy as np
 from ..config import ImageConfig
 from ..errors import AltI2VError
 from ..fsutil import read_json_object
-from . import DEEPDANBOORU, ReadyFiles
+from .files import DEEPDANBOORU, ReadyFiles
 
 PROJECT_FILE = "project.json"
 TAGS_FILE = "tags.txt"
@@ -205,7 +205,7 @@ def remapped_head(network: Any, names: Sequence[str], new_names: Sequence[str]) 
 def check_project(path: str | os.PathLike) -> str:
     """``path`` as an absolute path if it is a DeepDanbooru project (every file there), else the error
     naming what is missing; for ``--train --init-from``."""
-    from . import detect
+    from .files import detect
 
     if detect(path) != DEEPDANBOORU:
         raise AltI2VError(f"{path}: --init-from takes a DeepDanbooru project (project.json, tags.txt, "

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..config import ImageConfig
 from ..errors import AltI2VError
-from . import WD14, ReadyFiles
+from .files import WD14, ReadyFiles
 
 MODEL_FILE = "model.onnx"
 TAGS_FILE = "selected_tags.csv"

@@ -11,7 +11,8 @@ Posts come from the JSON API (``/posts.json``, paged with the ``page=b<id>`` cur
 from .danbooru import PAGE_SIZE, PostInfo, parse_api_post, parse_post_list, parse_post_page, post_record
 from .http import (DEFAULT_BASE_URL, USER_AGENT, DanbooruClient, FetchError, PageFormatError, RateLimiter,
                    check_url, normalize_base_url, parse_retry_after)
-from .run import ScrapeResult, scrape
+from .result import ScrapeResult
+from .run import scrape
 
 __all__ = ["DanbooruClient", "RateLimiter", "ScrapeResult", "PostInfo", "FetchError", "PageFormatError", "scrape",
            "parse_api_post", "parse_post_list", "parse_post_page", "post_record", "normalize_base_url",

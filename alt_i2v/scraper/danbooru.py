@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 from urllib.parse import urljoin, urlsplit
 
-from ..data.posts import CATEGORIES, RATINGS, check_post_id, normalize_tag
+from ..data.posts import RATINGS, check_post_id
+from ..data.tags import CATEGORIES, normalize_tag
 from ..fsutil import image_relpath
 from .http import DanbooruClient, PageFormatError, _int
 
@@ -198,7 +199,7 @@ def _cursor_mode(query: str) -> bool:
                    for t in query.split())
 
 
-def _pages(client: DanbooruClient, query: str, source: str, page_size: int,
+def pages(client: DanbooruClient, query: str, source: str, page_size: int,
            notes: list[str]) -> Iterator[tuple[str, list[Any]]]:
     """Yield ``(page label, items)`` for one query: PostInfo (api) or ListItem (html) lists, in order.
     Raises FetchError for a page that could not be had."""

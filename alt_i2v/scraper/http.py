@@ -28,7 +28,7 @@ from requests.adapters import HTTPAdapter
 
 from .. import __version__
 from ..errors import AltI2VError, UsageError
-from ..fsutil import temp_path
+from ..fsutil import discard, temp_path
 
 DEFAULT_BASE_URL = "https://danbooru.donmai.us"
 PROJECT_URL = "https://github.com/alt-i2v/alt-i2v"
@@ -409,7 +409,7 @@ class DanbooruClient:
                 return Download(Path(tmp), md5, size)
             finally:
                 if not ok:
-                    _unlink(Path(tmp))
+                    discard(tmp)
 
         return self.fetch(url, None, handle)
 
@@ -430,8 +430,3 @@ def _int(value: Any) -> int | None:
     return None
 
 
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except OSError:
-        pass

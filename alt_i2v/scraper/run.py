@@ -16,18 +16,18 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urljoin, urlsplit
 
 from ..data.posts import PostsWriter, id_key, iter_posts
 from ..errors import AltI2VError, ImageLoadError, UnsafePathError, UsageError
-from ..fsutil import commit, file_digest, fsync_dir, image_relpath, is_md5, normalize_ext, remove_stale_temps
+from ..fsutil import commit, discard, file_digest, fsync_dir, image_relpath, is_md5, normalize_ext, remove_stale_temps
 from ..data.layout import DataDir
-from ..progress import count_reasons
-from .danbooru import PAGE_SIZE, ListItem, PostInfo, _pages, parse_post_page, post_record
-from .http import DEFAULT_BASE_URL, DanbooruClient, FetchError, _unlink, check_url, normalize_base_url
+from .danbooru import PAGE_SIZE, ListItem, PostInfo, pages, parse_post_page, post_record
+from .http import DEFAULT_BASE_URL, DanbooruClient, FetchError, check_url, normalize_base_url
+from .result import ScrapeResult
 
 SOURCES = ("api", "html")
 FILE_SIZES = ("original", "sample")
@@ -37,57 +37,6 @@ MAX_REPORTED_SKIPS = 10000
 
 # ---------------------------------------------------------------------------------------------------------
 # The run
-
-
-@dataclass
-class ScrapeResult:
-    """What a scrape did: counts, the skipped posts with reasons, failed pages, request statistics."""
-
-    data_dir: str = ""
-    source: str = "api"
-    queries: list[str] = field(default_factory=list)
-    stored: int = 0
-    adopted: int = 0
-    present: int = 0
-    repaired: int = 0
-    repeated: int = 0
-    skipped: list[dict] = field(default_factory=list)  # {"id", "reason", "detail", "query"}
-    failed_pages: list[dict] = field(default_factory=list)  # {"query", "page", "reason", "detail"}
-    notes: list[str] = field(default_factory=list)
-    new_ids: list[int] = field(default_factory=list)
-    requests: int = 0
-    retries: int = 0
-    bytes: int = 0
-    elapsed: float = 0.0
-    rate_limit: float = 1.0
-    stale_temps_removed: int = 0
-    limit: int | None = None
-    limit_reached: bool = False
-    interrupted: bool = False
-    report_path: str = ""
-
-    def skip_counts(self) -> dict[str, int]:
-        return count_reasons(self.skipped)
-
-    def summary(self) -> dict[str, Any]:
-        rate = self.requests / self.elapsed if self.elapsed > 0 else 0.0
-        rows: dict[str, Any] = {
-            "source": self.source, "queries": len(self.queries), "new posts": self.stored,
-            "already present": self.present, "files repaired": self.repaired, "skipped": len(self.skipped),
-            "skip reasons": self.skip_counts(), "failed pages": len(self.failed_pages),
-            "requests": self.requests, "retries": self.retries, "downloaded MB": round(self.bytes / 1e6, 2),
-            "elapsed s": round(self.elapsed, 1),
-            "request rate": f"{rate:.2f}/s (limit {self.rate_limit:g}/s)",
-        }
-        if self.repeated:
-            rows["repeated across queries"] = self.repeated
-        if self.stale_temps_removed:
-            rows["stale temp files removed"] = self.stale_temps_removed
-        if self.interrupted:
-            rows["interrupted"] = "yes: run the same command again to resume"
-        if self.report_path:
-            rows["report"] = self.report_path
-        return rows
 
 
 @dataclass
@@ -249,9 +198,9 @@ class _Scrape:
 
     def run_query(self, query: str) -> None:
         label = "1"
-        pages = _pages(self.client, query, self.source, self.page_size, self.result.notes)
+        listed = pages(self.client, query, self.source, self.page_size, self.result.notes)
         try:
-            for label, items in pages:
+            for label, items in listed:
                 for item in items:
                     key = id_key(item.id)
                     if key in self.seen:
@@ -277,7 +226,7 @@ class _Scrape:
                 print(f"alt-i2v: query {query!r}: page {label} failed ({e.reason}: {detail}); "
                       "going on with the next query", file=sys.stderr)
         finally:
-            pages.close()
+            listed.close()
 
     def handle_info(self, info: PostInfo, query: str) -> None:
         res = self.decide(info, query)
@@ -392,11 +341,11 @@ class _Scrape:
 
                     ext = identify(str(got.tmp))[0]
                 except ImageLoadError as e:
-                    _unlink(got.tmp)
+                    discard(got.tmp)
                     return _Outcome("skipped", info.id, reason="invalid_image", detail=str(e), query=job.query)
                 md5 = got.md5
                 if job.repair is not None and job.repair.get("md5") != md5:
-                    _unlink(got.tmp)
+                    discard(got.tmp)
                     return _Outcome("skipped", info.id, reason="file_changed",
                                     detail="the sample differs from the stored one", query=job.query)
                 target = self.data_dir / image_relpath(md5, ext)
@@ -404,7 +353,7 @@ class _Scrape:
             try:
                 commit(got.tmp, target)
             except OSError:
-                _unlink(got.tmp)
+                discard(got.tmp)
                 raise
         except FetchError as e:
             if e.reason == "interrupted":
@@ -445,7 +394,7 @@ def _exclusive(data_dir: Path) -> Iterator[None]:
         yield
 
 
-def scrape(data_dir: str | os.PathLike, queries: list[str] | str, *, limit: int | None = None,
+def scrape(data_dir: str | os.PathLike, queries: list[str] | str | None, *, limit: int | None = None,
            base_url: str = DEFAULT_BASE_URL, source: str = "api", rate: float = 1.0, workers: int = 4,
            file_size: str = "original", max_bytes: int | None = DEFAULT_MAX_BYTES, login: str | None = None,
            api_key: str | None = None, quiet: bool = False, tries: int = 5, backoff: float = 1.0,
@@ -458,13 +407,10 @@ def scrape(data_dir: str | os.PathLike, queries: list[str] | str, *, limit: int 
     request (the wait before try n+1 is ``backoff * 2**n`` plus jitter, or the server's Retry-After).
     Writes ``DATA/reports/scrape_report.json``.
     """
-    from ..progress import write_report
-
-    if isinstance(queries, str):
-        queries = [queries]
+    queries = [queries] if isinstance(queries, str) else list(queries or [])
     queries = [" ".join(q.split()) for q in queries if isinstance(q, str) and q.strip()]
     if not queries:
-        raise UsageError("--scrape needs at least one non-empty --query")
+        raise UsageError("--scrape needs at least one --query (a non-empty tag search)")
     if source not in SOURCES:
         raise UsageError(f"--source must be one of {', '.join(SOURCES)}")
     if file_size not in FILE_SIZES:
@@ -529,7 +475,7 @@ def scrape(data_dir: str | os.PathLike, queries: list[str] | str, *, limit: int 
                 "skipped_posts": result.skipped[:MAX_REPORTED_SKIPS],
                 "skipped_posts_not_listed": max(0, len(result.skipped) - MAX_REPORTED_SKIPS),
             }
-            result.report_path = str(write_report(data, "scrape_report", report))
+            result.report_path = str(DataDir(data).write_report("scrape_report", report))
     if result.failed_pages and result.stored == 0 and result.present == 0 and not result.skipped:
         first = result.failed_pages[0]
         raise AltI2VError(f"nothing scraped: query {first['query']!r} page {first['page']} failed "

@@ -23,16 +23,16 @@ def store_chunks(tagger: Any, data_dir: str | os.PathLike, failures: list, *, sk
     what the model expects)."""
     from ..data.layout import DataDir, store_matches
     from ..data.posts import id_key, iter_posts, post_image_path
-    from ..store import Store
+    from ..store import open_store
 
     data = Path(data_dir)
     if not DataDir(data).store.is_dir():
         return None
-    with Store(data) as store:
+    with open_store(data) as store:
         if not store_matches(tagger.image_config, store):
             return None
     by_key = {id_key(post["id"]).encode(): post for post in iter_posts(data) if post["id"] not in skip}
-    with Store(data) as store:
+    with open_store(data) as store:
         keys = [k for k in store.ids() if k in by_key]
 
     def chunks() -> Iterator[tuple[np.ndarray, list, list[str]]]:
@@ -40,7 +40,7 @@ def store_chunks(tagger: Any, data_dir: str | os.PathLike, failures: list, *, sk
 
         bs = int(batch_size or tagger.batch_size)
         step = bs * max(1, 8192 // bs)
-        with Store(data) as store, bar(total=len(keys), desc="index", unit="img", quiet=quiet) as progress:
+        with open_store(data) as store, bar(total=len(keys), desc="index", unit="img", quiet=quiet) as progress:
             for c in range(0, len(keys), step):
                 embs, ids, paths = [], [], []
                 for s in range(c, min(c + step, len(keys)), bs):
@@ -180,7 +180,7 @@ def add_to_index(tagger: Any, index: "SimilarityIndex", out: str | os.PathLike, 
 def open_index(index_path: str | os.PathLike, model: str | os.PathLike | None = None) -> tuple["SimilarityIndex", Any]:
     """An index and the Tagger that embeds its queries: ``model`` or the model the index records, checked
     to be the very model (weights fingerprint, embedding size) the index was built with."""
-    from ..data.layout import ModelDir
+    from ..model.modeldir import ModelDir
     from ..tagging.tagger import get_tagger
 
     index = SimilarityIndex.load(index_path)

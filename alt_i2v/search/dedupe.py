@@ -30,12 +30,12 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from ..data.groups import REPORT
 from ..errors import AltI2VError
 
 SIGNATURE_SIZE = 8  # 8 x 8 DCT coefficients, the constant one dropped: 63 numbers
 _DCT_SIZE = 32
 DEFAULT_MIN_COSINE = {"signature": 0.87, "embedding": 0.95}
-REPORT = "dedupe"
 SHEETS_DIR = "dedupe"
 _MAX_SHEETS = 1000
 _THUMB = 96
@@ -224,30 +224,3 @@ def write_sheets(data_dir: str | os.PathLike, groups: Sequence[Sequence[Any]], o
         sheet.save(path, quality=85)
         written.append(path)
     return written
-
-
-def read_groups(data_dir: str | os.PathLike) -> list[list[Any]] | None:
-    """The groups of ``DATA/reports/dedupe.json``, or None when there is no report (a damaged one is an
-    error: a build must not silently split what the report said to keep together)."""
-    from ..data.layout import DataDir
-    from ..fsutil import read_json_object
-
-    path = DataDir(data_dir).report(REPORT)
-    if not path.is_file():
-        return None
-    doc = read_json_object(path, "dedupe report")
-    groups = doc.get("groups")
-    if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
-        raise AltI2VError(f"{path}: no list of groups in it; run --dedupe again")
-    return groups
-
-
-def group_leaders(data_dir: str | os.PathLike) -> dict[Any, Any]:
-    """Post id -> the id whose split its whole group takes (the group's first id), from the dedupe report;
-    empty without one."""
-    leaders: dict[Any, Any] = {}
-    for group in read_groups(data_dir) or []:
-        if group:
-            for pid in group:
-                leaders[pid] = group[0]
-    return leaders

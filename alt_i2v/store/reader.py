@@ -1,66 +1,53 @@
-"""Reading a store: :class:`Store` over one LevelDB (or, through ``Store(DATA)``, a sharded store), the
-advisory lock readers share and builds take alone."""
+"""Reading a store (the reader half; the builder half is :mod:`.build`): :class:`Store` over one LevelDB,
+:class:`ShardedStore` over N of them with the same read API, and :func:`open_store`, which opens either
+layout."""
 
 from __future__ import annotations
 
+import heapq
 import os
 import threading
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from ..config import ImageConfig
-from ..errors import AltI2VError, BadRecordError, StoreMismatchError
-from ..data.layout import STORE_DIR
 from ..data.vocab import Vocab
-from .records import (IDX, LAYOUT_FILE, META_KEY, REC, SPLITS, STORE_VERSION, check_meta, check_record,
-                      unpack)
+from ..errors import AltI2VError, BadRecordError, StoreMismatchError
+from .layout import is_sharded, open_db, read_layout, shard_name, shard_of, store_lock, store_path
+from .records import IDX, META_KEY, REC, SPLITS, STORE_VERSION, check_meta, check_record, unpack
 
 
-def _open_db(path: Path, create: bool):
-    import plyvel
-
-    try:
-        return plyvel.DB(str(path), create_if_missing=create, write_buffer_size=16 << 20,
-                         max_open_files=256)
-    except plyvel.IOError as e:
-        if "lock" in str(e).lower():
-            raise AltI2VError(f"{path}: the store is in use by another process (LevelDB allows one); "
-                              "wait for it to finish or stop it") from None
-        raise AltI2VError(f"{path}: cannot open the store ({e})") from None
-    except plyvel.Error as e:
-        if not create and "does not exist" in str(e):
-            raise AltI2VError(f"{path}: no store here; run `python -m alt_i2v --build --data DIR` first") from None
-        raise AltI2VError(f"{path}: the store is damaged or not a LevelDB ({e}); delete it and run --build "
-                          "again (the images are safe, the store is derived from them)") from None
+def open_store(path: str | os.PathLike, *, vocab: Vocab | None = None, image_size: int | None = None,
+               resize: str | None = None, lock: bool = True) -> "Store":
+    """The store at ``path`` (``DATA`` or ``DATA/store``) in either layout: a :class:`ShardedStore` when it
+    was built with ``--shards N``, else a :class:`Store`. Both read the same way."""
+    kw = {"vocab": vocab, "image_size": image_size, "resize": resize, "lock": lock}
+    return (ShardedStore if is_sharded(store_path(path)) else Store)(path, **kw)
 
 
 class Store:
-    """Read access to a built store (used by training, evaluation and indexing).
+    """Read access to a built store of one LevelDB (used by training, evaluation and indexing); open a
+    store of either layout with :func:`open_store`.
 
     ``vocab`` / ``image_size`` / ``resize`` given: a store built differently is a StoreMismatchError.
-    A sharded store (``--build --shards N``) opens as a :class:`~alt_i2v.store.shards.ShardedStore`, which
-    reads the same way. :meth:`release` closes the LevelDB so another process (a reader of
-    :mod:`alt_i2v.training.readers`) may open it; the next read here opens it again. ``lock=False`` is for the
-    shards of a sharded store, whose lock the ShardedStore holds.
+    :meth:`release` closes the LevelDB so another process (a reader of :mod:`alt_i2v.training.readers`)
+    may open it; the next read here opens it again. ``lock=False`` is for the shards of a sharded store,
+    whose lock the ShardedStore holds.
     """
 
     num_shards = 1
-
-    def __new__(cls, path: str | os.PathLike = "", **kw: Any):
-        if cls is Store and is_sharded(store_path(path)):
-            from .shards import ShardedStore
-
-            return super().__new__(ShardedStore)
-        return super().__new__(cls)
 
     def __init__(self, path: str | os.PathLike, *, vocab: Vocab | None = None, image_size: int | None = None,
                  resize: str | None = None, lock: bool = True):
         path = store_path(path)
         self.path = path
         self.bad: dict[bytes, str] = {}  # records skipped as undecodable: key -> reason
+        self._index_cache: dict[str, tuple[list[bytes], list[list[int]]]] = {}
+        if is_sharded(path):
+            raise AltI2VError(f"{path} is a sharded store (--build --shards N): open it with open_store()")
         if not (path / "CURRENT").is_file():
             raise AltI2VError(f"{path}: no store here; run `python -m alt_i2v --build --data DIR` first")
         self._lock = ExitStack()
@@ -71,7 +58,7 @@ class Store:
         self._use = threading.Condition()  # reads in flight; release() waits for them (plyvel must not
         self._users = 0                    # close a DB that another thread is reading)
         try:
-            self._db = _open_db(path, create=False)
+            self._db = open_db(path, create=False)
             raw = self._db.get(META_KEY)
             if raw is None:
                 raise AltI2VError(f"{path}: store has no meta record (not an alt-i2v store, or never built)")
@@ -94,7 +81,7 @@ class Store:
         if self._db is None or self._db.closed:
             if self._closed:
                 raise AltI2VError(f"{self.path}: the store is closed")
-            self._db = _open_db(self.path, create=False)
+            self._db = open_db(self.path, create=False)
         return self._db
 
     def release(self) -> None:
@@ -153,7 +140,7 @@ class Store:
         """Keys and label lists of a split (or all) in key order, read from the small index, not the
         images; kept after the first read, so readers may hold the LevelDB meanwhile."""
         keys, labels = [], []
-        cache = self.__dict__.setdefault("_index_cache", {})
+        cache = self._index_cache
         for s in ([split] if split else SPLITS):
             if s not in cache:
                 cache[s] = self._read_index(s)
@@ -205,42 +192,36 @@ class Store:
         n, s = len(keys), self.image_size
         if out is None or out.shape[0] < n:
             out = np.empty((n, s, s, 3), dtype=np.uint8)
-        labels = []
-        with self._reading() as db:
-            for key in keys:
-                raw = db.get(REC + key)
-                if raw is None:
-                    raise KeyError(key.decode(errors="replace"))
-                rec = self._decode(key, raw)
-                if rec is None:
-                    continue
-                out[len(labels)] = rec["image"]
-                labels.append(rec["labels"])
-        return out[:len(labels)], labels
+        ok, labels = self._read(keys, out, range(n))
+        keep = np.flatnonzero(ok)
+        if len(keep) < n:
+            out[:len(keep)] = out[keep]
+        return out[:len(keep)], [labels[i] for i in keep]
 
     def read_into(self, keys: Sequence[bytes], out: np.ndarray, at: Sequence[int] | None = None) -> np.ndarray:
         """Decode the images of ``keys`` into ``out[at[i]]`` (``out[i]`` without ``at``): a batch buffer,
         possibly shared memory. Returns the mask of records that decoded; one that does not is zeroed,
         noted in :attr:`bad` and costs only itself."""
+        return self._read(keys, out, range(len(keys)) if at is None else at)[0]
+
+    def _read(self, keys: Sequence[bytes], out: np.ndarray, at: Sequence[int]
+              ) -> tuple[np.ndarray, list[list[int] | None]]:
+        """Decode ``keys`` into ``out[at[i]]``: the mask of those that decoded and their label lists."""
         ok = np.ones(len(keys), bool)
+        labels: list[list[int] | None] = [None] * len(keys)
         with self._reading() as db:
             for i, key in enumerate(keys):
-                j = i if at is None else at[i]
                 raw = db.get(REC + key)
                 if raw is None:
                     raise KeyError(key.decode(errors="replace"))
                 rec = self._decode(key, raw)
                 if rec is None:
-                    out[j] = 0
+                    out[at[i]] = 0
                     ok[i] = False
                 else:
-                    out[j] = rec["image"]
-        return ok
-
-    def records(self, split: str | None = None) -> Iterator[dict]:
-        """Iterate full records of a split (or all)."""
-        for key in self.ids(split):
-            yield self.get(key)
+                    out[at[i]] = rec["image"]
+                    labels[i] = rec["labels"]
+        return ok, labels
 
     def close(self) -> None:
         self._closed = True  # a late read (a read-ahead thread) fails instead of opening it again
@@ -264,28 +245,82 @@ class Store:
         return id_key(key).encode()
 
 
-def store_path(path: str | os.PathLike) -> Path:
-    """``DATA/store`` when given ``DATA``, else the path itself."""
-    path = Path(path)
-    return path / STORE_DIR if (path / STORE_DIR).is_dir() else path
+class ShardedStore(Store):
+    """A sharded store with the :class:`Store` read API (:func:`open_store` opens one).
+
+    Keys and labels merge the shards' indexes in key order, so a split lists the same records in the
+    same order as it would in a one-shard store: training on either sees the same batches.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, vocab: Vocab | None = None, image_size: int | None = None,
+                 resize: str | None = None, lock: bool = True):
+        self.path = store_path(path)
+        self.bad: dict[bytes, str] = {}  # shared with the shards: key -> why it did not decode
+        self._index_cache = {}
+        self.stores: list[Store] = []
+        self._lock = ExitStack()
+        try:
+            if lock:
+                self._lock.enter_context(store_lock(self.path, shared=True))
+            layout = read_layout(self.path)
+            self.num_shards = int(layout["shards"])
+            for p in self.shard_paths():
+                if not p.is_dir():
+                    raise AltI2VError(f"{p}: shard missing; the store is incomplete: run --build again")
+                self.stores.append(Store(p, vocab=vocab, image_size=image_size, resize=resize, lock=False))
+                self.stores[-1].bad = self.bad
+        except BaseException:
+            self.close()
+            raise
+        counts = {s: sum(st.count(s) for st in self.stores) for s in SPLITS}
+        self.meta = {**{k: v for k, v in layout.items() if k != "counts"}, "counts": counts}
+        check_meta(self.meta, vocab=vocab, image_size=image_size, resize=resize, where=str(self.path))
+
+    @property
+    def db(self):
+        raise AltI2VError(f"{self.path} is sharded: read it through Store methods or .stores[i].db")
+
+    def shard_paths(self) -> list[Path]:
+        return [self.path / shard_name(i, self.num_shards) for i in range(self.num_shards)]
+
+    def shard_of(self, key: bytes) -> int:
+        return shard_of(key, self.num_shards)
+
+    def _read_index(self, split: str) -> tuple[list[bytes], list[list[int]]]:
+        keys, labels = [], []
+        for k, lab in heapq.merge(*(zip(*st.index(split)) for st in self.stores), key=lambda kv: kv[0]):
+            keys.append(k)
+            labels.append(lab)
+        return keys, labels
+
+    def get(self, key: bytes | str) -> dict:
+        key = self._key(key)
+        return self.stores[self.shard_of(key)].get(key)
+
+    def _by_shard(self, keys: Sequence[bytes]) -> Iterator[tuple[Store, np.ndarray]]:
+        owner = np.fromiter((self.shard_of(k) for k in keys), np.int64, len(keys))
+        for i in np.unique(owner):
+            yield self.stores[int(i)], np.flatnonzero(owner == i)
+
+    def _read(self, keys: Sequence[bytes], out: np.ndarray, at: Sequence[int]
+              ) -> tuple[np.ndarray, list[list[int] | None]]:
+        ok = np.ones(len(keys), bool)
+        labels: list[list[int] | None] = [None] * len(keys)
+        for store, pos in self._by_shard(keys):
+            got, lab = store._read([keys[i] for i in pos], out, [at[i] for i in pos])
+            ok[pos] = got
+            for i, one in zip(pos, lab):
+                labels[i] = one
+        return ok, labels
+
+    def release(self) -> None:
+        for st in self.stores:
+            st.release()
+
+    def close(self) -> None:
+        for st in self.stores:
+            st.close()
+        self._lock.close()
 
 
-def is_sharded(path: str | os.PathLike) -> bool:
-    """Whether ``path`` (a store directory) holds a sharded store: ``meta.json`` beside its shards."""
-    return (Path(path) / LAYOUT_FILE).is_file()
-
-
-def store_lock(path: Path, *, shared: bool):
-    """The store's advisory lock, ``DATA/.store.lock``: readers (train, evaluate, index) share it, a build
-    holds it alone. It is taken before the store is touched, so a build never removes or swaps a store
-    that another process has open, and a reader never opens one that is being swapped."""
-    from ..fsutil import lock_file
-
-    busy = (f"{path}: a --build is writing this store now; wait for it to finish" if shared else
-            f"{path}: the store is in use by another process (--build, --train, --evaluate or --index); wait "
-            "for it to finish or stop it")
-    return lock_file(path.parent / f".{path.name}.lock", busy, shared=shared)
-
-
-def open_store(path: str | os.PathLike, **kw: Any) -> Store:
-    return Store(path, **kw)
+__all__ = ["Store", "ShardedStore", "open_store"]

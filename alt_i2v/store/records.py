@@ -24,7 +24,7 @@ META_KEY = b"__meta__"
 REC = b"r/"
 IDX = b"s/"
 SPLITS = ("train", "val", "test")
-LAYOUT_FILE = "meta.json"  # a sharded store's layout (alt_i2v.store.shards); absent in a one-shard store
+LAYOUT_FILE = "meta.json"  # a sharded store's layout (alt_i2v.store.layout); absent in a one-shard store
 
 
 def split_of(pid: Any, val_fraction: float = 0.1, test_fraction: float = 0.1) -> str:

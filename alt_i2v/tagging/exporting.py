@@ -25,7 +25,6 @@ import numpy as np
 from ..errors import AltI2VError, UsageError
 
 EXPORT_FILE = "export.json"
-OLD = ".old"  # the previous export, renamed aside for the moment of the swap
 TOLERANCE = 1e-3
 PARITY_IMAGES = 6
 EXTRA = 'pip install "alt-i2v[export]"  (from a checkout: pip install ".[export]")'
@@ -120,8 +119,8 @@ RUNTIMES = {"savedmodel": _run_savedmodel, "onnx": _run_onnx, "tflite": _run_tfl
 
 def parity_images(image_config: Any, n: int = PARITY_IMAGES) -> np.ndarray:
     """``n`` generated illustrations (the demo's drawings) as model inputs (n, S, S, 3) uint8."""
-    from ..demo import draw_demo_image
     from ..data.imaging import load_image_config
+    from ..data.synthetic import draw_demo_image
 
     size = int(image_config.image_size)
     return np.stack([load_image_config(draw_demo_image(20240, i, max(16, min(size, 512)))[0], image_config)
@@ -163,6 +162,7 @@ def _check_out(out: Path) -> Path:
     """``out`` made absolute, after what a killed export of it left is cleared; a UsageError for a folder
     an export must not replace: the current folder or one above it, a file, a folder that is not an
     export, or an export holding files it did not write (they would be deleted with it)."""
+    from ..fsutil import OLD_SUFFIX as OLD
     from ..fsutil import stale_temps
 
     out = out.absolute()
@@ -196,7 +196,8 @@ def export(model: Any, out: str | os.PathLike, format: str = "onnx", *, quiet: b
     import io
 
     from .. import __version__
-    from ..fsutil import atomic_write_json, fsync_dir, temp_path
+    from ..fsutil import atomic_dir, atomic_write_json
+    from ..model.modeldir import ModelDir
     from ..progress import bar
     from .tagger import get_tagger
 
@@ -208,44 +209,33 @@ def export(model: Any, out: str | os.PathLike, format: str = "onnx", *, quiet: b
         raise UsageError(f"{tagger.model_dir}: --export writes alt-i2v models; this is a {tagger.family} model "
                          "(a WD14 folder already is ONNX, a DeepDanbooru project already is Keras)")
     keras_format, name, _ = FORMATS[format]
-    tmp = temp_path(out)
     steps = bar(total=3, desc=f"export {format}", unit="step", quiet=quiet)
     try:
-        tmp.mkdir(parents=True)
-        images = parity_images(tagger.image_config)
-        reference = tagger.probabilities(images)  # also builds the model's call graph, which ONNX needs
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # converters print progress and warn about NumPy/TF internals
-            tagger.model.export(str(tmp / name), format=keras_format, verbose=False)
-        steps.update(1)
-        diff, runtime = check_parity(format, tmp / name, reference, images)
-        steps.update(1)
-        for file in ("vocab.json", "thresholds.json"):
-            if (tagger.model_dir / file).is_file():
-                shutil.copyfile(tagger.model_dir / file, tmp / file)
-        cfg = tagger.image_config
-        atomic_write_json(tmp / EXPORT_FILE, {
-            "format": format, "model": name, "alt_i2v_version": __version__,
-            "source_model": {"path": str(tagger.model_dir.resolve()), "sha256": tagger.fingerprint()},
-            "input": {"dtype": "uint8", "shape": [None, cfg.image_size, cfg.image_size, 3], "range": "RGB 0-255",
-                      "image_size": cfg.image_size, "resize": cfg.resize, "pad_color": list(cfg.pad_color)},
-            "output": "sigmoid probabilities (N, T), tag i = tags[i]",
-            "tags": list(tagger.vocab.names), "thresholds": [round(float(t), 6) for t in tagger.thresholds],
-            "parity": {"images": len(images), "max_abs_diff": diff, "tolerance": TOLERANCE, "runtime": runtime},
-            "files": sorted([p.name for p in tmp.iterdir()] + [EXPORT_FILE])})
-        fsync_dir(tmp)
-        old = temp_path(out.with_name(out.name + OLD)) if out.exists() else None
-        if old:
-            os.replace(out, old)
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        with atomic_dir(out) as tmp:  # replaces an earlier export only once this one has passed
+            images = parity_images(tagger.image_config)
+            reference = tagger.probabilities(images)  # also builds the model's call graph, which ONNX needs
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # converters print progress and warn about NumPy/TF internals
+                tagger.model.export(str(tmp / name), format=keras_format, verbose=False)
+            steps.update(1)
+            diff, runtime = check_parity(format, tmp / name, reference, images)
+            steps.update(1)
+            ModelDir(tagger.model_dir).copy_files(tmp)
+            cfg = tagger.image_config
+            atomic_write_json(tmp / EXPORT_FILE, {
+                "format": format, "model": name, "alt_i2v_version": __version__,
+                "source_model": {"path": str(tagger.model_dir.resolve()), "sha256": tagger.fingerprint()},
+                "input": {"dtype": "uint8", "shape": [None, cfg.image_size, cfg.image_size, 3],
+                          "range": "RGB 0-255", "image_size": cfg.image_size, "resize": cfg.resize,
+                          "pad_color": list(cfg.pad_color)},
+                "output": "sigmoid probabilities (N, T), tag i = tags[i]",
+                "tags": list(tagger.vocab.names), "thresholds": [round(float(t), 6) for t in tagger.thresholds],
+                "parity": {"images": len(images), "max_abs_diff": diff, "tolerance": TOLERANCE,
+                           "runtime": runtime},
+                "files": sorted([p.name for p in tmp.iterdir()] + [EXPORT_FILE])})
         steps.update(1)
     finally:
         steps.close()
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     files = sorted(p.name for p in out.iterdir() if p.name != name)
     return ExportResult(format=format, out_dir=out, model_file=out / name, max_abs_diff=diff, runtime=runtime,
                         images=len(images), seconds=time.perf_counter() - t0, files=files)

@@ -73,27 +73,6 @@ def decide(probs: np.ndarray, keep: Sequence[int], reject: Sequence[int], thresh
     return ("ok", names[i], float(probs[i]), "keep tag") if hits else ("ng", names[i], float(probs[i]), "no keep tag")
 
 
-def list_sources(src: Path, out: Path) -> tuple[list[Path], int]:
-    """Image files under ``src`` (recursive, sorted, hidden ones and ``out`` left out), and how many other
-    files were seen."""
-    from ..fsutil import IMAGE_SUFFIXES
-
-    out_resolved = out.resolve()
-    files, others = [], 0
-    for dirpath, dirnames, filenames in os.walk(src):
-        here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and (here / d).resolve() != out_resolved)
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                files.append(here / name)
-            else:
-                others += 1
-    return files, others
-
-
 class _Journal:
     """The resume state: ``plan`` records (file -> destination, sha256, decision) written before a copy,
     ``done`` records after it is verified; both fsync'ed, read back on the next run."""
@@ -177,7 +156,7 @@ def screen(src: str | os.PathLike, model: Any, out: str | os.PathLike, *, keep: 
     category/tag (as ``predict_tags``). ``move`` removes each source after its copy is verified; ``dry_run``
     writes only the report. An interrupted run resumes where it stopped when called again the same way.
     """
-    from ..fsutil import lock_file
+    from ..fsutil import list_image_files, lock_file
     from .tagger import get_tagger
 
     src, out = Path(src), Path(out)
@@ -199,7 +178,7 @@ def screen(src: str | os.PathLike, model: Any, out: str | os.PathLike, *, keep: 
     settings = {"source": str(src.resolve()), "model": tagger.fingerprint(), "keep": list(keep),
                 "reject": list(reject), "threshold": threshold, "mode": "move" if move else "copy"}
     result = ScreenResult(out_dir=out, report=out / REPORT, mode=settings["mode"], dry_run=dry_run)
-    files, _ = list_sources(src, out)
+    files, _ = list_image_files(src, exclude=out)
     rel_of = {f: f.relative_to(src).as_posix() for f in files}
 
     args = (keep_i, reject_i, thresholds, names)
@@ -342,4 +321,4 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-__all__ = ["screen", "decide", "list_sources", "ScreenResult", "REPORT"]
+__all__ = ["screen", "decide", "ScreenResult", "REPORT"]

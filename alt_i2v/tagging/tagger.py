@@ -23,11 +23,11 @@ from PIL import Image
 
 from ..config import resolve_workers
 from ..errors import AltI2VError, ImageLoadError, UsageError
-from ..fsutil import IMAGE_SUFFIXES, file_digest
+from ..fsutil import IMAGE_SUFFIXES, file_digest, list_image_files
 from ..data.imaging import DecodePool, describe, load_image_config
-from ..data.layout import ModelDir
-from ..training.thresholds import (DEFAULT_THRESHOLD, MCUT, check_probability, parse_threshold, resolve_mcut,
-                                   thresholds_vector)
+from ..model.modeldir import ModelDir
+from ..model.thresholds import (DEFAULT_THRESHOLD, MCUT, check_probability, parse_threshold, resolve_mcut,
+                                thresholds_vector)
 
 DEFAULT_BATCH_SIZE = 64
 PROCESS_DECODE_MIN = 256  # files from which --pred / predict_tags decode in worker processes, not threads,
@@ -73,10 +73,7 @@ def list_images(paths: Sequence[str | os.PathLike], recursive: bool = False) -> 
     for p in paths:
         path = Path(p)
         if path.is_dir():
-            found = path.rglob("*") if recursive else path.iterdir()
-            out.extend(str(f) for f in sorted(found, key=lambda f: str(f))
-                       if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
-                       and not any(part.startswith(".") for part in f.relative_to(path).parts[:-1]))
+            out.extend(str(f) for f in list_image_files(path, recursive=recursive)[0])
         else:
             out.append(os.fspath(p))
     return out
@@ -126,7 +123,7 @@ class Tagger:
         self._fingerprint: str | None = None
 
     def _load_own(self) -> None:
-        from ..model.build import load_model
+        from ..model.modeldir import load_model
 
         self.files = ModelDir(self.model_dir).read()
         self.config = self.files.config
@@ -190,7 +187,7 @@ class Tagger:
         per category); a float for every tag; ``"mcut"`` for MCut in every category but ratings; a dict by
         category (``{"general": 0.4, "character": "mcut"}``), by tag name, or ``"default"`` for the rest
         (tag names beat categories, categories beat ``default``; what none names stays calibrated). MCut
-        entries hold :data:`~alt_i2v.training.thresholds.MCUT` until :meth:`row_thresholds` resolves them
+        entries hold :data:`~alt_i2v.model.thresholds.MCUT` until :meth:`row_thresholds` resolves them
         for an image."""
         threshold = parse_threshold(threshold)
         if threshold is None:

@@ -13,20 +13,13 @@ Built on Keras 3's ``keras.distribution`` (``DataParallel`` over a ``DeviceMesh`
   reaches the others through collectives (:meth:`Cluster.agree`, :meth:`Cluster.sync_variables`).
 - Every process publishes a heartbeat in the coordinator's key-value store; a process that dies or hangs
   makes the others stop with an error naming it (after ``peer_timeout`` seconds at most) instead of
-  waiting forever in a collective.
+  waiting forever in a collective (:mod:`.peers`).
 """
 
 from __future__ import annotations
 
-import atexit
 import json
-import math
-import os
-import shutil
-import socket
-import sys
 import threading
-import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,22 +30,17 @@ from keras.utils import PyDataset
 
 from ..config import JsonConfig
 from ..errors import AltI2VError, UsageError
+from .peers import DEAD_AFTER_ERROR_SECONDS, FAILED, STARTED, PeerError, Watchdog, join
 
 DISTRIBUTE_MODES = ("auto", "none")
-# Settings a cluster launcher may give as environment variables (ours first, then Keras' own names).
+# Settings a cluster launcher may give as environment variables (ours first, then Keras' own names), and
+# ALT_I2V_RECORD_LOG: a diagnostic for checking how a run split its batches (no command-line flag).
 ENV_VARS: dict[str, tuple[str, ...]] = {
     "coordinator": ("ALT_I2V_COORDINATOR", "KERAS_DISTRIBUTION_JOB_ADDRESSES"),
     "num_processes": ("ALT_I2V_NUM_PROCESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES"),
     "process_id": ("ALT_I2V_PROCESS_ID", "KERAS_DISTRIBUTION_PROCESS_ID"),
+    "record_log": ("ALT_I2V_RECORD_LOG",),
 }
-KV = "alt_i2v/"
-BEAT_SECONDS = 1.0
-DEAD_AFTER_ERROR_SECONDS = 5.0  # a peer silent this long after a failed collective is taken as dead
-VIEWS_DIR = ".store-views"  # DATA/.store-views/<host>-<pid>/: one process's view of DATA/store
-
-
-class PeerError(AltI2VError):
-    """Another process of a distributed run died, hung or failed; this one stops too."""
 
 
 @dataclass(frozen=True)
@@ -98,8 +86,8 @@ class DistConfig(JsonConfig):
 
 
 def settings_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
-    """Coordinator, process count and id from a cluster launcher's environment variables (see ENV_VARS);
-    with Keras' comma-separated job list the first address is the coordinator."""
+    """Coordinator, process count and id from a cluster launcher's environment variables (see ENV_VARS),
+    and the record log; with Keras' comma-separated job list the first address is the coordinator."""
     out: dict[str, Any] = {}
     for key, names in ENV_VARS.items():
         for name in names:
@@ -108,6 +96,8 @@ def settings_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
                 continue
             if key == "coordinator":
                 out[key] = value.split(",")[0].strip()
+            elif key == "record_log":
+                out[key] = value
             else:
                 try:
                     out[key] = int(value)
@@ -131,7 +121,7 @@ class Cluster:
         self.process_index, self.process_count = int(process_index), int(process_count)
         self.devices = list(devices)
         self.distribution = distribution
-        self._watchdog: _Watchdog | None = None
+        self._watchdog: Watchdog | None = None
         self._held = ExitStack()  # the store's shared lock, held for the run
 
     @property
@@ -251,22 +241,12 @@ class Cluster:
     def open_store(self, data_dir: Path, **kw: Any) -> Any:
         """The store for this process: the store itself, or with several processes a private view of it
         (LevelDB lets one process open a database; processes sharing a host each read their own view)."""
-        from ..store import STORE_DIR, Store, store_lock
+        from ..store import open_store
+        from ..store.views import open_view
 
         if not self.multi_process:
-            return Store(data_dir, **kw)
-        path = Path(data_dir)
-        path = path / STORE_DIR if (path / STORE_DIR).is_dir() else path
-        self._held.enter_context(store_lock(path, shared=True))  # no build swaps the store while we read it
-        view = store_view(path, timeout=self.config.peer_timeout)
-        atexit.register(_remove_view, view)
-        try:
-            store = Store(view, **kw)
-        except BaseException:
-            _remove_view(view)
-            raise
-        store.path = path
-        return store
+            return open_store(data_dir, **kw)
+        return open_view(data_dir, self._held, timeout=self.config.peer_timeout, **kw)
 
     # -- failures ----------------------------------------------------------------------------------------
 
@@ -297,26 +277,13 @@ class Cluster:
     def _fail(self, message: str) -> None:
         if self._watchdog is not None:
             self._watchdog.publish_failure(message)
-        _FAILED.set()
+        FAILED.set()
 
 
 def _np_dtype(var: Any) -> np.dtype:
     import keras
 
     return np.dtype(keras.backend.standardize_dtype(var.dtype))
-
-
-_FAILED = threading.Event()
-_STARTED: dict[str, Any] = {}
-
-
-def _exit_without_shutdown_barrier() -> None:
-    """After a failure in a multi-process run, exit now: JAX's shutdown barrier would wait for processes
-    that are gone and then abort with a core dump; the error has been printed already."""
-    if _FAILED.is_set():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
 
 
 def start(config: DistConfig | None = None, *, quiet: bool = False) -> Cluster:
@@ -344,7 +311,7 @@ def start(config: DistConfig | None = None, *, quiet: bool = False) -> Cluster:
     import jax
 
     if config.multi_process:
-        _initialize(config, quiet)
+        join(config, quiet)
     local = jax.local_devices()
     per = config.devices or len(local)
     if per > len(local):
@@ -370,148 +337,9 @@ def start(config: DistConfig | None = None, *, quiet: bool = False) -> Cluster:
     cluster = Cluster(config, process_index=index, process_count=count, devices=devices,
                       distribution=distribution)
     if count > 1:
-        cluster._watchdog = _STARTED["watchdog"]
+        cluster._watchdog = STARTED["watchdog"]
         cluster._watchdog.start_watching()
     return cluster
-
-
-def _initialize(config: DistConfig, quiet: bool = False) -> None:
-    """``jax.distributed.initialize`` once per process, with timeouts from ``peer_timeout``."""
-    import jax
-
-    key = (config.coordinator, config.num_processes, config.process_id)
-    if _STARTED.get("key") is not None:  # the heartbeats of the first run ended with it
-        raise UsageError("one distributed training per process: start new processes for another run")
-    timeout = int(math.ceil(float(config.peer_timeout)))
-    join = max(timeout, 60)
-    from .coordinator import bind_address, check_in, claim, roll_call
-
-    if config.process_id == 0:
-        sock = claim(config.coordinator)  # one line for a port in use or a host not of this machine
-    if not quiet:
-        print(f"alt-i2v: process {config.process_id} of {config.num_processes} joining the run at "
-              f"{config.coordinator} (waiting up to {join} s for every process)", file=sys.stderr, flush=True)
-    # every id checked in once before JAX starts: a duplicate --process-id is named at once, not a C++ abort
-    if config.process_id == 0:
-        roll_call(sock, config.num_processes, join)
-    else:
-        check_in(config.coordinator, config.process_id, config.num_processes, join)
-    jax.distributed.initialize(coordinator_address=config.coordinator, num_processes=config.num_processes,
-                               process_id=config.process_id, initialization_timeout=join,
-                               # JAX's own verdict comes after ours, which names the process clearly
-                               heartbeat_timeout_seconds=timeout + 30,
-                               shutdown_timeout_seconds=24 * 3600,
-                               # the host given, not every interface: the coordinator has no authentication
-                               coordinator_bind_address=bind_address(config.coordinator))
-    _STARTED["key"] = key
-    atexit.register(_exit_without_shutdown_barrier)  # runs before JAX's own atexit shutdown (LIFO)
-    _STARTED["watchdog"] = _Watchdog(config)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Heartbeats
-
-
-class _Watchdog:
-    """Heartbeats through the coordinator's key-value store, and a thread that stops this process with a
-    clear error when another one stops beating for ``peer_timeout`` seconds or reports a failure."""
-
-    def __init__(self, config: DistConfig):
-        from jax._src import distributed
-
-        self.client = distributed.global_state.client
-        self.me, self.count = config.process_id, config.num_processes
-        self.timeout = float(config.peer_timeout)
-        self.coordinator = config.coordinator
-        self.seen: dict[int, tuple[str, float]] = {}
-        self._stop = threading.Event()
-        self._watch = False
-        self._beat = 0
-        self.client.key_value_set(f"{KV}host/{self.me}", f"{socket.gethostname()} pid {os.getpid()}",
-                                  allow_overwrite=True)
-        self._thread = threading.Thread(target=self._run, name="alt-i2v-heartbeat", daemon=True)
-        self._thread.start()
-
-    def start_watching(self) -> None:
-        now = time.monotonic()
-        self.seen = {p: ("", now) for p in range(self.count) if p != self.me}
-        self._watch = True
-
-    def stop(self, done: bool) -> None:
-        if done and not self._stop.is_set():
-            try:
-                self.client.key_value_set(f"{KV}done/{self.me}", "1", allow_overwrite=True)
-            except Exception:  # noqa: BLE001 - the coordinator may be gone already
-                pass
-        self._stop.set()
-
-    def publish_failure(self, message: str) -> None:
-        try:
-            self.client.key_value_set(f"{KV}failed/{self.me}", message[:2000], allow_overwrite=True)
-        except Exception:  # noqa: BLE001
-            pass
-        self._stop.set()
-
-    def host(self, p: int) -> str:
-        try:
-            return self.client.key_value_try_get(f"{KV}host/{p}")
-        except Exception:  # noqa: BLE001
-            return "unknown host"
-
-    def _run(self) -> None:
-        unreachable_since = None
-        while not self._stop.wait(BEAT_SECONDS):
-            try:
-                self._beat += 1
-                self.client.key_value_set(f"{KV}beat/{self.me}", str(self._beat), allow_overwrite=True)
-                unreachable_since = None
-                verdict = self._check(self.timeout) if self._watch else None
-            except Exception as e:  # noqa: BLE001 - the coordinator itself is unreachable
-                unreachable_since = unreachable_since or time.monotonic()
-                verdict = None
-                if time.monotonic() - unreachable_since > min(self.timeout, 15):
-                    verdict = PeerError(self._message(0, f"cannot be reached at {self.coordinator} "
-                                                         f"({str(e).splitlines()[0][:200]})"))
-            if verdict is not None and not self._stop.is_set():
-                print(f"alt-i2v: error: {verdict}", file=sys.stderr, flush=True)
-                os._exit(1)
-
-    def _check(self, silent_for: float) -> PeerError | None:
-        failed = dict(self.client.key_value_dir_get(f"{KV}failed/"))
-        for key, message in sorted(failed.items()):
-            p = int(key.rsplit("/", 1)[-1])
-            if p != self.me:
-                return PeerError(self._message(p, f"failed: {message}"))
-        done = {int(k.rsplit("/", 1)[-1]) for k, _ in self.client.key_value_dir_get(f"{KV}done/")}
-        beats = {int(k.rsplit("/", 1)[-1]): v for k, v in self.client.key_value_dir_get(f"{KV}beat/")}
-        now = time.monotonic()
-        for p, (last, since) in list(self.seen.items()):
-            value = beats.get(p, "")
-            if value != last:
-                self.seen[p] = (value, now)
-            elif p not in done and now - since > silent_for:
-                return PeerError(self._message(p, f"sent no heartbeat for {now - since:.0f} s: it died or hangs"))
-        return None
-
-    def diagnose(self, wait: float) -> PeerError | None:
-        """Which process is gone, waiting up to ``wait`` s for a dead one's heartbeat to go stale."""
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                verdict = self._check(DEAD_AFTER_ERROR_SECONDS)
-            except Exception:  # noqa: BLE001
-                return PeerError(self._message(0, f"cannot be reached at {self.coordinator}"))
-            if verdict is not None:
-                return verdict
-            time.sleep(0.25)
-        return None
-
-    def _message(self, p: int, what: str) -> str:
-        who = "the coordinator, " if p == 0 else ""
-        host = self.host(p) if p != 0 or "reached" not in what else self.coordinator
-        return (f"process {p} of {self.count} ({who}{host}) {what}. Training stopped on this process "
-                f"({self.me}) too; the epochs completed so far are kept in the model directory: start every "
-                "process again, with --resume to continue")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -581,78 +409,5 @@ class ProcessSlice(PyDataset):
         self.ds.close()
 
 
-# ---------------------------------------------------------------------------------------------------------
-# A private view of a LevelDB store for one of several processes on a host
-
-
-def store_view(store: Path, *, timeout: float = 120.0) -> Path:
-    """A private copy of the store at ``store`` (one LevelDB, or a sharded store's folder of them) that
-    costs almost no disk: LevelDB's table files (immutable) are hard-linked, the few small files around them
-    copied, into ``DATA/.store-views/``. Taken while holding every database's own LevelDB lock, so no
-    writer or other reader changes them meanwhile. Views of processes that are gone are removed first."""
-    import fcntl
-
-    store = Path(store)
-    dbs = sorted({f.parent for f in store.rglob("CURRENT")})
-    if not dbs:
-        raise AltI2VError(f"{store}: no store here; run `python -m alt_i2v --build --data DIR` first")
-    views = store.parent / VIEWS_DIR
-    _remove_stale_views(views)
-    view = views / f"{socket.gethostname()}-{os.getpid()}"
-    _remove_view(view)
-    deadline = time.monotonic() + timeout
-    with ExitStack() as held:
-        for db in dbs:
-            lock = held.enter_context(open(db / "LOCK", "a+b"))
-            while True:
-                try:
-                    fcntl.lockf(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    held.callback(fcntl.lockf, lock.fileno(), fcntl.LOCK_UN)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise AltI2VError(f"{db}: the store stayed in use by another process (a build, an "
-                                          f"evaluation?) for {timeout:.0f} s; wait for it to finish") from None
-                    time.sleep(0.2)
-        try:
-            for f in sorted(store.rglob("*")):
-                target = view / f.relative_to(store)
-                if f.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                if f.name == "LOCK" or f.name.startswith("LOG") or not f.is_file():
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if f.suffix in (".ldb", ".sst"):
-                    try:
-                        os.link(f, target)
-                        continue
-                    except OSError:
-                        pass  # another file system or no hard links there: copy instead
-                shutil.copy2(f, target)
-        except OSError as e:
-            _remove_view(view)
-            raise AltI2VError(f"{store}: cannot make this process's view of the store in {views} ({e}); "
-                              "several processes on one host need a writable data directory, or give each "
-                              "process its own copy of DATA") from None
-    return view
-
-
-def _remove_view(view: Path) -> None:
-    """A view and the reader lock file that opening it left beside it."""
-    shutil.rmtree(view, ignore_errors=True)
-    Path(view.parent, f".{view.name}.lock").unlink(missing_ok=True)
-
-
-def _remove_stale_views(views: Path) -> None:
-    for v in views.glob(f"{socket.gethostname()}-*"):
-        try:
-            os.kill(int(v.name.rsplit("-", 1)[-1]), 0)
-        except ProcessLookupError:
-            _remove_view(v)
-        except (ValueError, PermissionError):
-            continue
-
-
-__all__ = ["DistConfig", "Cluster", "PeerError", "ProcessSlice", "start", "settings_from_env", "store_view",
-           "DISTRIBUTE_MODES", "ENV_VARS"]
+__all__ = ["DistConfig", "Cluster", "PeerError", "ProcessSlice", "start", "settings_from_env", "DISTRIBUTE_MODES",
+           "ENV_VARS"]

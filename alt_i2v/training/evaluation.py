@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import AltI2VError, UsageError
-from ..data.layout import ModelDir
+from ..model.modeldir import ModelDir
 from .metrics import compute_metrics, confusion, is_single_label, most_wrong
-from .thresholds import thresholds_vector
+from ..model.thresholds import thresholds_vector
 
 METRICS_VERSION = 1
 
@@ -112,9 +112,9 @@ def evaluate(data_dir: str | os.PathLike, model_dir: str | os.PathLike, split: s
     PNGs). Uses the calibrated thresholds of thresholds.json, and also reports everything at 0.5."""
     from ..config import resolve_workers
     from ..fsutil import atomic_write_json, atomic_write_text
-    from ..model.build import load_model
+    from ..model.modeldir import load_model
     from .readers import ReaderPool
-    from ..store import SPLITS, Store
+    from ..store import SPLITS, open_store
 
     t0 = time.perf_counter()
     data_dir, model_dir = Path(data_dir), Path(model_dir)
@@ -134,7 +134,7 @@ def evaluate(data_dir: str | os.PathLike, model_dir: str | os.PathLike, split: s
     names = vocab.names
     thr = thresholds_vector(thresholds, names)
     # the store must hold the pixels the model was trained on: same vocabulary, size and resize mode
-    store = Store(data_dir, vocab=vocab, image_size=image_size, resize=saved.image.resize)
+    store = open_store(data_dir, vocab=vocab, image_size=image_size, resize=saved.image.resize)
     try:
         if store.count(split) == 0:
             raise AltI2VError(f"the {split} split of {store.path} has no images; evaluate another --split")

@@ -6,7 +6,7 @@ import keras
 
 from ..config import TrainConfig
 from ..errors import UsageError
-from ..model.build import get_loss
+from ..model.losses import get_loss
 
 
 def precision_policy(mixed_precision: str | None) -> str:

@@ -197,7 +197,7 @@ def _reader_main(index: int, shard_paths: dict[int, str], tasks: Any, results: A
                     ok = store.read_into(keys, out, at=positions)
                     bad = [(p, store.bad.pop(k, "")) for p, k, good in zip(positions, keys, ok) if not good]
                 else:
-                    from ..store.shards import shard_of
+                    from ..store.layout import shard_of
 
                     total = stores[next(iter(stores))].meta.get("shards", 1)
                     groups: dict[int, list[int]] = {}

@@ -17,132 +17,43 @@ keeps the history rows up to that epoch and continues with the next one. Killed 
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
 import keras
-import numpy as np
 
-from .augment import tagger_of, training_model
 from ..config import ImageConfig, ModelConfig, TrainConfig, resolve_workers
-from .distribute import Cluster, DistConfig, start
+from ..data.vocab import VOCAB_FILE, Vocab
 from ..errors import AltI2VError, UsageError
+from ..model.backbones import FROM_PROJECT, get_backbone, resolve_config
+from ..model.build import build_model, count_params, embedding_dim
+from ..model.modeldir import ModelDir, config_record
+from ..model.thresholds import thresholds_vector
+from ..store import Store
+from .augment import tagger_of, training_model
+from .distribute import Cluster, DistConfig, start
+from .epochs import NaNGuard, Run, RunState
 from .evaluation import predict_split
 from .groups import exclusive_groups, label_matrix
-from .history import plot_curves, read_history, write_history
-from ..fsutil import atomic_copy, atomic_path, atomic_write_json, remove_stale_temps
-from ..data.layout import CHECKPOINTS_DIR as CKPT_DIR
-from ..data.layout import CONFIG_FILE, CURVES_FILE, HISTORY_FILE, MODEL_FILE, THRESHOLDS_FILE, ModelDir
 from .metrics import prf_at
 from .optim import compile_model, learning_rate, precision_policy
-from ..model.build import FROM_PROJECT, build_model, count_params, embedding_dim, get_backbone, resolve_config
 from .pipeline import EpochSetter, StoreDataset
 from .readers import ReaderPool
-from ..store import Store
-from .thresholds import calibrate_thresholds, thresholds_vector
-from ..data.vocab import VOCAB_FILE, Vocab
+from .result import TrainResult
+from .thresholds import calibrate_thresholds
 
-CONFIG_VERSION = 1
-STATE_FILE = "state.json"
-BEST_FILE = "best.keras"
 MODEL_FIELDS = {f.name for f in fields(ModelConfig)} - {"num_tags"}
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 RESUME_OVERRIDES = {"epochs", "patience", "workers"}  # what --resume may change
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Result
-
-
-@dataclass
-class TrainResult:
-    """What a training run did; ``summary()`` is the one-screen report the CLI prints."""
-
-    model_dir: Path
-    model_config: ModelConfig
-    train_config: TrainConfig
-    history: list[dict[str, Any]] = field(default_factory=list)
-    initial_epoch: int = 0
-    best_epoch: int | None = None
-    best_value: float | None = None
-    stopped_early: bool = False
-    resumed: bool = False
-    params: dict[str, int] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
-    val_scores: dict[str, float] = field(default_factory=dict)
-    thresholds: dict[str, Any] = field(default_factory=dict)
-    precision_policy: str = "float32"
-    devices: str = "one device"
-    process: int = 0  # this process's index in a distributed run (0 writes MODEL and prints the summary)
-    seconds: float = 0.0
-    bad_records: list[dict] = field(default_factory=list)  # store records left out: they did not decode
-
-    @property
-    def epochs_completed(self) -> int:
-        return int(self.history[-1]["epoch"]) if self.history else 0
-
-    def summary(self) -> dict[str, Any]:
-        mc, tc = self.model_config, self.train_config
-        last = self.history[-1] if self.history else {}
-        ran = self.history[self.initial_epoch:]
-        steady = [r.get("steady_img_per_s") for r in (ran[1:] or ran) if r.get("steady_img_per_s")]
-        rows: dict[str, Any] = {
-            "model": str(self.model_dir),
-            "backbone": f"{mc.backbone} {mc.image_size}px, weights={mc.weights or 'none'}, frozen={mc.frozen}, "
-                        f"{self.precision_policy}",
-            "parameters": f"{self.params.get('total', 0):,} ({self.params.get('trainable', 0):,} trainable)",
-            "tags": mc.num_tags,
-            "devices": f"{self.devices}, global batch {tc.batch_size}",
-            "images": ", ".join(f"{k} {v}" for k, v in self.counts.items()),
-            "epochs": (f"{self.initial_epoch + 1}-{self.epochs_completed} of {tc.epochs}"
-                       if self.epochs_completed > self.initial_epoch else
-                       f"{self.epochs_completed} of {tc.epochs} (nothing left to train)")
-                      + (" (resumed)" if self.resumed else "") + (", stopped early" if self.stopped_early else ""),
-            "best epoch": f"{self.best_epoch} ({tc.monitor} {self.best_value:.4f})"
-                          if self.best_value is not None else "-",
-            "last epoch": ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "val_loss", "val_auc", "val_f1")
-                                    if isinstance(last.get(k), float)) or "-",
-        }
-        if self.val_scores:
-            v = self.val_scores
-            rows["val micro F1"] = (f"{v['micro_f1']:.4f} calibrated, {v['micro_f1_at_0.5']:.4f} at 0.5; "
-                                    f"macro {v['macro_f1']:.4f} / {v['macro_f1_at_0.5']:.4f}")
-        if self.thresholds:
-            rows["thresholds"] = (f"global {self.thresholds['global']:.2f}, "
-                                  f"{self.thresholds.get('tags_with_own_threshold', 0)} tags calibrated on "
-                                  f"{self.thresholds.get('calibrated_on')}")
-        if steady:
-            rows["train speed"] = (f"{np.median(steady):.1f} img/s steady (first epoch {ran[0]['img_per_s']:.1f} "
-                                   "img/s with compiling)")
-        if self.bad_records:
-            rows["bad store records"] = (f"{len(self.bad_records)} left out (first: {self.bad_records[0]['key']}: "
-                                         f"{self.bad_records[0]['reason'][:80]}); run --build --rebuild")
-        rows["seconds"] = round(self.seconds, 1)
-        rows["files"] = "model.keras, config.json, vocab.json, thresholds.json, history.csv, curves.png"
-        return rows
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Helpers: files, precision, settings
-
-
-def save_model_atomic(model: keras.Model, path: Path) -> Path:
-    """``model.save`` to a temporary name in the same directory, then rename: never a torn file."""
-    with atomic_path(path, keep_suffix=True) as tmp:
-        model.save(tmp)
-    return Path(path)
-
-
-def _remove_temps(model_dir: Path) -> None:
-    """Temporary files of writes a kill interrupted (model saves, JSON/CSV writes)."""
-    remove_stale_temps(model_dir)
 
 
 def _split_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -184,185 +95,6 @@ def _norm(v: Any) -> Any:
     return v
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Callbacks
-
-
-class NaNGuard(keras.callbacks.TerminateOnNaN):
-    """TerminateOnNaN that remembers where the loss went bad, so train() can say so clearly."""
-
-    def __init__(self):
-        super().__init__()
-        self.epoch = 0
-        self.batch: int | None = None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_batch_end(self, batch, logs=None):
-        loss = (logs or {}).get("loss")
-        if loss is not None and self.batch is None and not math.isfinite(float(loss)):
-            self.batch = batch
-        super().on_batch_end(batch, logs)
-
-
-class RunState(keras.callbacks.Callback):
-    """After each epoch: best checkpoint (on the monitored metric), last checkpoint, history.csv, early
-    stopping counters and state.json, in an order that a kill at any moment cannot make inconsistent."""
-
-    def __init__(self, run: "_Run"):
-        super().__init__()
-        self.run = run
-        self._t0 = 0.0
-        self._train_seconds = 0.0
-        self._steps, self._first, self._last = 0, 0.0, 0.0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._t0 = time.perf_counter()
-        self._train_seconds = 0.0
-        self._steps = 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._steps += 1
-        self._last = time.perf_counter()
-        if self._steps == 1:
-            self._first = self._last
-
-    def steady_rate(self) -> float | None:
-        """img/s of this epoch's steps after its first (which compiles the step in a run's first epoch)."""
-        if self._steps < 2 or self._last <= self._first:
-            return None
-        return (self._steps - 1) * self.run.train_cfg.batch_size / (self._last - self._first)
-
-    def on_test_begin(self, logs=None):
-        if not self._train_seconds:
-            self._train_seconds = time.perf_counter() - self._t0
-
-    def on_epoch_end(self, epoch, logs=None):
-        run = self.run
-        logs = {k: float(v) for k, v in (logs or {}).items() if _is_number(v)}
-        if run.nan_guard.batch is not None or not all(math.isfinite(v) for v in logs.values()):
-            if run.nan_guard.batch is None:  # finite training loss, but a metric or the validation went bad
-                run.nan_guard.batch, run.nan_guard.epoch = -1, epoch
-                self.model.stop_training = True
-            return  # nothing of this epoch is kept
-        seconds = time.perf_counter() - self._t0
-        train_seconds = self._train_seconds or seconds
-        row = {"epoch": epoch + 1, **logs,
-               "lr": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
-               "seconds": round(seconds, 3),
-               "img_per_s": round(run.train_images_per_epoch / max(train_seconds, 1e-9), 2)}
-        steady = self.steady_rate()
-        if steady is not None:
-            row["steady_img_per_s"] = round(steady, 2)
-        value = logs.get(run.monitor)
-        if value is None:
-            raise AltI2VError(f"the monitored metric {run.monitor!r} is not in the training logs "
-                              f"({', '.join(logs)})")
-        improved = run.best_value is None or (value > run.best_value if run.mode == "max"
-                                              else value < run.best_value)
-        if improved:
-            run.best_value, run.best_epoch, run.wait = value, epoch + 1, 0
-        else:
-            run.wait += 1
-        run.history.append(row)
-        stop = run.train_cfg.patience > 0 and run.wait >= run.train_cfg.patience
-        run.stopped_early = stop
-        if run.writer:  # every process keeps the same counters; process 0 alone writes them
-            with run.cluster.local():
-                self._write(epoch, seconds, improved)
-        if stop:
-            self.model.stop_training = True
-
-    def _write(self, epoch: int, seconds: float, improved: bool) -> None:
-        run = self.run
-        if improved:
-            run.export.set_weights(tagger_of(self.model).get_weights())
-            save_model_atomic(run.export, run.ckpt / BEST_FILE)
-        last = f"last-e{epoch + 1:04d}.keras"
-        save_model_atomic(run.saveable(self.model), run.ckpt / last)
-        write_history(run.model_dir / HISTORY_FILE, run.history)
-        run.write_state(epoch + 1, last)
-        for old in run.ckpt.glob("last-e*.keras"):
-            if old.name != last:
-                old.unlink(missing_ok=True)
-        if seconds > 10:
-            plot_curves(run.history, run.model_dir / CURVES_FILE)
-
-
-def _is_number(v: Any) -> bool:
-    try:
-        float(v)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The run
-
-
-@dataclass
-class _Run:
-    model_dir: Path
-    model_cfg: ModelConfig
-    train_cfg: TrainConfig
-    monitor: str
-    mode: str
-    history: list = field(default_factory=list)
-    best_value: float | None = None
-    best_epoch: int | None = None
-    wait: int = 0
-    stopped_early: bool = False
-    train_images_per_epoch: int = 0
-    export: Any = None
-    nan_guard: Any = None
-    cluster: Any = None  # distribute.Cluster: which process this is, and its devices
-    shadow: Any = None  # distributed: a local copy of the training model that checkpoints are saved from
-    groups: list = field(default_factory=list)  # exclusive tag groups the loss uses (indices into the vocabulary)
-
-    def saveable(self, model: keras.Model) -> keras.Model:
-        """What to save as the last checkpoint: the model itself, or (distributed) its local copy with the
-        same weights and optimizer state: saving variables that live on every process is collective."""
-        if self.shadow is None:
-            return model
-        src = [*model.trainable_variables, *model.non_trainable_variables, *model.optimizer.variables]
-        dst = [*self.shadow.trainable_variables, *self.shadow.non_trainable_variables,
-               *self.shadow.optimizer.variables]
-        with self.cluster.host_scope():
-            for d, v in zip(dst, src):
-                d.assign(keras.ops.convert_to_numpy(v))
-        return self.shadow
-
-    @property
-    def writer(self) -> bool:
-        return self.cluster is None or self.cluster.is_writer
-
-    @property
-    def ckpt(self) -> Path:
-        return self.model_dir / CKPT_DIR
-
-    def write_state(self, epoch: int, last: str | None, finished: bool = False) -> None:
-        atomic_write_json(self.ckpt / STATE_FILE, {
-            "version": 1, "epoch": epoch, "last": last, "best": BEST_FILE if self.best_epoch else None,
-            "best_epoch": self.best_epoch, "best_value": self.best_value, "monitor": self.monitor,
-            "mode": self.mode, "wait": self.wait, "stopped_early": self.stopped_early, "finished": finished,
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-
-
-def _config_record(mc: ModelConfig, tc: TrainConfig, image: ImageConfig, vocab: Vocab, dim: int | None,
-                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    if mc.backbone == FROM_PROJECT:  # --init-from: how much of the project's head the vocabulary kept
-        from ..ready.deepdanbooru import tags_kept
-
-        kept = tags_kept(mc.weights, vocab.names)
-        extra = {"init_from": {"project": mc.weights, "tags_kept": kept, "tags_new": len(vocab) - kept},
-                 **(extra or {})}
-    return {"version": CONFIG_VERSION, "model": mc.get_config(), "train": tc.get_config(),
-            "image": image.get_config(), "backend": keras.backend.backend(), "keras_version": keras.__version__,
-            "num_tags": mc.num_tags, "vocab_sha256": vocab.sha256, "embedding_dim": dim, **(extra or {})}
-
-
 def train(data_dir: str | os.PathLike, model_dir: str | os.PathLike, *, resume: bool = False,
           quiet: bool = False, callbacks: Sequence[keras.callbacks.Callback] = (),
           distribution: DistConfig | None = None, **settings: Any) -> TrainResult:
@@ -392,13 +124,13 @@ def _train_on(cluster: Cluster, data_dir: Path, model_dir: Path, resume: bool, q
         raise AltI2VError(f"{data_dir / VOCAB_FILE} has no tags")
 
     def read_run() -> dict[str, Any]:  # process 0 reads MODEL; the others get what it read
-        state_path = model_dir / CKPT_DIR / STATE_FILE
-        saved = ModelDir(model_dir).read_config(required=False)
-        state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else None
+        md = ModelDir(model_dir)
+        saved = md.read_config(required=False)
+        state = md.read_state()
         if saved is not None and not resume:
             raise UsageError(f"{model_dir} already holds a training run; continue it with --resume, or train "
                              "into a new --model directory")
-        history = read_history(model_dir / HISTORY_FILE) if (resume and state) else []
+        history = md.read_history() if (resume and state) else []
         return {"saved": saved, "state": state, "history": history}
 
     got = cluster.agree(read_run)
@@ -433,17 +165,47 @@ def _train_on(cluster: Cluster, data_dir: Path, model_dir: Path, resume: bool, q
         elif int(mc.image_size) != store.image_size:
             raise AltI2VError(f"{model_dir} was trained on {mc.image_size}px images but the store now holds "
                               f"{store.image_size}px ones; rebuild the store at {mc.image_size}px to resume")
-        result = _train(store, data_dir, model_dir, mc, tc, vocab, state if resumed else None, resumed, quiet,
-                        t_start, cluster, got["history"], callbacks)
+        result = _train(_Job(store, data_dir, model_dir, mc, tc, vocab, state if resumed else None, resumed, quiet,
+                             t_start, cluster, got["history"], callbacks))
         result.bad_records = store.bad_report()
         return result
     finally:
         store.close()
 
 
-def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: TrainConfig, vocab: Vocab,
-           state: dict | None, resumed: bool, quiet: bool, t_start: float, cluster: Cluster,
-           history: list[dict[str, Any]], callbacks: list | None = None) -> TrainResult:
+def _init_from(mc: ModelConfig, vocab: Vocab) -> dict[str, Any]:
+    """config.json's ``init_from`` (--init-from): how much of the project's head the vocabulary kept."""
+    if mc.backbone != FROM_PROJECT:
+        return {}
+    from ..ready.deepdanbooru import tags_kept
+
+    kept = tags_kept(mc.weights, vocab.names)
+    return {"init_from": {"project": mc.weights, "tags_kept": kept, "tags_new": len(vocab) - kept}}
+
+
+@dataclass
+class _Job:
+    """One training run as :func:`_train_on` resolved it: the open store, the directories, the settings
+    (fresh or resumed), where a resumed run stands, and this process's place in the cluster."""
+
+    store: Store
+    data_dir: Path
+    model_dir: Path
+    model: ModelConfig
+    train: TrainConfig
+    vocab: Vocab
+    state: dict[str, Any] | None  # checkpoints/state.json of a resumed run
+    resumed: bool
+    quiet: bool
+    t_start: float
+    cluster: Cluster
+    history: list[dict[str, Any]]
+    callbacks: list
+
+
+def _train(job: _Job) -> TrainResult:
+    store, data_dir, model_dir, mc, tc, vocab = job.store, job.data_dir, job.model_dir, job.model, job.train, job.vocab
+    state, cluster, quiet = job.state, job.cluster, job.quiet
     counts = store.counts()
     if counts["train"] == 0:
         raise AltI2VError(f"{store.path} has no training images; add data and run --build")
@@ -456,15 +218,12 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
     mode = "min" if monitor.endswith("loss") else "max"
     image = store.image_config()
     if cluster.is_writer:
-        model_dir.mkdir(parents=True, exist_ok=True)
-        (model_dir / CKPT_DIR).mkdir(exist_ok=True)
-        _remove_temps(model_dir)
-        atomic_copy(data_dir / VOCAB_FILE, model_dir / VOCAB_FILE)
+        ModelDir(model_dir).create().write_vocab(data_dir / VOCAB_FILE)
 
     policy = precision_policy(tc.mixed_precision)
     previous_policy = keras.config.dtype_policy().name
-    run = _Run(model_dir, mc, tc, monitor, mode, cluster=cluster)
-    run.history = list(history) if state else []
+    run = Run(model_dir, mc, tc, monitor, mode, cluster=cluster)
+    run.history = list(job.history) if state else []
     initial_epoch = 0
     readers = None
     try:
@@ -485,7 +244,7 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
             run.best_value, run.best_epoch = state.get("best_value"), state.get("best_epoch")
             run.wait = int(state.get("wait", 0))
             run.stopped_early = tc.patience > 0 and run.wait >= tc.patience  # --patience may have changed
-        checkpoint = run.ckpt / state["last"] if state else None
+        checkpoint = run.dir.checkpoints / state["last"] if state else None
         steps = len(train_ds)
         groups = run.groups = _groups(store, tc)
         if cluster.distribution is None:
@@ -502,8 +261,9 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
         keras.config.set_dtype_policy(policy)
         dim = embedding_dim(tagger_of(model))
         if cluster.is_writer:
-            atomic_write_json(model_dir / CONFIG_FILE, _config_record(mc, tc, image, vocab, dim, {
-                "precision_policy": policy, "finished": False, **_groups_record(run.groups, vocab)}))
+            run.dir.write_config(config_record(mc, tc, image, vocab, dim, **_init_from(mc, vocab),
+                                               **_groups_record(run.groups, vocab), precision_policy=policy,
+                                               finished=False))
 
         run.nan_guard = NaNGuard()
         done = run.stopped_early or initial_epoch >= tc.epochs
@@ -513,7 +273,7 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
                 with cluster.scope():
                     model.fit(cluster.dataset(train_ds), epochs=tc.epochs, initial_epoch=initial_epoch,
                               validation_data=cluster.dataset(val_ds, "val") if val_ds is not None else None,
-                              callbacks=[EpochSetter(train_ds), run.nan_guard, *(callbacks or []), RunState(run)],
+                              callbacks=[EpochSetter(train_ds), run.nan_guard, *job.callbacks, RunState(run)],
                               verbose=verbose, shuffle=False)
             finally:
                 for ds in (train_ds, val_ds):
@@ -532,7 +292,7 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
         if not run.history:
             raise AltI2VError("no epoch completed; nothing to save")
         if cluster.is_writer:  # thresholds are calibrated on process 0 alone (one pass over val)
-            result = _finish(run, store, model_dir, mc, tc, image, vocab, dim, has_val, policy, quiet, readers)
+            result = _finish(job, run, image, dim, has_val, policy, readers)
         else:
             result = TrainResult(model_dir=model_dir, model_config=mc, train_config=tc, history=run.history,
                                  best_epoch=run.best_epoch, best_value=run.best_value,
@@ -541,11 +301,11 @@ def _train(store: Store, data_dir: Path, model_dir: Path, mc: ModelConfig, tc: T
         keras.config.set_dtype_policy(previous_policy)
         if readers is not None:
             readers.close()
-    result.initial_epoch, result.resumed = initial_epoch, resumed
+    result.initial_epoch, result.resumed = initial_epoch, job.resumed
     result.params = count_params(run.export)
     result.counts = counts
     result.devices, result.process = cluster.describe(), cluster.process_index
-    result.seconds = time.perf_counter() - t_start
+    result.seconds = time.perf_counter() - job.t_start
     return result
 
 
@@ -607,11 +367,11 @@ def _replicated_model(cluster: Cluster, mc: ModelConfig, tc: TrainConfig, checkp
     return model
 
 
-def _finish(run: _Run, store: Store, model_dir: Path, mc: ModelConfig, tc: TrainConfig, image: ImageConfig,
-            vocab: Vocab, dim: int, has_val: bool, policy: str, quiet: bool, readers: ReaderPool | None = None
-            ) -> TrainResult:
+def _finish(job: _Job, run: Run, image: ImageConfig, dim: int, has_val: bool, policy: str,
+            readers: ReaderPool | None = None) -> TrainResult:
     """Best weights -> model.keras, thresholds on val -> thresholds.json, curves, final config.json."""
-    best = run.ckpt / BEST_FILE
+    store, model_dir, mc, tc, vocab, quiet = job.store, job.model_dir, job.model, job.train, job.vocab, job.quiet
+    best = run.dir.best_file
     run.export.load_weights(best)
     split = "val" if has_val else "train"
     _, y_true, y_prob = predict_split(run.export, store, split, batch_size=max(tc.batch_size, 64),
@@ -622,22 +382,19 @@ def _finish(run: _Run, store: Store, model_dir: Path, mc: ModelConfig, tc: Train
     half = prf_at(y_true, y_prob, 0.5)
     val_scores = {"micro_f1": cal["micro_f1"], "macro_f1": cal["macro_f1"],
                   "micro_f1_at_0.5": half["micro_f1"], "macro_f1_at_0.5": half["macro_f1"]}
-    atomic_write_json(model_dir / THRESHOLDS_FILE, thresholds)
-    plot_curves(run.history, model_dir / CURVES_FILE)
-    atomic_copy(best, model_dir / MODEL_FILE)
-    atomic_write_json(model_dir / CONFIG_FILE, _config_record(mc, tc, image, vocab, dim, {
+    md = run.dir
+    md.write_thresholds(thresholds)
+    md.write_curves(run.history)
+    md.write_model(best)
+    md.write_config(config_record(mc, tc, image, vocab, dim, **_init_from(mc, vocab), **{
         "precision_policy": policy, "finished": True, "epochs_completed": run.history[-1]["epoch"],
         "best_epoch": run.best_epoch, "monitor": run.monitor, "best_value": run.best_value,
         "stopped_early": run.stopped_early, f"{split}_scores": val_scores, **_groups_record(run.groups, vocab)}))
-    run.write_state(int(run.history[-1]["epoch"]), _last_name(run), finished=True)
+    last = md.last_checkpoint()
+    run.write_state(int(run.history[-1]["epoch"]), last.name if last else None, finished=True)
     return TrainResult(model_dir=model_dir, model_config=mc, train_config=tc, history=run.history,
                        best_epoch=run.best_epoch, best_value=run.best_value, stopped_early=run.stopped_early,
                        val_scores=val_scores, thresholds=thresholds, precision_policy=policy)
 
 
-def _last_name(run: _Run) -> str | None:
-    lasts = sorted(run.ckpt.glob("last-e*.keras"))
-    return lasts[-1].name if lasts else None
-
-
-__all__ = ["train", "TrainResult", "save_model_atomic"]
+__all__ = ["train", "TrainResult"]

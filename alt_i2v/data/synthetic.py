@@ -1,4 +1,4 @@
-"""The demo's pictures: small illustration-like images of "girls" (head, hair, dress) on backgrounds with
+"""Generated pictures (the demo's dataset, export's parity images): small illustration-like images of "girls" (head, hair, dress) on backgrounds with
 floating items, written in the contract layout with Danbooru-style tags: backgrounds, counts (``solo``,
 ``2girls``, ``multiple_girls``), hair colours and lengths, accessories, two characters and their
 copyright. Every tag is a function of what is drawn, so a model can learn all of them.
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AltI2VError
-from ..data.layout import DataDir
+from .layout import DataDir
 
 DEMO_VERSION = 1
 MARKER = "demo_dataset.json"
@@ -282,8 +282,8 @@ def generate_demo_dataset(data_dir: str | os.PathLike, n_images: int = 3000, see
     leaves no half dataset. Returns the marker record (settings, counts of each tag, seconds).
     """
     from ..config import resolve_workers
-    from ..fsutil import atomic_write_json, atomic_write_text
-    from ..data.layout import POSTS_FILE
+    from ..fsutil import atomic_write_json, atomic_write_text, read_json_object
+    from .layout import POSTS_FILE
     from ..progress import bar
 
     data_dir = Path(data_dir)
@@ -291,8 +291,8 @@ def generate_demo_dataset(data_dir: str | os.PathLike, n_images: int = 3000, see
     marker = data_dir / MARKER
     if marker.exists() and (data_dir / POSTS_FILE).exists():
         try:
-            old = json.loads(marker.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+            old = read_json_object(marker, "demo dataset marker")
+        except (OSError, AltI2VError):
             old = {}
         if all(old.get(k) == v for k, v in settings.items()):
             return {**old, "reused": True}

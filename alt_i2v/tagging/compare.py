@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import AltI2VError, ImageLoadError, UsageError
-from .metrics import average_precision, prf_at
+from ..training.metrics import average_precision, prf_at
 
 COMPARE_VERSION = 1
 
@@ -41,7 +41,7 @@ def split_images(data_dir: str | os.PathLike, split: str = "test") -> SplitImage
     store's (the same hash of the id, with the fractions the store was built with; 0.1/0.1 without one)."""
     from ..data.posts import iter_posts, post_image_path, posts_path
     from ..data.layout import DataDir
-    from ..store import SPLITS, Store, split_of
+    from ..store import SPLITS, open_store, split_of
     from ..data.vocab import Vocab
 
     data = DataDir(data_dir)
@@ -53,7 +53,7 @@ def split_images(data_dir: str | os.PathLike, split: str = "test") -> SplitImage
     vocab = Vocab.load(data.vocab)
     val, test = 0.1, 0.1
     if (data.store / "CURRENT").is_file() or (data.store / "meta.json").is_file():
-        with Store(data_dir, lock=False) as store:
+        with open_store(data_dir, lock=False) as store:
             fractions = store.meta.get("split") or {}
         val, test = float(fractions.get("val", val)), float(fractions.get("test", test))
     ids, files, rows = [], [], []
@@ -146,7 +146,7 @@ def compare(data_dir: str | os.PathLike, models: Sequence[Any], split: str = "te
     ``DATA/reports/compare-<split>/``; ``DATA/reports/evaluate-<model>-<split>/`` for one model)."""
     from ..fsutil import atomic_write_json, atomic_write_text
     from ..data.layout import DataDir
-    from ..tagging.tagger import Tagger
+    from .tagger import Tagger
 
     t0 = time.perf_counter()
     if not models:
