@@ -286,7 +286,7 @@ def test_cli_similar_refuses_an_index_of_another_model(model_dir, gallery, tmp_p
 
 
 def test_auto_index_type_by_size():
-    from alt_i2v.search.index import choose_kind, pq_shape
+    from alt_i2v.search.kinds import choose_kind, pq_shape
 
     assert choose_kind(100_000, 2048) == "exact"
     assert choose_kind(400_000, 2048) == "ivf-sq8"
@@ -322,7 +322,7 @@ def test_ivfpq_is_built_streaming_and_searches_from_a_memory_mapped_file(tmp_pat
     rows = index.vectors()[index.search_positions(q, 10)[1]].astype(np.float32)
     qn = q / np.linalg.norm(q, axis=1, keepdims=True)
     np.testing.assert_allclose(scores, np.einsum("qkd,qd->qk", rows, qn), atol=1e-5)
-    monkeypatch.setattr(search_index, "PQ_WIDTH", 256)  # wider than this: reduced (1024 by default; small here)
+    monkeypatch.setattr("alt_i2v.search.kinds.PQ_WIDTH", 256)  # wider than this: reduced (1024 by default; small here)
     wide = SimilarityIndex.build(clustered(1200, dim=288, clusters=12, seed=3), kind="ivf-pq", nlist=4)
     assert wide.approx_params["opq"] and wide.approx_params["width"] == 256  # OPQ reduces wide vectors
     assert wide.approx_params["recall10"] >= 0.9

@@ -34,7 +34,8 @@ def cmd_pred(args: argparse.Namespace) -> int:
                                  check_max_tags, format_caption, format_tag, select_tags, write_caption)
     from ..data.tags import parse_tags
     from ..progress import bar, summary
-    from ..tagging.tagger import check_top_k, get_tagger, list_images, parse_threshold
+    from ..tagging.inputs import check_top_k, list_images
+    from ..tagging.tagger import get_tagger, parse_threshold
 
     if not args.model:
         raise UsageError("--pred needs --model DIR (a trained model directory, a WD14 folder or a DeepDanbooru "
@@ -131,7 +132,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     """``--embed FILES/DIRS --model DIR --out FILE.npy``: embeddings plus ``FILE.ids.json`` (the paths)."""
     from ..progress import summary
     from ..tagging.embeddings import write_embeddings
-    from ..tagging.tagger import get_tagger, list_images
+    from ..tagging.inputs import list_images
+    from ..tagging.tagger import get_tagger
 
     if not args.model:
         raise UsageError("--embed needs --model DIR")
@@ -242,7 +244,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     from ..tagging.gradcam import DEFAULT_TOP_K, explain_images
     from ..progress import summary
-    from ..tagging.tagger import list_images
+    from ..tagging.inputs import list_images
 
     if not args.model:
         raise UsageError("--explain needs --model DIR (a trained model directory)")

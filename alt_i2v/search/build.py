@@ -11,7 +11,8 @@ import numpy as np
 
 from ..errors import AltI2VError, UsageError
 from .files import IndexFileError
-from .index import SimilarityIndex, resolve_kind
+from .index import SimilarityIndex
+from .kinds import resolve_kind
 
 
 def store_chunks(tagger: Any, data_dir: str | os.PathLike, failures: list, *, skip: Any = (), quiet: bool = True,
@@ -95,7 +96,7 @@ def _sources(tagger: Any, data: Path | None, images: Path | None, recursive: boo
     """``(count, chunks, source)`` of a dataset (its store when it fits the model, else its files) or of
     an image folder (ids: the resolved paths), leaving out ids in ``skip``."""
     from ..data.posts import iter_posts, post_image_path
-    from ..tagging.tagger import list_images
+    from ..tagging.inputs import list_images
 
     if data is not None:
         if not data.is_dir():
@@ -121,7 +122,7 @@ def build_index(tagger: Any, *, data: str | os.PathLike | None = None, images: s
                 out: str | os.PathLike | None = None, quiet: bool = True) -> tuple["SimilarityIndex", list[dict]]:
     """An index of a dataset (``data``: its store when it matches the model, else its image files) or of an
     image folder (``images``), embedded by ``tagger`` a chunk at a time. ``kind``: "exact", "ivf-sq8"
-    (also ``approx=True``), "ivf-pq" or "auto" (by size, :func:`.index.choose_kind`). With ``out`` the
+    (also ``approx=True``), "ivf-pq" or "auto" (by size, :func:`.kinds.choose_kind`). With ``out`` the
     index is written there (an ivf-pq index always is: it streams to disk, and needs ``out``). Returns
     ``(index, failures)``, failures as ``[{"file", "reason", "error"}]``; the index records the model and
     the source in ``info``."""

@@ -27,40 +27,9 @@ import numpy as np
 from ..errors import AltI2VError
 from .files import DTYPES, IndexFileError, _import_faiss, load_index, save_index
 from .kernels import _F16_SCALE, _as_f32, _f16_topk, _topk, normalize_rows
+from .kinds import PQ_MIN, pq_shape, resolve_kind
 
 _CHUNK_BYTES = 64 << 20  # largest temporary of an exact search (scores, or float16 rows made float32)
-KINDS = ("exact", "ivf-sq8", "ivf-pq")
-PQ_WIDTH = 1024  # ivf-pq: wider embeddings are reduced to this by the OPQ transform (256 lost the ranking:
-# on 100k x 2048 vectors of 4,000 clusters recall@10 with every list visited was 0.36 at 256, 1.0 at 1024)
-_PQ_MIN = 1000  # fewer vectors cannot train 256 centroids per sub-quantiser
-
-
-def choose_kind(count: int, dim: int) -> str:
-    """``--index-type auto``: exact while the float32 vectors fit in 1 GiB (131k at 2048), ivf-sq8 (vectors
-    + codes in memory) up to 4 GiB of them (524k at 2048), ivf-pq (codes in memory, vectors on disk) above."""
-    size = int(count) * int(dim) * 4
-    if size <= 1 << 30:
-        return "exact"
-    return "ivf-sq8" if size <= 4 << 30 else "ivf-pq"
-
-
-def pq_shape(dim: int) -> tuple[int, int]:
-    """``(width, m)`` of an ivf-pq index: the OPQ output width (``dim`` up to PQ_WIDTH, else PQ_WIDTH) and
-    the number of sub-quantisers (1 byte each): the largest divisor of the width up to width/4 and 256."""
-    width = min(int(dim), PQ_WIDTH)
-    m = max(x for x in range(1, max(1, width // 4) + 1) if width % x == 0 and x <= 256)
-    return width, m
-
-
-def resolve_kind(kind: str, count: int, dim: int) -> str:
-    """``kind`` checked, "auto" made concrete by :func:`choose_kind`."""
-    if kind == "auto":
-        return choose_kind(count, dim)
-    if kind not in KINDS:
-        raise ValueError(f"index type must be auto or one of {KINDS}, got {kind!r}")
-    return kind
-
-
 def _check_id(value: Any) -> Any:
     if isinstance(value, (np.integer,)):
         return int(value)
@@ -99,7 +68,7 @@ class SimilarityIndex:
               dtype: str | None = None, approx: bool = False, kind: str | None = None, info: dict | None = None,
               **approx_kw: Any) -> "SimilarityIndex":
         """A new index of ``embeddings`` (N, D); ``ids`` default to 0..N-1. ``kind`` "exact" (default),
-        "ivf-sq8" (also ``approx=True``), "ivf-pq" or "auto" (:func:`choose_kind`) trains a faiss backend
+        "ivf-sq8" (also ``approx=True``), "ivf-pq" or "auto" (:func:`.kinds.choose_kind`) trains a faiss backend
         (``nlist``, ``nprobe``, ``refine`` may be given). ``dtype`` defaults to float16 for ivf-pq (its
         re-rank vectors), float32 otherwise."""
         emb = np.asarray(embeddings)
@@ -372,7 +341,7 @@ class SimilarityIndex:
         """Train a faiss IVF index on a sample, fill it, then measure its recall.
 
         ``kind`` "ivf-sq8" (8-bit scalar quantisation) or "ivf-pq" (OPQ + product quantisation, see
-        :func:`pq_shape`). ``nlist`` inverted lists (default ~sqrt(N)/4 for ivf-sq8, ~sqrt(N) for ivf-pq);
+        :func:`.kinds.pq_shape`). ``nlist`` inverted lists (default ~sqrt(N)/4 for ivf-sq8, ~sqrt(N) for ivf-pq);
         ``nprobe`` lists visited per query (default: the smallest that reaches ``target_recall`` recall@10
         against exact search, measured on stored vectors used as queries, see :meth:`calibrate`);
         ``refine``: candidates per wanted neighbour re-ranked with the exact vectors (4, 10 for ivf-pq);
@@ -398,8 +367,8 @@ class SimilarityIndex:
             m = min(n, int(train_size or max(nlist * 128, 20_000)))
             refine = int(refine or 4)
         else:
-            if n < _PQ_MIN:
-                raise ValueError(f"an ivf-pq index needs at least {_PQ_MIN} vectors to train its quantisers, "
+            if n < PQ_MIN:
+                raise ValueError(f"an ivf-pq index needs at least {PQ_MIN} vectors to train its quantisers, "
                                  f"this one has {n}: use exact search (--index-type exact)")
             width, msub = pq_shape(self.dim)
             nlist = int(nlist or max(1, min(65536, round(math.sqrt(n)))))

@@ -19,64 +19,19 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image
 
 from ..config import resolve_workers
 from ..errors import AltI2VError, ImageLoadError, UsageError
-from ..fsutil import IMAGE_SUFFIXES, file_digest, list_image_files
+from ..fsutil import IMAGE_SUFFIXES, file_digest
 from ..data.imaging import DecodePool, describe, load_image_config
 from ..model.modeldir import ModelDir
+from .inputs import BatchImageError, _check_errors, as_list, check_top_k, list_images
 from ..model.thresholds import (DEFAULT_THRESHOLD, MCUT, check_probability, parse_threshold, resolve_mcut,
                                 thresholds_vector)
 
 DEFAULT_BATCH_SIZE = 64
 PROCESS_DECODE_MIN = 256  # files from which --pred / predict_tags decode in worker processes, not threads,
 PROCESS_DECODE_WORKERS = 4  # ... given this many workers: on 2-3 cores threads decode faster (bench_predict)
-
-
-class BatchImageError(AltI2VError):
-    """Some images of a list could not be used. The others' results are kept in ``results`` (failed
-    slots hold None, or NaN rows for embeddings); ``failures`` is ``[(index, ImageLoadError), ...]``."""
-
-    def __init__(self, failures: list[tuple[int, ImageLoadError]], total: int, results: Any):
-        self.failures = failures
-        self.results = results
-        shown = "; ".join(f"[{i}] {e}" for i, e in failures[:3]) + ("; ..." if len(failures) > 3 else "")
-        super().__init__(f"{len(failures)} of {total} images could not be read: {shown}. The other results are "
-                         "in this error's .results; errors='return' puts each error in its place instead")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Inputs
-
-
-def _is_single(images: Any) -> bool:
-    if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)):
-        return True
-    if isinstance(images, np.ndarray):
-        return images.ndim != 4
-    return not hasattr(images, "__iter__")
-
-
-def as_list(images: Any) -> tuple[list, bool]:
-    """``(sources, single)``: a path, PIL image, array or bytes is one image; a list, tuple, iterable or
-    4-D array (N, H, W, C) is a batch."""
-    if _is_single(images):
-        return [images], True
-    return list(images), False
-
-
-def list_images(paths: Sequence[str | os.PathLike], recursive: bool = False) -> list[str]:
-    """Files to tag: folders expand to their image files (sorted; sub-folders with ``recursive``), files
-    are kept as given whatever their extension, and missing paths are kept so they fail one by one."""
-    out: list[str] = []
-    for p in paths:
-        path = Path(p)
-        if path.is_dir():
-            out.extend(str(f) for f in list_image_files(path, recursive=recursive)[0])
-        else:
-            out.append(os.fspath(p))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -434,19 +389,6 @@ class Tagger:
             progress.close()
         emb = np.concatenate(rows) if rows else np.empty((0, self.embedding_dim), np.float32)
         return emb, ok_pos, failures
-
-
-def _check_errors(errors: str) -> None:
-    if errors not in ("raise", "return"):
-        raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
-
-
-def check_top_k(top_k: Any) -> int | None:
-    if top_k is None:
-        return None
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-        raise UsageError(f"top_k must be a positive integer, got {top_k!r}")
-    return int(top_k)
 
 
 # ---------------------------------------------------------------------------------------------------------
