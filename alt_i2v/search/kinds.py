@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 KINDS = ("exact", "ivf-sq8", "ivf-pq")
 PQ_WIDTH = 1024  # ivf-pq: wider embeddings are reduced to this by the OPQ transform (256 lost the ranking:
 # on 100k x 2048 vectors of 4,000 clusters recall@10 with every list visited was 0.36 at 256, 1.0 at 1024)
@@ -23,6 +25,19 @@ def pq_shape(dim: int) -> tuple[int, int]:
     width = min(int(dim), PQ_WIDTH)
     m = max(x for x in range(1, max(1, width // 4) + 1) if width % x == 0 and x <= 256)
     return width, m
+
+
+def pq_lists(count: int) -> int:
+    """Inverted lists of an ivf-pq index of ``count`` vectors: ~4 sqrt(N) (at most 65,536, at least 39 rows a
+    list). On 200k x 2048 clustered vectors recall@10 was 1.0 at nprobe 8 of 1,788 lists against 0.93 at
+    nprobe 8 of 447 (sqrt(N)); the extra coarse distances cost less than the rows no longer scanned."""
+    count = int(count)
+    return max(1, min(round(4 * math.sqrt(count)), 65536, count // 39 or 1))
+
+
+def pq_train_rows(nlist: int, count: int) -> int:
+    """Rows the quantisers of an ivf-pq index learn from: 24 a list, at least 65,536 (all when fewer)."""
+    return min(int(count), max(24 * int(nlist), 65536))
 
 
 def resolve_kind(kind: str, count: int, dim: int) -> str:
