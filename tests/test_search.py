@@ -286,13 +286,16 @@ def test_cli_similar_refuses_an_index_of_another_model(model_dir, gallery, tmp_p
 
 
 def test_auto_index_type_by_size():
-    from alt_i2v.search.kinds import choose_kind, pq_shape
+    from alt_i2v.search.kinds import choose_kind, pq_lists, pq_shape, pq_train_rows
 
     assert choose_kind(100_000, 2048) == "exact"
     assert choose_kind(400_000, 2048) == "ivf-sq8"
     assert choose_kind(10_000_000, 2048) == "ivf-pq"
     assert choose_kind(10_000_000, 128) == "ivf-pq" and choose_kind(1_000_000, 128) == "exact"
     assert pq_shape(2048) == (1024, 256) and pq_shape(128) == (128, 32) and pq_shape(100) == (100, 25)
+    assert pq_lists(10_000_000) == 12649 and pq_lists(2_000_000) == 5657  # ~4 sqrt(N)
+    assert pq_lists(4000) == 102 and pq_lists(1000) == 25  # at least 39 rows a list
+    assert pq_train_rows(12649, 10_000_000) == 303_576 and pq_train_rows(25, 1000) == 1000
     with pytest.raises(ValueError, match="index type"):
         SimilarityIndex.build(clustered(10), kind="hnsw")
 
@@ -311,7 +314,11 @@ def test_ivfpq_is_built_streaming_and_searches_from_a_memory_mapped_file(tmp_pat
     index = build_streaming(tmp_path / "pq", _chunks(x), dim=64, info={"model": {"path": "m"}})
     assert index.kind == "ivf-pq" and isinstance(index.vectors(), np.memmap)  # rows stay on disk
     p = index.approx_params
-    assert p["m"] == 16 and p["recall10"] >= 0.95 and not p["opq"]
+    assert p["m"] == 16 and p["nbits"] == 4 and p["fastscan"] and p["recall10"] >= 0.95 and not p["opq"]
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index._approx)
+    assert isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQFastScan) and ivf.code_size == 8  # 16 four-bit codes
     header = json.loads((tmp_path / "pq" / "index.json").read_text())
     assert header["version"] == 2 and "vectors.f16" in header["files"] and header["info"]["model"]["path"] == "m"
     assert (tmp_path / "pq" / "vectors.f16").stat().st_size == 4000 * 64 * 2
