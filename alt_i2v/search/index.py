@@ -6,8 +6,8 @@ temporary. The optional approximate backends (``pip install alt-i2v[faiss]``) ar
 the unit vectors, which ranks like cosine) whose candidates are re-ranked with the exact vectors:
 
 - ``ivf-sq8``: 8-bit scalar quantisation (d bytes a vector), the vectors in memory;
-- ``ivf-pq``: OPQ rotation (reducing wide embeddings to 1024 dimensions) + product quantisation (width/4
-  bytes, 256 at 2048), the float16 vectors memory-mapped from disk: RAM holds the codes
+- ``ivf-pq``: OPQ rotation (reducing wide embeddings to 1024 dimensions) + 4-bit product quantisation
+  scanned by faiss's fast-scan kernels (width/8 bytes, 128 at 2048), the float16 vectors memory-mapped from disk: RAM holds the codes
   and the disk holds the rest. :mod:`.large` builds one of those in bounded memory.
 
 Removing an id leaves its row in place, marked removed (its codes leave the faiss index); a rebuild
@@ -373,7 +373,7 @@ class SimilarityIndex:
                                  f"this one has {n}: use exact search (--index-type exact)")
             width, msub = pq_shape(self.dim)
             nlist = max(1, min(int(nlist or pq_lists(n)), n // 39 or 1))
-            # 4-bit codes scanned 32 at a time with SIMD lookups (faiss "fast scan"): 6x faster than 8-bit PQ
+            # 4-bit codes scanned 32 at a time with SIMD lookups (faiss "fast scan"): 4-6x faster than 8-bit PQ
             # at the same recall, which the re-rank of 10·k candidates restores (docs/search.md)
             ivf = faiss.IndexIVFPQFastScan(faiss.IndexFlatL2(width), width, nlist, msub, 4)
             ivf.pq.cp.niter = 12
