@@ -299,15 +299,17 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
-def read_json_object(path: str | os.PathLike, what: str) -> dict:
-    """A JSON file that must hold an object; a damaged one is an AltI2VError naming ``what`` it is."""
+def read_json_object(path: str | os.PathLike, what: str, *, error: type[AltI2VError] = AltI2VError,
+                     hint: str = "") -> dict:
+    """A JSON file that must hold an object; a damaged one is ``error`` naming ``what`` it is, followed by
+    ``hint`` (what to do about it, e.g. "; rebuild the index")."""
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise AltI2VError(f"{path}: damaged {what} ({e if not isinstance(e, RecursionError) else 'nested too deeply'})"
-                          ) from None
+        why = e if not isinstance(e, RecursionError) else "nested too deeply"
+        raise error(f"{path}: damaged {what} ({why}){hint}") from None
     if not isinstance(doc, dict):
-        raise AltI2VError(f"{path}: the {what} must be a JSON object")
+        raise error(f"{path}: the {what} must be a JSON object{hint}")
     return doc
 
 

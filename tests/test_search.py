@@ -146,12 +146,19 @@ def test_damaged_or_mismatched_index_is_a_clear_error(tmp_path):
     with pytest.raises(IndexFileError, match="do not belong together"):
         SimilarityIndex.load(path)
     (path / "index.json").write_text("{not json")
-    with pytest.raises(IndexFileError, match="not valid JSON"):
+    with pytest.raises(IndexFileError, match="damaged index header .*; rebuild the index"):
+        SimilarityIndex.load(path)
+    (path / "index.json").write_text("[1, 2]")
+    with pytest.raises(IndexFileError, match="must be a JSON object; rebuild the index"):
         SimilarityIndex.load(path)
     (path / "index.json").write_text(json.dumps(header))
+    good_ids = (path / "ids.json").read_bytes()
     (path / "ids.json").write_text(json.dumps({"ids": ["1"], "paths": None}))
     with pytest.raises(IndexFileError, match="ids.json"):
         SimilarityIndex.load(path)
+    (path / "ids.json").write_bytes(b'{"ids": ['.ljust(len(good_ids)))  # the size the header wants, cut JSON
+    with pytest.raises(IndexFileError, match="ids.json: damaged id list .*; rebuild the index"):
+        SimilarityIndex.load(path, verify=False)
     with pytest.raises(IndexFileError, match="no such index"):
         SimilarityIndex.load(tmp_path / "missing")
 

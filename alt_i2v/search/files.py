@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AltI2VError, UsageError
-from ..fsutil import atomic_dir, file_digest
+from ..fsutil import atomic_dir, file_digest, read_json_object
 
 INDEX_FORMAT = "alt-i2v-similarity-index"
 INDEX_VERSION = 2
@@ -178,11 +178,8 @@ def load_index(cls: type, path: str | os.PathLike, *, verify: bool = True, mmap:
                              f"--images DIR --out {path}`")
     if not header_file.is_file():
         raise IndexFileError(f"{path}: not an alt-i2v index (no {HEADER_FILE})")
-    try:
-        header = json.loads(header_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IndexFileError(f"{header_file}: damaged header, not valid JSON ({e}); rebuild the index") from None
-    if not isinstance(header, dict) or header.get("format") != INDEX_FORMAT:
+    header = read_json_object(header_file, "index header", error=IndexFileError, hint="; rebuild the index")
+    if header.get("format") != INDEX_FORMAT:
         raise IndexFileError(f"{header_file}: not an alt-i2v similarity index header")
     if int(header.get("version", 0)) > INDEX_VERSION:
         raise IndexFileError(f"{path}: index format version {header.get('version')} is newer than this "
@@ -202,11 +199,11 @@ def load_index(cls: type, path: str | os.PathLike, *, verify: bool = True, mmap:
     else:
         vectors = _read_vectors(path / VECTORS_FILE, files[VECTORS_FILE], (count, dim), np.dtype(dtype),
                                 verify=verify, mmap=mmap)
+    ids_doc = read_json_object(path / IDS_FILE, "id list", error=IndexFileError, hint="; rebuild the index")
     try:
-        ids_doc = json.loads((path / IDS_FILE).read_text(encoding="utf-8"))
         ids, paths = ids_doc.get("ids"), ids_doc.get("paths")
         removed = {int(r) for r in ids_doc.get("removed") or []}
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as e:
+    except (TypeError, ValueError) as e:
         raise IndexFileError(f"{path / IDS_FILE}: damaged ({e}); rebuild the index") from None
     if any(not 0 <= r < count for r in removed):
         raise IndexFileError(f"{path / IDS_FILE}: removed positions outside 0..{count - 1}; rebuild the index")
