@@ -328,7 +328,7 @@ def bench_coverage(n: int, args: argparse.Namespace) -> dict:
     return row
 
 
-def record_coverage(row: dict, per_code_ns: float | None) -> None:
+def record_coverage(row: dict) -> None:
     """The lists-to-visit row as ``search_lists_<n>_<dim>`` in scripts/results.json."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_all
@@ -338,9 +338,9 @@ def record_coverage(row: dict, per_code_ns: float | None) -> None:
     measured = (f"recall@10 {TARGET['recall10']} needs {row['lists_for_target']:,} of {row['nlist']:,} lists "
                 f"({row['rows_scanned']:,.0f} codes a query); at 128 / 256 / 512 / 1024 lists: "
                 + " / ".join(f"{row['recall_at'].get(p, float('nan')):.3f}" for p in (128, 256, 512, 1024)))
-    if per_code_ns:
-        measured += (f"; at {per_code_ns:.0f} ns a code (measured on the 2M index) the scan alone takes "
-                     f"{row['rows_scanned'] * per_code_ns / 1e6:.0f} ms")
+    pq2m = next((e for e in results["results"] if e["name"] == "search_pq_2m_2048"), None)
+    if pq2m is not None and row["dim"] == TARGET["dim"]:
+        measured += f" (the 2M x 2048 row: {pq2m['measured'].split(';')[0].split(': ', 1)[1]})"
     bench_all.record(results, name, measured, None, "10M x 2048: <= 10 ms/query at recall@10 >= 0.95",
                      bench_all.this_device())
     entry = next(e for e in results["results"] if e["name"] == name)
@@ -472,8 +472,6 @@ def main() -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--coverage", type=int, default=0, metavar="N",
                    help="lists an ivf-pq index of N vectors must visit for the target recall (no index built)")
-    p.add_argument("--per-code-ns", type=float, default=None,
-                   help="--coverage --record: scan cost of one code, to turn lists into milliseconds")
     p.add_argument("--dedupe", type=int, default=0, metavar="N",
                    help="--dedupe precision/recall on N generated pictures (+ their copies)")
     args = p.parse_args()
@@ -490,7 +488,7 @@ def main() -> int:
         print(f"RESULT search_lists n={row['n']} dim={row['dim']} nlist={row['nlist']} "
               f"lists_for_recall95={row['lists_for_target']} codes_scanned={row['rows_scanned']:.0f}", flush=True)
         if args.record:
-            record_coverage(row, args.per_code_ns)
+            record_coverage(row)
         return 0
     if args.large:
         for n in [int(float(v)) for v in args.large.split(",") if v.strip()]:
