@@ -379,6 +379,7 @@ def report_large(row: dict) -> None:
     print(f"  recall@10 {row['recall10']:.3f} (measured)   target >= {t['recall10']}   {'met' if ok['recall'] else 'NOT met'}")
     print(f"  query  {row['query_ms']:.2f} ms x sqrt({t['n'] // row['n']}) = {row['x10m_query_ms']:.2f} ms on one core   "
           f"target <= {t['query_ms']} ms   {'met' if ok['query'] else 'NOT met'}")
+    print("         (assumes 10M needs the lists this size needs; on these vectors it needs more: --coverage 10000000)")
     print(f"  build  {row['x10m_build_h'] * 60:.1f} min on {t['cores']} cores   target <= {t['build_h'] * 60:.0f} min   "
           f"{'met' if ok['build'] else 'NOT met'}")
 
