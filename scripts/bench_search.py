@@ -260,6 +260,95 @@ def bench_large(n: int, dim: int, args: argparse.Namespace) -> dict:
     return row
 
 
+def bench_coverage(n: int, args: argparse.Namespace) -> dict:
+    """How many lists an ivf-pq index of ``n`` x 2048 must visit, without building it: the vectors are
+    streamed once, keeping the exact top-10 of fresh queries (with their vectors) and the sample the build
+    would train on; OPQ and the coarse k-means learn from that sample as in the build; at nprobe p the
+    recall is the share of true neighbours whose list is among the query's p nearest. That is the recall
+    a built index reaches when its re-rank finds every candidate of the visited lists (so at 2M: see
+    docs/search.md), and the lists visited set the query time."""
+    import faiss
+
+    from alt_i2v.search.kernels import normalize_rows
+    from alt_i2v.search.kinds import pq_lists, pq_shape, pq_train_rows
+
+    faiss.omp_set_num_threads(max(1, os.cpu_count() or 1))
+    k, dim = 10, args.dim
+    width, msub = pq_shape(dim)
+    gen = Generator(dim, clusters=max(10, n // 500), seed=0)
+    q = normalize_rows(gen.sample(np.random.default_rng(2), args.queries))
+    nq = len(q)
+    nlist = pq_lists(n)
+    m = pq_train_rows(nlist, n)
+    sample = np.sort(np.random.default_rng(0).choice(n, m, replace=False))
+    train = np.empty((m, dim), np.float32)
+    filled = 0
+    best_s = np.full((nq, k), -np.inf, np.float32)
+    best_v = np.zeros((nq, k, dim), np.float32)
+    rng = np.random.default_rng(1)
+    t0 = time.perf_counter()
+    print(f"\n== lists to visit at {n:,} x {dim} ({nlist:,} lists, sample {m:,}): streaming", flush=True)
+    for s in range(0, n, 50_000):
+        x = normalize_rows(gen.sample(rng, min(50_000, n - s))).astype(np.float16).astype(np.float32)
+        sel = sample[(sample >= s) & (sample < s + len(x))] - s
+        train[filled:filled + len(sel)] = x[sel]
+        filled += len(sel)
+        scores = q @ x.T
+        top = np.argpartition(-scores, k, axis=1)[:, :k]
+        all_s = np.concatenate([best_s, np.take_along_axis(scores, top, 1)], 1)
+        all_v = np.concatenate([best_v, x[top]], 1)
+        keep = np.argsort(-all_s, 1)[:, :k]
+        best_s, best_v = np.take_along_axis(all_s, keep, 1), np.take_along_axis(all_v, keep[:, :, None], 1)
+    stream_s = time.perf_counter() - t0
+    opq = None
+    if width < dim:
+        opq = faiss.OPQMatrix(dim, msub, width)
+        opq.niter, opq.niter_pq, opq.niter_pq_0 = 6, 4, 10
+        opq.train(train[np.linspace(0, m - 1, min(m, 32768)).astype(int)])
+        train = opq.apply(train)
+    reduce = (lambda a: opq.apply(a)) if opq is not None else (lambda a: a)
+    km = faiss.Kmeans(width, nlist, niter=12, seed=0, max_points_per_centroid=128, min_points_per_centroid=24)
+    km.train(train)
+    del train
+    coarse = faiss.IndexFlatL2(width)
+    coarse.add(km.centroids)
+    _, order = coarse.search(reduce(q), nlist)  # every list, nearest first
+    _, home = coarse.search(reduce(best_v.reshape(-1, dim)), 1)
+    rank = np.empty((nq, nlist), np.int64)
+    rank[np.arange(nq)[:, None], order] = np.arange(nlist)[None, :]
+    neighbour_rank = np.take_along_axis(rank, home.reshape(nq, k), 1)
+    ladder = [p for p in (16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048) if p <= nlist]
+    recall = {p: float((neighbour_rank < p).mean()) for p in ladder}
+    need = next((p for p in range(1, nlist + 1) if (neighbour_rank < p).mean() >= TARGET["recall10"]), nlist)
+    row = {"n": n, "dim": dim, "nlist": nlist, "train_size": m, "recall_at": recall, "lists_for_target": need,
+           "rows_scanned": need * n / nlist, "stream_s": stream_s, "total_s": time.perf_counter() - t0}
+    print("recall@10 by lists visited: " + ", ".join(f"{p}: {r:.3f}" for p, r in recall.items()))
+    print(f"recall@10 {TARGET['recall10']} needs {need:,} of {nlist:,} lists: {row['rows_scanned']:,.0f} codes "
+          f"scanned a query ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return row
+
+
+def record_coverage(row: dict) -> None:
+    """The lists-to-visit row as ``search_lists_<n>_<dim>`` in scripts/results.json."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_all
+
+    results = bench_all.load_results()
+    name = f"search_lists_{row['n'] // 1_000_000}m_{row['dim']}"
+    measured = (f"recall@10 {TARGET['recall10']} needs {row['lists_for_target']:,} of {row['nlist']:,} lists "
+                f"({row['rows_scanned']:,.0f} codes a query); at 128 / 256 / 512 / 1024 lists: "
+                + " / ".join(f"{row['recall_at'].get(p, float('nan')):.3f}" for p in (128, 256, 512, 1024)))
+    pq2m = next((e for e in results["results"] if e["name"] == "search_pq_2m_2048"), None)
+    if pq2m is not None and row["dim"] == TARGET["dim"]:
+        measured += f" (the 2M x 2048 row: {pq2m['measured'].split(';')[0].split(': ', 1)[1]})"
+    bench_all.record(results, name, measured, None, "10M x 2048: <= 10 ms/query at recall@10 >= 0.95",
+                     bench_all.this_device())
+    entry = next(e for e in results["results"] if e["name"] == name)
+    entry["compares"] = (f"lists an ivf-pq index of {row['n']:,} x {row['dim']} clustered synthetic vectors must "
+                         "visit for recall@10 (the coarse quantiser trained as the build does; no index built)")
+    bench_all.save_results(results)
+
+
 def extrapolate(row: dict) -> dict:
     """The 10M x 2048 figures by formula from a measured row (meaningful for a 2048-wide row).
 
@@ -290,6 +379,7 @@ def report_large(row: dict) -> None:
     print(f"  recall@10 {row['recall10']:.3f} (measured)   target >= {t['recall10']}   {'met' if ok['recall'] else 'NOT met'}")
     print(f"  query  {row['query_ms']:.2f} ms x sqrt({t['n'] // row['n']}) = {row['x10m_query_ms']:.2f} ms on one core   "
           f"target <= {t['query_ms']} ms   {'met' if ok['query'] else 'NOT met'}")
+    print("         (assumes 10M needs the lists this size needs; on these vectors it needs more: --coverage 10000000)")
     print(f"  build  {row['x10m_build_h'] * 60:.1f} min on {t['cores']} cores   target <= {t['build_h'] * 60:.0f} min   "
           f"{'met' if ok['build'] else 'NOT met'}")
 
@@ -381,6 +471,8 @@ def main() -> int:
     p.add_argument("--record", action="store_true",
                    help="--large/--dedupe: write the figures to scripts/results.json")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--coverage", type=int, default=0, metavar="N",
+                   help="lists an ivf-pq index of N vectors must visit for the target recall (no index built)")
     p.add_argument("--dedupe", type=int, default=0, metavar="N",
                    help="--dedupe precision/recall on N generated pictures (+ their copies)")
     args = p.parse_args()
@@ -391,6 +483,13 @@ def main() -> int:
               f"target=precision,recall>=0.95", flush=True)
         if args.record:
             record_dedupe(row)
+        return 0
+    if args.coverage:
+        row = bench_coverage(args.coverage, args)
+        print(f"RESULT search_lists n={row['n']} dim={row['dim']} nlist={row['nlist']} "
+              f"lists_for_recall95={row['lists_for_target']} codes_scanned={row['rows_scanned']:.0f}", flush=True)
+        if args.record:
+            record_coverage(row)
         return 0
     if args.large:
         for n in [int(float(v)) for v in args.large.split(",") if v.strip()]:
