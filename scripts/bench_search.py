@@ -269,12 +269,12 @@ def bench_coverage(n: int, args: argparse.Namespace) -> dict:
     docs/search.md), and the lists visited set the query time."""
     import faiss
 
+    from alt_i2v.search.index import new_ivf_pq, train_ivf
     from alt_i2v.search.kernels import normalize_rows
-    from alt_i2v.search.kinds import pq_lists, pq_shape, pq_train_rows
+    from alt_i2v.search.kinds import pq_lists, pq_train_rows
 
     faiss.omp_set_num_threads(max(1, os.cpu_count() or 1))
     k, dim = 10, args.dim
-    width, msub = pq_shape(dim)
     gen = Generator(dim, clusters=max(10, n // 500), seed=0)
     q = normalize_rows(gen.sample(np.random.default_rng(2), args.queries))
     nq = len(q)
@@ -300,18 +300,11 @@ def bench_coverage(n: int, args: argparse.Namespace) -> dict:
         keep = np.argsort(-all_s, 1)[:, :k]
         best_s, best_v = np.take_along_axis(all_s, keep, 1), np.take_along_axis(all_v, keep[:, :, None], 1)
     stream_s = time.perf_counter() - t0
-    opq = None
-    if width < dim:
-        opq = faiss.OPQMatrix(dim, msub, width)
-        opq.niter, opq.niter_pq, opq.niter_pq_0 = 6, 4, 10
-        opq.train(train[np.linspace(0, m - 1, min(m, 32768)).astype(int)])
-        train = opq.apply(train)
-    reduce = (lambda a: opq.apply(a)) if opq is not None else (lambda a: a)
-    km = faiss.Kmeans(width, nlist, niter=12, seed=0, max_points_per_centroid=128, min_points_per_centroid=24)
-    km.train(train)
+    opq, ivf = new_ivf_pq(dim, nlist)  # the build's quantisers, trained the build's way
+    train_ivf(opq, ivf, lambda sel: train[sel], m)
     del train
-    coarse = faiss.IndexFlatL2(width)
-    coarse.add(km.centroids)
+    reduce = (lambda a: opq.apply(a)) if opq is not None else (lambda a: a)
+    coarse = ivf.quantizer
     _, order = coarse.search(reduce(q), nlist)  # every list, nearest first
     _, home = coarse.search(reduce(best_v.reshape(-1, dim)), 1)
     rank = np.empty((nq, nlist), np.int64)

@@ -38,6 +38,44 @@ def _check_id(value: Any) -> Any:
     return value
 
 
+def new_ivf_pq(dim: int, nlist: int) -> tuple[Any, Any]:
+    """The untrained parts of an ivf-pq index of ``dim``-wide vectors: ``(opq or None, ivf)``. 4-bit codes
+    scanned 32 at a time with SIMD lookups (faiss "fast scan"): 4-6x faster than 8-bit PQ at the same recall,
+    which the re-rank of 10·k candidates restores (docs/search.md); OPQ (a learned rotation + reduction, so
+    PQ's sub-spaces carry equal energy) for vectors wider than :data:`.kinds.PQ_WIDTH`."""
+    faiss = _import_faiss()
+    width, msub = pq_shape(dim)
+    ivf = faiss.IndexIVFPQFastScan(faiss.IndexFlatL2(width), width, nlist, msub, 4)
+    ivf.pq.cp.niter = 12
+    ivf.pq.cp.max_points_per_centroid = 64
+    opq = None
+    if width < dim:
+        opq = faiss.OPQMatrix(dim, msub, width)
+        opq.niter, opq.niter_pq, opq.niter_pq_0 = 6, 4, 10
+        opq.max_train_points = 32768
+    return opq, ivf
+
+
+def train_ivf(opq: Any, ivf: Any, read: Any, count: int, seed: int = 0) -> Any:
+    """Train ``opq`` (or None) and then ``ivf`` on a sample of ``count`` rows, ``read(positions)`` giving
+    float32 rows of the sample (sorted positions, read 65,536 at a time, so a memory-mapped block is read in
+    runs); returns the faiss index to fill. The rotation learns from 32,768 of the rows, the lists and codes
+    from the rows after it, so the sample never exists at full width."""
+    faiss = _import_faiss()
+    ivf.cp.niter = 12
+    ivf.cp.seed = seed
+    ivf.cp.max_points_per_centroid = 128
+    ivf.cp.min_points_per_centroid = 24  # faiss warns below its 39 otherwise; 24 is the ivf-pq sample
+    if opq is not None:
+        opq.train(read(np.linspace(0, count - 1, min(count, 32768)).astype(np.int64)))
+    train = np.empty((count, ivf.d), np.float32)
+    for s in range(0, count, 65536):
+        rows = read(np.arange(s, min(s + 65536, count)))
+        train[s:s + 65536] = rows if opq is None else opq.apply(rows)
+    ivf.train(train)
+    return ivf if opq is None else faiss.IndexPreTransform(opq, ivf)
+
+
 class SimilarityIndex:
     """Nearest neighbours by cosine similarity over L2-normalised vectors.
 
@@ -363,51 +401,23 @@ class SimilarityIndex:
             # L2 on unit vectors ranks like cosine, and its k-means cells keep neighbours together better
             # than inner-product cells (measured: recall@10 0.99 vs 0.91 at the same nprobe)
             quantizer = faiss.IndexFlatL2(self.dim)
-            index = ivf = faiss.IndexIVFScalarQuantizer(quantizer, self.dim, nlist, faiss.ScalarQuantizer.QT_8bit,
-                                                        faiss.METRIC_L2)
+            ivf = faiss.IndexIVFScalarQuantizer(quantizer, self.dim, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                                faiss.METRIC_L2)
             m = min(n, int(train_size or max(nlist * 128, 20_000)))
             refine = int(refine or 4)
         else:
             if n < PQ_MIN:
                 raise ValueError(f"an ivf-pq index needs at least {PQ_MIN} vectors to train its quantisers, "
                                  f"this one has {n}: use exact search (--index-type exact)")
-            width, msub = pq_shape(self.dim)
             nlist = max(1, min(int(nlist or pq_lists(n)), n // 39 or 1))
-            # 4-bit codes scanned 32 at a time with SIMD lookups (faiss "fast scan"): 4-6x faster than 8-bit PQ
-            # at the same recall, which the re-rank of 10·k candidates restores (docs/search.md)
-            ivf = faiss.IndexIVFPQFastScan(faiss.IndexFlatL2(width), width, nlist, msub, 4)
-            ivf.pq.cp.niter = 12
-            ivf.pq.cp.max_points_per_centroid = 64
-            if width < self.dim:  # OPQ: a learned rotation + reduction, so PQ's sub-spaces carry equal energy
-                opq = faiss.OPQMatrix(self.dim, msub, width)
-                opq.niter, opq.niter_pq, opq.niter_pq_0 = 6, 4, 10
-                opq.max_train_points = 32768
-            index = ivf
+            opq, ivf = new_ivf_pq(self.dim, nlist)
             m = min(n, int(train_size or pq_train_rows(nlist, n)))  # OPQ-reduced: ~1.2 GiB at 10M x 2048
             refine = int(refine or 10)
-            params.update(width=width, m=msub, nbits=4, fastscan=True, opq=opq is not None)
-        ivf.cp.niter = 12
-        ivf.cp.seed = seed
-        ivf.cp.max_points_per_centroid = 128
-        ivf.cp.min_points_per_centroid = 24  # faiss warns below its 39 otherwise; 24 is the ivf-pq sample
+            params.update(width=ivf.d, m=ivf.pq.M, nbits=4, fastscan=True, opq=opq is not None)
         rng = np.random.default_rng(seed)
         sample = np.sort(rng.choice(n, size=m, replace=False)) if m < n else np.arange(n)
         t0 = time.perf_counter()
-        if opq is not None:
-            # the rotation learns from its own small sample; the lists and codes from the reduced rows, so the
-            # sample never exists at full width
-            opq.train(self._rows(sample[np.linspace(0, len(sample) - 1, min(len(sample), 32768)).astype(int)]))
-            train = np.empty((len(sample), width), np.float32)
-            for s in range(0, len(sample), 65536):
-                train[s:s + 65536] = opq.apply(self._rows(sample[s:s + 65536]))
-            ivf.train(train)
-            index = faiss.IndexPreTransform(opq, ivf)
-        else:
-            train = np.empty((len(sample), self.dim), np.float32)
-            for s in range(0, len(sample), 65536):  # a memory-mapped block is read in sorted runs
-                train[s:s + 65536] = self._rows(sample[s:s + 65536])
-            index.train(train)
-        del train
+        index = train_ivf(opq, ivf, lambda sel: self._rows(sample[sel]), len(sample), seed=seed)
         t1 = time.perf_counter()
         step = max(1, _CHUNK_BYTES // (4 * self.dim))
         offset = 0
