@@ -269,7 +269,7 @@ def bench_coverage(n: int, args: argparse.Namespace) -> dict:
     docs/search.md), and the lists visited set the query time."""
     import faiss
 
-    from alt_i2v.search.index import new_ivf_pq, train_ivf
+    from alt_i2v.search.quantisers import new_ivf_pq, train_ivf
     from alt_i2v.search.kernels import normalize_rows
     from alt_i2v.search.kinds import pq_lists, pq_train_rows
 

@@ -2,6 +2,7 @@
 
 - :mod:`.index`: ``SimilarityIndex`` (exact search, optional faiss approximate backend)
 - :mod:`.kernels`: the exact top-k and float16 scan kernels
+- :mod:`.quantisers`: the faiss IVF parts of the approximate backend, made and trained
 - :mod:`.files`: the index directory on disk (atomic write, checked read)
 - :mod:`.build`: an index of a dataset or folder made with a model, and opening one for queries
 """

@@ -27,7 +27,8 @@ import numpy as np
 from ..errors import AltI2VError
 from .files import DTYPES, IndexFileError, _import_faiss, load_index, save_index
 from .kernels import _F16_SCALE, _as_f32, _f16_topk, _topk, normalize_rows
-from .kinds import PQ_MIN, pq_lists, pq_shape, pq_train_rows, resolve_kind
+from .kinds import PQ_MIN, pq_lists, pq_train_rows, resolve_kind
+from .quantisers import new_ivf_pq, new_ivf_sq8, train_ivf
 
 _CHUNK_BYTES = 64 << 20  # largest temporary of an exact search (scores, or float16 rows made float32)
 def _check_id(value: Any) -> Any:
@@ -36,44 +37,6 @@ def _check_id(value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise ValueError(f"ids must be strings or integers (JSON), got {type(value).__name__}: {value!r}")
     return value
-
-
-def new_ivf_pq(dim: int, nlist: int) -> tuple[Any, Any]:
-    """The untrained parts of an ivf-pq index of ``dim``-wide vectors: ``(opq or None, ivf)``. 4-bit codes
-    scanned 32 at a time with SIMD lookups (faiss "fast scan"): 4-6x faster than 8-bit PQ at the same recall,
-    which the re-rank of 10·k candidates restores (docs/search.md); OPQ (a learned rotation + reduction, so
-    PQ's sub-spaces carry equal energy) for vectors wider than :data:`.kinds.PQ_WIDTH`."""
-    faiss = _import_faiss()
-    width, msub = pq_shape(dim)
-    ivf = faiss.IndexIVFPQFastScan(faiss.IndexFlatL2(width), width, nlist, msub, 4)
-    ivf.pq.cp.niter = 12
-    ivf.pq.cp.max_points_per_centroid = 64
-    opq = None
-    if width < dim:
-        opq = faiss.OPQMatrix(dim, msub, width)
-        opq.niter, opq.niter_pq, opq.niter_pq_0 = 6, 4, 10
-        opq.max_train_points = 32768
-    return opq, ivf
-
-
-def train_ivf(opq: Any, ivf: Any, read: Any, count: int, seed: int = 0) -> Any:
-    """Train ``opq`` (or None) and then ``ivf`` on a sample of ``count`` rows, ``read(positions)`` giving
-    float32 rows of the sample (sorted positions, read 65,536 at a time, so a memory-mapped block is read in
-    runs); returns the faiss index to fill. The rotation learns from 32,768 of the rows, the lists and codes
-    from the rows after it, so the sample never exists at full width."""
-    faiss = _import_faiss()
-    ivf.cp.niter = 12
-    ivf.cp.seed = seed
-    ivf.cp.max_points_per_centroid = 128
-    ivf.cp.min_points_per_centroid = 24  # faiss warns below its 39 otherwise; 24 is the ivf-pq sample
-    if opq is not None:
-        opq.train(read(np.linspace(0, count - 1, min(count, 32768)).astype(np.int64)))
-    train = np.empty((count, ivf.d), np.float32)
-    for s in range(0, count, 65536):
-        rows = read(np.arange(s, min(s + 65536, count)))
-        train[s:s + 65536] = rows if opq is None else opq.apply(rows)
-    ivf.train(train)
-    return ivf if opq is None else faiss.IndexPreTransform(opq, ivf)
 
 
 class SimilarityIndex:
@@ -387,7 +350,7 @@ class SimilarityIndex:
         memory-mapped block is never read whole); ``progress(rows)`` is called as they are added. The
         measured recall is kept in ``approx_params["recall10"]``.
         """
-        faiss = _import_faiss()
+        _import_faiss()  # a clear error before any work when faiss is missing
         n = self.count
         if n == 0:
             raise ValueError("add vectors before building the approximate index")
@@ -398,11 +361,7 @@ class SimilarityIndex:
         if kind == "ivf-sq8":
             nlist = int(nlist or max(1, min(4096, round(math.sqrt(n) / 4))))
             nlist = max(1, min(nlist, n // 8 or 1))
-            # L2 on unit vectors ranks like cosine, and its k-means cells keep neighbours together better
-            # than inner-product cells (measured: recall@10 0.99 vs 0.91 at the same nprobe)
-            quantizer = faiss.IndexFlatL2(self.dim)
-            ivf = faiss.IndexIVFScalarQuantizer(quantizer, self.dim, nlist, faiss.ScalarQuantizer.QT_8bit,
-                                                faiss.METRIC_L2)
+            ivf = new_ivf_sq8(self.dim, nlist)
             m = min(n, int(train_size or max(nlist * 128, 20_000)))
             refine = int(refine or 4)
         else:
