@@ -269,9 +269,9 @@ def bench_coverage(n: int, args: argparse.Namespace) -> dict:
     docs/search.md), and the lists visited set the query time."""
     import faiss
 
-    from alt_i2v.search.quantisers import new_ivf_pq, train_ivf
-    from alt_i2v.search.kernels import normalize_rows
+    from alt_i2v.search.kernels import _topk, normalize_rows
     from alt_i2v.search.kinds import pq_lists, pq_train_rows
+    from alt_i2v.search.quantisers import new_ivf_pq, train_ivf
 
     faiss.omp_set_num_threads(max(1, os.cpu_count() or 1))
     k, dim = 10, args.dim
@@ -293,15 +293,12 @@ def bench_coverage(n: int, args: argparse.Namespace) -> dict:
         sel = sample[(sample >= s) & (sample < s + len(x))] - s
         train[filled:filled + len(sel)] = x[sel]
         filled += len(sel)
-        scores = q @ x.T
-        top = np.argpartition(-scores, k, axis=1)[:, :k]
-        all_s = np.concatenate([best_s, np.take_along_axis(scores, top, 1)], 1)
-        all_v = np.concatenate([best_v, x[top]], 1)
-        keep = np.argsort(-all_s, 1)[:, :k]
-        best_s, best_v = np.take_along_axis(all_s, keep, 1), np.take_along_axis(all_v, keep[:, :, None], 1)
+        cs, cp = _topk(q @ x.T, np.arange(len(x)), k)  # this chunk's best, then merged with the kept ones
+        best_s, slot = _topk(np.concatenate([best_s, cs], 1), np.arange(2 * k), k)
+        best_v = np.take_along_axis(np.concatenate([best_v, x[cp]], 1), slot[:, :, None], 1)
     stream_s = time.perf_counter() - t0
     opq, ivf = new_ivf_pq(dim, nlist)  # the build's quantisers, trained the build's way
-    train_ivf(opq, ivf, lambda sel: train[sel], m)
+    train_ivf(opq, ivf, train.__getitem__, m)
     del train
     reduce = (lambda a: opq.apply(a)) if opq is not None else (lambda a: a)
     coarse = ivf.quantizer
