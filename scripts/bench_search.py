@@ -14,6 +14,8 @@ float16 (4 GB; the exact search converts it chunk by chunk, never all at once).
 
     nice -n 10 python scripts/bench_search.py --large 2000000 --record            # 2M x 2048, ~45 min
     nice -n 10 python scripts/bench_search.py --large 10000000 --dim 128 --record # 10M at width 128
+    python scripts/bench_search.py --coverage 10000000   # lists a 10M x 2048 query must visit (no index built)
+    python scripts/bench_search.py --coarse 500000       # coarse quantisers over N/167 full-width lists
 
 Exact latency is given for one query at a time and per query in a batch of 64 (how --index/--similar
 and a folder of queries use it). The naive way (full scores, full argsort) is measured beside it at
@@ -318,6 +320,88 @@ def bench_coverage(n: int, args: argparse.Namespace) -> dict:
     return row
 
 
+def bench_coarse(n: int, args: argparse.Namespace) -> dict:
+    """Which coarse quantiser finds a vector's list when the lists are many and full width (no index built):
+    ~N/167 lists (3 a generated cluster) from flat k-means on 12 rows a list; then, for fresh vectors and
+    queries, how often each quantiser returns the list the exact (flat) search does, and its time for one
+    query on one core: flat, an HNSW graph of the centroids (efSearch ladder), and 4-bit fast-scan PQ codes
+    of the centroids whose best ``k_factor`` x k are re-ranked exactly (faiss IndexRefineFlat). The same
+    quantisers are then timed over the list count 10M would have, for the query-time formula."""
+    import faiss
+
+    from alt_i2v.search.kernels import normalize_rows
+
+    faiss.omp_set_num_threads(max(1, os.cpu_count() or 1))
+    dim, nq = args.dim, args.queries
+    gen = Generator(dim, clusters=max(10, n // 500), seed=0)
+    nlist = max(2, n // 167)
+    train = normalize_rows(gen.sample(np.random.default_rng(1), 12 * nlist))
+    cp = faiss.ClusteringParameters()
+    cp.niter, cp.min_points_per_centroid, cp.max_points_per_centroid = 12, 12, 128
+    clus, flat = faiss.Clustering(dim, nlist, cp), faiss.IndexFlatL2(dim)
+    t0 = time.perf_counter()
+    print(f"\n== coarse quantisers over {nlist:,} lists of {n:,} x {dim}: flat k-means on {len(train):,} rows", flush=True)
+    clus.train(train, flat)
+    del train
+    kmeans_s = time.perf_counter() - t0
+    cent = faiss.vector_to_array(clus.centroids).reshape(-1, dim)
+    vecs = normalize_rows(gen.sample(np.random.default_rng(5), 2000))
+    q = normalize_rows(gen.sample(np.random.default_rng(2), nq))
+    _, home = flat.search(vecs, 1)
+    _, q_lists = flat.search(q, 3)
+    faiss.omp_set_num_threads(1)
+
+    def one_at_a_time(index, x, k):
+        t = time.perf_counter()
+        got = np.stack([index.search(x[i:i + 1], k)[1][0] for i in range(len(x))])
+        return got, (time.perf_counter() - t) / len(x) * 1000
+
+    def measure(name, index):
+        got, _ = one_at_a_time(index, vecs, 1)
+        gq, ms = one_at_a_time(index, q, 3)
+        row = {"quantiser": name, "nearest_list": float((got[:, 0] == home[:, 0]).mean()),
+               "query_top3": float(np.mean([len(set(a) & set(b)) / 3 for a, b in zip(gq, q_lists)])), "query_ms": ms}
+        print(f"  {name:34s} nearest list for {row['nearest_list']:.3f} of the vectors, the queries' 3 nearest "
+              f"lists {row['query_top3']:.3f}; {ms:.2f} ms a query (one core)", flush=True)
+        return row
+
+    def hnsw(ef, c):
+        h = faiss.IndexHNSWFlat(dim, 32)
+        h.add(c)
+        h.hnsw.efSearch = ef
+        return h
+
+    def pq_refine(k_factor, c, trained_on):
+        base = faiss.IndexPQFastScan(dim, 256, 4)
+        base.train(trained_on)
+        index = faiss.IndexRefineFlat(base)
+        index.add(c)
+        index.k_factor = k_factor
+        return index
+
+    rows = [measure("flat", flat)]
+    rows += [measure(f"HNSW32, efSearch {ef}", hnsw(ef, cent)) for ef in (16, 64, 256)]
+    rows += [measure(f"PQ 256x4-bit fast scan + refine x{kf}", pq_refine(kf, cent, cent)) for kf in (4, 16)]
+    big = pq_lists_full(TARGET["n"])  # the lists 10M would have: timed over jittered copies of these centroids
+    jitter = np.random.default_rng(7)
+    many = np.concatenate([cent + jitter.standard_normal(cent.shape, dtype=np.float32) * 0.01
+                           for _ in range(-(-big // nlist))])[:big]
+    at_big = {}
+    for name, index in (("flat", None), ("PQ 256x4-bit fast scan + refine x16", pq_refine(16, many, cent))):
+        if index is None:
+            index = faiss.IndexFlatL2(dim)
+            index.add(many)
+        _, at_big[name] = one_at_a_time(index, q[:50], 3)
+        print(f"  over {big:,} lists (10M's): {name:34s} {at_big[name]:.2f} ms a query (one core)", flush=True)
+    return {"n": n, "dim": dim, "nlist": nlist, "kmeans_s": kmeans_s, "rows": rows, "lists_10m": big,
+            "query_ms_10m": at_big}
+
+
+def pq_lists_full(count: int) -> int:
+    """Lists at ~167 rows each: 3 lists a cluster of the generator's 500 (docs/search.md)."""
+    return max(2, int(count) // 167)
+
+
 def record_coverage(row: dict) -> None:
     """The lists-to-visit row as ``search_lists_<n>_<dim>`` in scripts/results.json."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -463,6 +547,8 @@ def main() -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--coverage", type=int, default=0, metavar="N",
                    help="lists an ivf-pq index of N vectors must visit for the target recall (no index built)")
+    p.add_argument("--coarse", type=int, default=0, metavar="N",
+                   help="how well and how fast each coarse quantiser finds the list of N/167 full-width lists")
     p.add_argument("--dedupe", type=int, default=0, metavar="N",
                    help="--dedupe precision/recall on N generated pictures (+ their copies)")
     args = p.parse_args()
@@ -473,6 +559,13 @@ def main() -> int:
               f"target=precision,recall>=0.95", flush=True)
         if args.record:
             record_dedupe(row)
+        return 0
+    if args.coarse:
+        row = bench_coarse(args.coarse, args)
+        pq = next(r for r in row["rows"] if r["quantiser"].endswith("x16"))
+        print(f"RESULT search_coarse n={row['n']} nlist={row['nlist']} pq_refine_nearest={pq['nearest_list']:.3f} "
+              f"pq_refine_ms={pq['query_ms']:.2f} lists_10m={row['lists_10m']} "
+              + " ".join(f"ms_10m_{k.split()[0].lower()}={v:.2f}" for k, v in row["query_ms_10m"].items()), flush=True)
         return 0
     if args.coverage:
         row = bench_coverage(args.coverage, args)
