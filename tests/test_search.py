@@ -299,10 +299,10 @@ def test_auto_index_type_by_size():
     assert choose_kind(400_000, 2048) == "ivf-sq8"
     assert choose_kind(10_000_000, 2048) == "ivf-pq"
     assert choose_kind(10_000_000, 128) == "ivf-pq" and choose_kind(1_000_000, 128) == "exact"
-    assert pq_shape(2048) == (1024, 256) and pq_shape(128) == (128, 32) and pq_shape(100) == (100, 25)
-    assert pq_lists(10_000_000) == 12649 and pq_lists(2_000_000) == 5657  # ~4 sqrt(N)
-    assert pq_lists(4000) == 102 and pq_lists(1000) == 25  # at least 39 rows a list
-    assert pq_train_rows(12649, 10_000_000) == 303_576 and pq_train_rows(25, 1000) == 1000
+    assert pq_shape(2048) == (2048, 256) and pq_shape(128) == (128, 32) and pq_shape(100) == (100, 25)
+    assert pq_lists(10_000_000) == 59880 and pq_lists(2_000_000) == 11976  # one list a 167 rows
+    assert pq_lists(4000) == 23 and pq_lists(100) == 1 and pq_lists(20_000_000) == 65536
+    assert pq_train_rows(59880, 10_000_000) == 718_560 and pq_train_rows(25, 1000) == 1000
     with pytest.raises(ValueError, match="index type"):
         SimilarityIndex.build(clustered(10), kind="hnsw")
 
@@ -336,12 +336,44 @@ def test_ivfpq_is_built_streaming_and_searches_from_a_memory_mapped_file(tmp_pat
     rows = index.vectors()[index.search_positions(q, 10)[1]].astype(np.float32)
     qn = q / np.linalg.norm(q, axis=1, keepdims=True)
     np.testing.assert_allclose(scores, np.einsum("qkd,qd->qk", rows, qn), atol=1e-5)
-    monkeypatch.setattr("alt_i2v.search.kinds.PQ_WIDTH", 256)  # wider than this: reduced (1024 by default; small here)
+    monkeypatch.setattr("alt_i2v.search.quantisers.OPQ_WIDTH", 256)  # wider than this: rotated (1024 by default)
     wide = SimilarityIndex.build(clustered(1200, dim=288, clusters=12, seed=3), kind="ivf-pq", nlist=4)
-    assert wide.approx_params["opq"] and wide.approx_params["width"] == 256  # OPQ reduces wide vectors
+    assert wide.approx_params["opq"] and wide.approx_params["width"] == 288  # OPQ rotates, keeps every dimension
     assert wide.approx_params["recall10"] >= 0.9
     with pytest.raises(ValueError, match="at least"):
         SimilarityIndex.build(clustered(500), kind="ivf-pq")
+
+
+@needs_faiss
+def test_ivfpq_with_many_lists_finds_them_through_pq_codes_of_the_centroids(tmp_path, monkeypatch):
+    """Above FLAT_LISTS lists the coarse quantiser scans 4-bit PQ codes of the centroids and re-ranks the
+    best exactly: it returns the lists a flat search over the centroids returns, the index answers as one
+    with a flat quantiser does, also after a reload."""
+    import faiss
+
+    x = clustered(6000, dim=64, clusters=40, seed=3)
+    q = x[::150] + np.random.default_rng(4).normal(0, 0.02, (40, 64)).astype(np.float32)
+    flat = SimilarityIndex.build(x, kind="ivf-pq", nlist=120, nprobe=6)
+    assert isinstance(faiss.downcast_index(flat._ivf().quantizer), faiss.IndexFlatL2)
+    monkeypatch.setattr("alt_i2v.search.quantisers.FLAT_LISTS", 16)  # small here: 1,024 by default
+    index = SimilarityIndex.build(x, kind="ivf-pq", nlist=120, nprobe=6)
+    coarse = faiss.downcast_index(index._ivf().quantizer)
+    assert isinstance(coarse, faiss.IndexRefineFlat) and coarse.ntotal == 120 and coarse.k_factor == 16
+    assert isinstance(faiss.downcast_index(coarse.base_index), faiss.IndexPQFastScan)
+    centroids = faiss.IndexFlatL2(64)
+    centroids.add(coarse.reconstruct_n(0, 120))
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    want = centroids.search(qn, 3)[1]
+    got = coarse.search(qn, 3)[1]
+    assert np.mean([len(set(a) & set(b)) / 3 for a, b in zip(got, want)]) >= 0.95
+    _, exact = index.search_positions(q, 10, approx=False)
+    recall = {name: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(i.search_positions(q, 10)[1], exact)])
+              for name, i in (("pq", index), ("flat", flat))}
+    assert recall["pq"] >= 0.85 and abs(recall["pq"] - recall["flat"]) <= 0.02  # (8-byte codes cap both near 0.9)
+    index.save(tmp_path / "i")
+    again = SimilarityIndex.load(tmp_path / "i")
+    assert isinstance(faiss.downcast_index(again._ivf().quantizer), faiss.IndexRefineFlat)
+    np.testing.assert_array_equal(again.search_positions(q, 10)[1], index.search_positions(q, 10)[1])
 
 
 @needs_faiss

@@ -6,9 +6,10 @@ temporary. The optional approximate backends (``pip install alt-i2v[faiss]``) ar
 the unit vectors, which ranks like cosine) whose candidates are re-ranked with the exact vectors:
 
 - ``ivf-sq8``: 8-bit scalar quantisation (d bytes a vector), the vectors in memory;
-- ``ivf-pq``: OPQ rotation (reducing wide embeddings to 1024 dimensions) + 4-bit product quantisation
-  scanned by faiss's fast-scan kernels (width/8 bytes, 128 at 2048), the float16 vectors memory-mapped from disk: RAM holds the codes
-  and the disk holds the rest. :mod:`.large` builds one of those in bounded memory.
+- ``ivf-pq``: ~N/167 full-width lists (many: a coarse quantiser on PQ codes of their centroids), an OPQ
+  rotation of wide embeddings and 4-bit product quantisation scanned by faiss's fast-scan kernels (m/2
+  bytes, 128 at 2048), the float16 vectors memory-mapped from disk: RAM holds the codes and the disk holds
+  the rest. :mod:`.large` builds one of those in bounded memory.
 
 Removing an id leaves its row in place, marked removed (its codes leave the faiss index); a rebuild
 reclaims the space. :mod:`.files` writes and reads the index directory.
@@ -342,7 +343,7 @@ class SimilarityIndex:
         """Train a faiss IVF index on a sample, fill it, then measure its recall.
 
         ``kind`` "ivf-sq8" (8-bit scalar quantisation) or "ivf-pq" (OPQ + product quantisation, see
-        :func:`.kinds.pq_shape`). ``nlist`` inverted lists (default ~sqrt(N)/4 for ivf-sq8, ~4 sqrt(N) for ivf-pq);
+        :func:`.kinds.pq_shape`). ``nlist`` inverted lists (default ~sqrt(N)/4 for ivf-sq8, N/167 for ivf-pq);
         ``nprobe`` lists visited per query (default: the smallest that reaches ``target_recall`` recall@10
         against exact search, measured on stored vectors used as queries, see :meth:`calibrate`);
         ``refine``: candidates per wanted neighbour re-ranked with the exact vectors (4, 10 for ivf-pq);
@@ -370,7 +371,7 @@ class SimilarityIndex:
                                  f"this one has {n}: use exact search (--index-type exact)")
             nlist = max(1, min(int(nlist or pq_lists(n)), n // 39 or 1))
             opq, ivf = new_ivf_pq(self.dim, nlist)
-            m = min(n, int(train_size or pq_train_rows(nlist, n)))  # OPQ-reduced: ~1.2 GiB at 10M x 2048
+            m = min(n, int(train_size or pq_train_rows(nlist, n)))  # full width: ~5.5 GiB at 10M x 2048
             refine = int(refine or 10)
             params.update(width=ivf.d, m=ivf.pq.M, nbits=4, fastscan=True, opq=opq is not None)
         rng = np.random.default_rng(seed)
