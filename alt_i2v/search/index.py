@@ -377,7 +377,8 @@ class SimilarityIndex:
         rng = np.random.default_rng(seed)
         sample = np.sort(rng.choice(n, size=m, replace=False)) if m < n else np.arange(n)
         t0 = time.perf_counter()
-        index = train_ivf(opq, ivf, lambda sel: self._rows(sample[sel]), len(sample), seed=seed)
+        parts: dict = {}
+        index = train_ivf(opq, ivf, lambda sel: self._rows(sample[sel]), len(sample), seed=seed, timings=parts)
         t1 = time.perf_counter()
         step = max(1, _CHUNK_BYTES // (4 * self.dim))
         offset = 0
@@ -394,7 +395,7 @@ class SimilarityIndex:
         t2 = time.perf_counter()
         self.approx_params = {**params, "nlist": nlist, "nprobe": 1, "refine": refine, "train_size": int(m)}
         self.calibrate(target_recall=target_recall, nprobe=nprobe, seed=seed)
-        self.approx_params["seconds"] = {"train": round(t1 - t0, 2), "add": round(t2 - t1, 2),
+        self.approx_params["seconds"] = {"train": round(t1 - t0, 2), **parts, "add": round(t2 - t1, 2),
                                          "calibrate": round(time.perf_counter() - t2, 2)}
 
     def _ivf(self):

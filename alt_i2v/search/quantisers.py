@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -58,13 +59,15 @@ def pq_coarse(centroids: np.ndarray, m: int) -> Any:
     return coarse
 
 
-def train_ivf(opq: Any, ivf: Any, read: Any, count: int, seed: int = 0) -> Any:
+def train_ivf(opq: Any, ivf: Any, read: Any, count: int, seed: int = 0, timings: dict | None = None) -> Any:
     """Train ``opq`` (or None) and then ``ivf`` on a sample of ``count`` rows, ``read(positions)`` giving
     float32 rows of the sample (sorted positions, read 65,536 at a time, so a memory-mapped block is read in
     runs); returns the faiss index to fill. The rotation learns from 32,768 of the rows, the lists (flat
     k-means) and codes from all of them, rotated. Above :data:`.kinds.FLAT_LISTS` lists the coarse
-    quantiser becomes :func:`pq_coarse` over the k-means centroids."""
+    quantiser becomes :func:`pq_coarse` over the k-means centroids. ``timings`` receives the seconds of the
+    rotation (a fixed cost) and of the lists and codes (which grow with the sample times the lists)."""
     faiss = _import_faiss()
+    t0 = time.perf_counter()
     cp = ivf.cp
     cp.niter = 12
     cp.seed = seed
@@ -75,6 +78,7 @@ def train_ivf(opq: Any, ivf: Any, read: Any, count: int, seed: int = 0) -> Any:
         opq.pq = pq4
         opq.train(read(np.linspace(0, count - 1, min(count, 32768)).astype(np.int64)))
         opq.pq = None
+    t1 = time.perf_counter()
     train = np.empty((count, ivf.d), np.float32)
     for s in range(0, count, 65536):
         rows = read(np.arange(s, min(s + 65536, count)))
@@ -86,4 +90,6 @@ def train_ivf(opq: Any, ivf: Any, read: Any, count: int, seed: int = 0) -> Any:
         _, ivf = new_ivf_pq(ivf.d, int(ivf.nlist), pq_coarse(centroids, ivf.pq.M))  # k-means done: ivf.train skips it
         train = train[np.linspace(0, count - 1, min(count, 65536)).astype(np.int64)]
     ivf.train(train)
+    if timings is not None:
+        timings.update(rotation=round(t1 - t0, 2), lists=round(time.perf_counter() - t1, 2))
     return ivf if opq is None else faiss.IndexPreTransform(opq, ivf)
