@@ -280,12 +280,8 @@ def coarse_at_10m(ivf, queries: np.ndarray, nprobe: int) -> float:
     from alt_i2v.search.kinds import pq_lists
     from alt_i2v.search.quantisers import pq_coarse
 
-    big = pq_lists(TARGET["n"])
     cent = faiss.downcast_index(ivf.quantizer).reconstruct_n(0, ivf.nlist)
-    jitter = np.random.default_rng(7)
-    many = np.concatenate([cent + jitter.standard_normal(cent.shape, dtype=np.float32) * 0.01
-                           for _ in range(-(-big // len(cent)))])[:big]
-    coarse = pq_coarse(many, ivf.pq.M)
+    coarse = pq_coarse(jittered(cent, pq_lists(TARGET["n"])), ivf.pq.M)
     out = []
     for i in range(len(queries)):
         t = time.thread_time()
@@ -364,11 +360,13 @@ def bench_coarse(n: int, args: argparse.Namespace) -> dict:
     import faiss
 
     from alt_i2v.search.kernels import normalize_rows
+    from alt_i2v.search.kinds import pq_lists
+    from alt_i2v.search.quantisers import pq_coarse
 
     faiss.omp_set_num_threads(max(1, os.cpu_count() or 1))
     dim, nq = args.dim, args.queries
     gen = Generator(dim, clusters=max(10, n // 500), seed=0)
-    nlist = max(2, n // 167)
+    nlist = pq_lists(n)
     train = normalize_rows(gen.sample(np.random.default_rng(1), 12 * nlist))
     cp = faiss.ClusteringParameters()
     cp.niter, cp.min_points_per_centroid, cp.max_points_per_centroid = 12, 12, 128
@@ -405,23 +403,13 @@ def bench_coarse(n: int, args: argparse.Namespace) -> dict:
         h.hnsw.efSearch = ef
         return h
 
-    def pq_refine(k_factor, c, trained_on):
-        base = faiss.IndexPQFastScan(dim, 256, 4)
-        base.train(trained_on)
-        index = faiss.IndexRefineFlat(base)
-        index.add(c)
-        index.k_factor = k_factor
-        return index
-
     rows = [measure("flat", flat)]
     rows += [measure(f"HNSW32, efSearch {ef}", hnsw(ef, cent)) for ef in (16, 64, 256)]
-    rows += [measure(f"PQ 256x4-bit fast scan + refine x{kf}", pq_refine(kf, cent, cent)) for kf in (4, 16)]
-    big = pq_lists_full(TARGET["n"])  # the lists 10M would have: timed over jittered copies of these centroids
-    jitter = np.random.default_rng(7)
-    many = np.concatenate([cent + jitter.standard_normal(cent.shape, dtype=np.float32) * 0.01
-                           for _ in range(-(-big // nlist))])[:big]
+    rows += [measure(f"PQ 256x4-bit fast scan + refine x{kf}", pq_coarse(cent, 256, kf)) for kf in (4, 16)]
+    big = pq_lists(TARGET["n"])  # the lists 10M would have: timed over jittered copies of these centroids
+    many = jittered(cent, big)
     at_big = {}
-    for name, index in (("flat", None), ("PQ 256x4-bit fast scan + refine x16", pq_refine(16, many, cent))):
+    for name, index in (("flat", None), ("PQ 256x4-bit fast scan + refine x16", pq_coarse(many, 256))):
         if index is None:
             index = faiss.IndexFlatL2(dim)
             index.add(many)
@@ -431,9 +419,13 @@ def bench_coarse(n: int, args: argparse.Namespace) -> dict:
             "query_ms_10m": at_big}
 
 
-def pq_lists_full(count: int) -> int:
-    """Lists at ~167 rows each: 3 lists a cluster of the generator's 500 (docs/search.md)."""
-    return max(2, int(count) // 167)
+def jittered(centroids: np.ndarray, count: int) -> np.ndarray:
+    """``count`` centroids made of copies of ``centroids`` moved a little: a coarse quantiser of another
+    size to time (10M's list count) without training one."""
+    rng = np.random.default_rng(7)
+    reps = -(-count // len(centroids))
+    return np.concatenate([centroids + rng.standard_normal(centroids.shape, dtype=np.float32) * 0.01
+                           for _ in range(reps)])[:count]
 
 
 def record_coverage(row: dict) -> None:

@@ -43,9 +43,9 @@ def new_ivf_pq(dim: int, nlist: int, quantizer: Any = None) -> tuple[Any, Any]:
     return opq, ivf
 
 
-def pq_coarse(centroids: np.ndarray, m: int) -> Any:
+def pq_coarse(centroids: np.ndarray, m: int, k_factor: int = COARSE_K_FACTOR) -> Any:
     """A coarse quantiser over many full-width centroids: their 4-bit fast-scan PQ codes, scanned for the
-    best ``COARSE_K_FACTOR`` x k, re-ranked with the float32 centroids (faiss IndexRefineFlat). Flat search
+    best ``k_factor`` x k, re-ranked with the float32 centroids (faiss IndexRefineFlat). Flat search
     reads every centroid (60k x 2048 x 4 B = 0.5 GB a query at 10M: 46 ms); an HNSW graph over centroids
     this wide misses the nearest one for 4-30% of the vectors; this finds it for all of them in 0.6 ms
     (scripts/bench_search.py --coarse)."""
@@ -55,7 +55,7 @@ def pq_coarse(centroids: np.ndarray, m: int) -> Any:
     base.train(centroids)
     coarse = faiss.IndexRefineFlat(base)
     coarse.add(centroids)
-    coarse.k_factor = COARSE_K_FACTOR
+    coarse.k_factor = int(k_factor)
     return coarse
 
 
