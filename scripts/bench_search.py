@@ -281,7 +281,7 @@ def coarse_at_10m(ivf, queries: np.ndarray, nprobe: int) -> float:
     from alt_i2v.search.quantisers import pq_coarse
 
     cent = faiss.downcast_index(ivf.quantizer).reconstruct_n(0, ivf.nlist)
-    coarse = pq_coarse(jittered(cent, pq_lists(TARGET["n"])), ivf.pq.M)
+    coarse = pq_coarse(jittered(cent, pq_lists(TARGET["n"])), faiss.downcast_index(ivf).pq.M)
     out = []
     for i in range(len(queries)):
         t = time.thread_time()
