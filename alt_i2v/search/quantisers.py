@@ -48,7 +48,7 @@ def pq_coarse(centroids: np.ndarray, m: int, k_factor: int = COARSE_K_FACTOR) ->
     best ``k_factor`` x k, re-ranked with the float32 centroids (faiss IndexRefineFlat). Flat search
     reads every centroid (60k x 2048 x 4 B = 0.5 GB a query at 10M: 46 ms); an HNSW graph over centroids
     this wide misses the nearest one for 4-30% of the vectors; this finds it for all of them in 0.6 ms
-    (scripts/bench_search.py --coarse)."""
+    (measured by scripts/bench_search.py, docs/search.md)."""
     faiss = _import_faiss()
     d = centroids.shape[1]
     base = faiss.IndexPQFastScan(d, m, 4)
