@@ -377,14 +377,20 @@ def test_ivfpq_with_many_lists_finds_them_through_pq_codes_of_the_centroids(tmp_
 
 
 @needs_faiss
-@pytest.mark.parametrize("kind", ["exact", "ivf-sq8", "ivf-pq"])
-def test_adding_to_a_saved_index_equals_a_rebuilt_one(kind, tmp_path):
+@pytest.mark.parametrize("kind", ["exact", "ivf-sq8", "ivf-pq", "ivf-pq-many-lists"])
+def test_adding_to_a_saved_index_equals_a_rebuilt_one(kind, tmp_path, monkeypatch):
     """A (saved), then B added to it on disk, answers every query as an index built from A + B at once.
     Every inverted list is visited and enough candidates re-ranked (a tenth of the index for ivf-pq, whose
     small test codes are coarse), so the approximate kinds differ only in the quantisers (trained on A
     alone or on A + B), which the exact re-rank of the candidates then makes irrelevant; the queries include
-    rows of B, which only the added codes can bring up."""
+    rows of B, which only the added codes can bring up. "ivf-pq-many-lists": the same with the coarse
+    quantiser on PQ codes of the centroids (used above FLAT_LISTS lists), which assigns the added rows."""
     from alt_i2v.search.large import build_streaming
+
+    many = kind == "ivf-pq-many-lists"
+    if many:
+        monkeypatch.setattr("alt_i2v.search.quantisers.FLAT_LISTS", 8)  # 16 lists here: 1,024 by default
+        kind = "ivf-pq"
 
     x = clustered(3000, dim=32, clusters=30, seed=12)
     a, b = x[:2000], x[2000:]
@@ -408,6 +414,10 @@ def test_adding_to_a_saved_index_equals_a_rebuilt_one(kind, tmp_path):
     assert [r[0][0] for r in got[-10:]] == ids[2000:2010]  # the added rows are found through their codes
     if kind == "ivf-pq":  # the vectors file grew in place: the new rows follow the old ones
         assert (tmp_path / "grown" / "vectors.f16").stat().st_size == 3000 * 32 * 2
+    if many:
+        import faiss
+
+        assert isinstance(faiss.downcast_index(grown._ivf().quantizer), faiss.IndexRefineFlat)
 
 
 @needs_faiss
