@@ -246,13 +246,8 @@ def bench_large(n: int, dim: int, args: argparse.Namespace) -> dict:
         drop_cached(vec_file)
         cold.append(timed(lambda i=i: index.search_positions(qn[i:i + 1], k), 1)[0])
     row["query_cold_ms"] = statistics.median(cold)
-    coarse, probe = ivf.quantizer, int(p["nprobe"])  # the coarse step alone (its cost grows with the lists)
-    c = []
-    for i in range(len(qn)):
-        t = time.thread_time()
-        coarse.search(qn[i:i + 1], probe)
-        c.append((time.thread_time() - t) * 1000)
-    row["coarse_ms"] = statistics.median(c)
+    probe = int(p["nprobe"])  # the coarse step alone (its cost grows with the lists)
+    row["coarse_ms"] = search_cpu_ms(ivf.quantizer, qn, probe)
     row["coarse_10m_ms"] = coarse_at_10m(ivf, qn, probe)
     t = time.perf_counter()
     index.search_positions(qn[:1], k, approx=False)
@@ -282,10 +277,15 @@ def coarse_at_10m(ivf, queries: np.ndarray, nprobe: int) -> float:
 
     cent = faiss.downcast_index(ivf.quantizer).reconstruct_n(0, ivf.nlist)
     coarse = pq_coarse(jittered(cent, pq_lists(TARGET["n"])), faiss.downcast_index(ivf).pq.M)
+    return search_cpu_ms(coarse, queries, nprobe)
+
+
+def search_cpu_ms(index, queries: np.ndarray, k: int) -> float:
+    """Median CPU ms of this thread for one ``index.search`` of one query (its cost on one core)."""
     out = []
     for i in range(len(queries)):
         t = time.thread_time()
-        coarse.search(queries[i:i + 1], nprobe)
+        index.search(queries[i:i + 1], k)
         out.append((time.thread_time() - t) * 1000)
     return statistics.median(out)
 

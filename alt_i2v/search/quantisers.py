@@ -23,18 +23,24 @@ def new_ivf_sq8(dim: int, nlist: int) -> Any:
                                          faiss.METRIC_L2)
 
 
-def new_ivf_pq(dim: int, nlist: int, quantizer: Any = None) -> tuple[Any, Any]:
+def _ivf_pq_fastscan(quantizer: Any, width: int, nlist: int, msub: int) -> Any:
+    """An untrained IVF with 4-bit fast-scan PQ codes of ``msub`` sub-quantisers over ``quantizer``."""
+    faiss = _import_faiss()
+    ivf = faiss.IndexIVFPQFastScan(quantizer, width, nlist, msub, 4)
+    ivf.pq.cp.niter = 12
+    ivf.pq.cp.max_points_per_centroid = 64
+    return ivf
+
+
+def new_ivf_pq(dim: int, nlist: int) -> tuple[Any, Any]:
     """The untrained parts of an ivf-pq index of ``dim``-wide vectors: ``(opq or None, ivf)``. 4-bit codes
     scanned 32 at a time with SIMD lookups (faiss "fast scan"): 4-6x faster than 8-bit PQ at the same recall,
     which the re-rank of 10·k candidates restores (docs/search.md); OPQ (a learned rotation, so PQ's
-    sub-spaces carry equal energy) for vectors wider than :data:`.kinds.OPQ_WIDTH`. ``quantizer``: the
-    coarse quantiser (default: flat; :func:`train_ivf` puts in a PQ-coded one when the lists are many)."""
+    sub-spaces carry equal energy) for vectors wider than :data:`.kinds.OPQ_WIDTH`. The coarse quantiser is
+    flat; :func:`train_ivf` puts in a PQ-coded one when the lists are many."""
     faiss = _import_faiss()
     width, msub = pq_shape(dim)
-    ivf = faiss.IndexIVFPQFastScan(quantizer if quantizer is not None else faiss.IndexFlatL2(width),
-                                   width, nlist, msub, 4)
-    ivf.pq.cp.niter = 12
-    ivf.pq.cp.max_points_per_centroid = 64
+    ivf = _ivf_pq_fastscan(faiss.IndexFlatL2(width), width, nlist, msub)
     opq = None
     if dim > OPQ_WIDTH:
         opq = faiss.OPQMatrix(dim, msub, width)
@@ -87,7 +93,8 @@ def train_ivf(opq: Any, ivf: Any, read: Any, count: int, seed: int = 0, timings:
         clus = faiss.Clustering(ivf.d, int(ivf.nlist), cp)
         clus.train(train, faiss.IndexFlatL2(ivf.d))
         centroids = faiss.vector_to_array(clus.centroids).reshape(-1, ivf.d)
-        _, ivf = new_ivf_pq(ivf.d, int(ivf.nlist), pq_coarse(centroids, ivf.pq.M))  # k-means done: ivf.train skips it
+        # the same IVF over the PQ-coded quantiser, which already holds the lists: ivf.train skips k-means
+        ivf = _ivf_pq_fastscan(pq_coarse(centroids, ivf.pq.M), ivf.d, int(ivf.nlist), ivf.pq.M)
         train = train[np.linspace(0, count - 1, min(count, 65536)).astype(np.int64)]
     ivf.train(train)
     if timings is not None:
