@@ -24,7 +24,8 @@ _EXPORTS = {
     # model and training
     "build_model": "model.build", "train": "training.run", "evaluate": "training.evaluation",
     "compare": "tagging.compare",
-    "load_model": "model.modeldir", "embedding_model": "model.build", "ModelConfig": "config",
+    "load_model": "model.modeldir", "embedding_model": "model.build", "with_tta": "model.build",
+    "ModelConfig": "config",
     "TrainConfig": "config", "DistConfig": "training.distribute",
     # data stages
     "scrape": "scraper", "import_folder": "data.posts", "read_posts": "data.posts", "build_vocab": "data.vocab",

@@ -129,6 +129,7 @@ LOSSES = ("bce", "focal", "asl")
 OPTIMIZERS = ("adamw", "adam")
 POOLINGS = ("flatten", "avg", "avgmax")
 TRUNKS = ("resnet", "plain")  # designs of the tiny backbone (model/build.py)
+TTAS = ("none", "flip")  # test-time augmentation: flip = the mean over the picture and its mirror image
 SCHEDULES = ("cosine", "constant")
 MIXED_PRECISION = ("auto", "float16", "bfloat16", "mixed_float16", "mixed_bfloat16", "float32", "none")
 
@@ -152,6 +153,7 @@ class ModelConfig(JsonConfig):
     filters: tuple | None = None  # the tiny backbone's conv widths, one per halving of the image side
     trunk: str | None = None  # tiny only: "resnet" (the default) or "plain" (the original 4-block CNN)
     stem: int | None = None  # tiny resnet only: stride-2 convs before the first pool (None = 2; 1 = finer maps)
+    tta: str | None = None  # what every prediction averages over: "flip" or "none"; None = the backbone's
 
     def __post_init__(self):
         if not isinstance(self.num_tags, int) or self.num_tags < 1:
@@ -171,11 +173,16 @@ class ModelConfig(JsonConfig):
             raise UsageError(f"stem must be 0, 1 or 2 strided convs, got {self.stem!r}")
         if self.trunk not in (None,) + TRUNKS:
             raise UsageError(f"trunk must be one of {', '.join(TRUNKS)}, got {self.trunk!r}")
+        if self.tta not in (None,) + TTAS:
+            raise UsageError(f"tta must be one of {', '.join(TTAS)}, got {self.tta!r}")
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "ModelConfig":
-        """As JsonConfig's; a tiny model recorded before ``trunk`` existed was the plain design, and a resnet
-        one recorded before ``stem`` existed had two strided convs."""
+        """As JsonConfig's; a tiny model recorded before ``trunk`` existed was the plain design, a resnet
+        one recorded before ``stem`` existed had two strided convs, and a model recorded before ``tta``
+        existed was calibrated on single pictures (no test-time flip)."""
+        if "tta" not in config:
+            config = {**config, "tta": "none"}
         if config.get("backbone") == "tiny" and "trunk" not in config:
             config = {**config, "trunk": "plain"}
         if config.get("backbone") == "tiny" and config.get("trunk") == "resnet" and "stem" not in config:
@@ -283,5 +290,5 @@ class ServeConfig(JsonConfig):
 __all__ = [
     "JsonConfig", "ImageConfig", "VocabConfig", "BuildConfig", "RESIZE_MODES", "TAG_CATEGORIES", "DEFAULT_CATEGORIES",
     "ALL_CATEGORIES", "resolve_workers", "field", "ModelConfig", "TrainConfig", "LOSSES",
-    "MIXED_PRECISION", "OPTIMIZERS", "SCHEDULES", "POOLINGS", "TRUNKS", "ServeConfig",
+    "MIXED_PRECISION", "OPTIMIZERS", "SCHEDULES", "POOLINGS", "TRUNKS", "TTAS", "ServeConfig",
 ]

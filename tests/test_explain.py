@@ -169,7 +169,7 @@ def test_feature_map_is_found_from_the_graph_of_any_backbone(backbone, fresh_nam
     layer = feature_layer(model)
     shape = tuple(layer.output.shape)
     assert len(shape) == 4 and shape[1] > 1 and shape[2] > 1
-    tagger = SimpleNamespace(model=model, vocab=["a", "b", "c", "d"])
+    tagger = SimpleNamespace(model=model, predictor=model, vocab=["a", "b", "c", "d"])
     cams, indices, probs = Explainer(tagger).cams(np.full((64, 64, 3), 128, np.uint8), [1, 3])
     assert cams.shape == (2, shape[1], shape[2]) and indices == [1, 3]
     assert np.all((cams >= 0) & (cams <= 1)) and probs.shape == (4,)

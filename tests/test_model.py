@@ -249,3 +249,39 @@ def test_jax_backend_smoke_trains_and_saves_a_portable_model(built_data, tmp_pat
     x = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)).astype(np.uint8)
     here = load_model(out).predict(x, verbose=0)
     np.testing.assert_allclose(here, np.load(out / "probe.npy"), rtol=1e-4, atol=1e-5)
+
+
+def test_flip_tta_answers_the_mean_over_the_picture_and_its_mirror_for_every_output(tmp_path):
+    from alt_i2v.model.build import with_tta
+
+    model = build_model(4, 32, backbone="tiny", weights=None)
+    x = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    mirrored = x[:, :, ::-1]
+    assert with_tta(model, "none") is model
+    flip = with_tta(model, "flip")
+    want = (model.predict_on_batch(x) + model.predict_on_batch(mirrored)) / 2
+    np.testing.assert_allclose(flip.predict_on_batch(x), want, atol=1e-6)
+    # a picture and its mirror image get the same answer
+    np.testing.assert_allclose(flip.predict_on_batch(mirrored), want, atol=1e-6)
+    embed = embedding_model(model)
+    probs, emb = with_tta(embed, "flip").predict_on_batch(x)
+    np.testing.assert_allclose(probs, want, atol=1e-6)
+    np.testing.assert_allclose(emb, (embed.predict_on_batch(x)[1] + embed.predict_on_batch(mirrored)[1]) / 2,
+                               atol=1e-5)
+    flip.save(tmp_path / "flip.keras")  # the wrapper is saved and loaded safely (its Mirror layer registered)
+    np.testing.assert_allclose(load_model(tmp_path / "flip.keras").predict_on_batch(x), want, atol=1e-6)
+    with pytest.raises(UsageError, match="tta"):
+        with_tta(model, "rotate")
+
+
+def test_tta_defaults_to_flip_for_tiny_none_for_pretrained_and_old_configs_read_as_none():
+    from alt_i2v.config import ModelConfig
+    from alt_i2v.model.backbones import resolve_config
+
+    assert resolve_config(ModelConfig(backbone="tiny", num_tags=3, weights=None)).tta == "flip"
+    assert resolve_config(ModelConfig(backbone="tiny", num_tags=3, weights=None, tta="none")).tta == "none"
+    assert resolve_config(ModelConfig(backbone="vgg16", num_tags=3, weights=None)).tta == "none"
+    # a model directory written before the option was calibrated on single pictures
+    assert ModelConfig.from_config({"backbone": "tiny", "num_tags": 3}).tta == "none"
+    with pytest.raises(UsageError, match="tta"):
+        ModelConfig(num_tags=3, tta="both")

@@ -294,3 +294,35 @@ def test_many_files_decode_in_worker_processes_with_the_same_results(model_dir, 
     assert used == [2]  # the files went through two decoding processes
     assert isinstance(by_procs[5], ImageLoadError) and by_procs[5].reason == by_threads[5].reason
     assert all(close(a, b) for i, (a, b) in enumerate(zip(by_threads, by_procs)) if i != 5)
+
+
+def test_tiny_model_predicts_the_mean_over_each_picture_and_its_mirror_as_it_was_calibrated(
+        model_dir, tagger, images, built_data, tmp_path):
+    import shutil
+
+    from alt_i2v.tagging.tagger import Tagger
+    from alt_i2v.training.evaluation import evaluate
+
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["model"]["tta"] == "flip" and tagger.tta == "flip"
+    x = np.stack([np.asarray(img.resize((32, 32))) for img in images]).astype(np.uint8)
+    plain = tagger.model.predict_on_batch(x)
+    mirror = tagger.model.predict_on_batch(x[:, :, ::-1])
+    assert np.abs(plain - mirror).max() > 1e-4  # the net alone tells a picture from its mirror image...
+    got = tagger.probabilities_of_arrays(x)
+    np.testing.assert_allclose(got, (plain + mirror) / 2, atol=1e-5)  # ...the model's answer averages both
+    np.testing.assert_allclose(tagger.probabilities_of_arrays(x[:, :, ::-1]), got, atol=1e-5)
+    emb = tagger.embed_arrays(x)
+    np.testing.assert_allclose(tagger.embed_arrays(x[:, :, ::-1]), emb, atol=1e-5)
+    # the thresholds were calibrated on the averaged probabilities: scoring the validation split again with
+    # them reproduces the scores training recorded
+    result = evaluate(built_data, model_dir, split="val", quiet=True)
+    assert result.metrics["micro_f1"] == pytest.approx(config["val_scores"]["micro_f1"], abs=2e-6)
+    # a model directory from before the option reads as calibrated on single pictures
+    old = tmp_path / "old"
+    shutil.copytree(model_dir, old)
+    config["model"].pop("tta")
+    (old / "config.json").write_text(json.dumps(config))
+    old_tagger = Tagger(old)
+    assert old_tagger.tta == "none" and old_tagger.predictor is old_tagger.model
+    np.testing.assert_allclose(old_tagger.probabilities_of_arrays(x), plain, atol=1e-5)

@@ -221,10 +221,14 @@ def test_cli_trains_tiny_with_weights_none_and_evaluates(built_data, tmp_path, c
         warnings.simplefilter("ignore")
         rc = main(["--train", "--data", str(built_data), "--model", str(out), "--backbone", "tiny",
                    "--weights", "none", "--epochs", "2", "--batch-size", "32", "--lr", "0.003", "--trunk", "plain",
-                   "--quiet"])
+                   "--tta", "none", "--quiet"])
     assert rc == 0
     assert (out / "model.keras").is_file()
-    assert json.loads((out / "config.json").read_text())["model"]["trunk"] == "plain"
+    recorded = json.loads((out / "config.json").read_text())["model"]
+    assert recorded["trunk"] == "plain" and recorded["tta"] == "none"  # predictions run the network alone
+    from alt_i2v.tagging.tagger import Tagger
+    tagger = Tagger(out)
+    assert tagger.tta == "none" and tagger.predictor is tagger.model
     # the plain trunk is the original 4-block CNN: no residual additions
     from alt_i2v.model.modeldir import load_model
     assert not [la for la in load_model(out).get_layer("tiny").layers if isinstance(la, keras.layers.Add)]

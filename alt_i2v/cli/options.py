@@ -159,6 +159,9 @@ OPTIONS: list[Option] = [
               "(the original 4-block CNN)"),
     _opt("--stem", TRAIN, "--train", type=int, choices=[0, 1, 2],
          help="tiny resnet: stride-2 convs at its start (fewer keep finer maps for small details)"),
+    _opt("--tta", TRAIN, "--train", choices=["flip", "none"],
+         help="what the model's predictions average over: flip = each picture and its mirror image (default for "
+              "tiny; twice the compute), none = the picture alone (default for the others)"),
     _opt("--distribute", TRAIN, "--train", part="distribution", choices=["auto", "none"],
          help="auto (default): split the global batch over every local device (JAX backend); none: one"),
     _opt("--devices", TRAIN, "--train", part="distribution", type=int, metavar="N",

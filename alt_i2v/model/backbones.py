@@ -35,6 +35,7 @@ class Backbone:
     lr: float = 1e-3  # default peak learning rate (training setting, but it depends on the network)
     trunk: str | None = None  # tiny's default design (resnet or plain); None for the keras.applications ones
     stem: int | None = None  # tiny resnet: its stride-2 convs before the first pool (ModelConfig.stem)
+    tta: str = "none"  # test-time augmentation every prediction of a new model averages over (ModelConfig.tta)
 
     @property
     def pretrained(self) -> bool:
@@ -61,7 +62,8 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in [
     Backbone("convnext_tiny", "ConvNeXtTiny", "raw", 224, 32, "avg", 768),
     Backbone("xception", "Xception", "tf", 299, 71, "avg", 2048),
     Backbone("inception_v3", "InceptionV3", "tf", 299, 75, "avg", 2048),
-    Backbone("tiny", None, "unit", 64, 16, "flatten", 256, 0, dropout=0.2, lr=3e-3, trunk="resnet", stem=1),
+    Backbone("tiny", None, "unit", 64, 16, "flatten", 256, 0, dropout=0.2, lr=3e-3, trunk="resnet", stem=1,
+             tta="flip"),
     # a DeepDanbooru project's network (--init-from PROJECT: weights = the project), fine-tuned gently
     Backbone("deepdanbooru", None, "unit", 512, 32, "avg", 0, 0, lr=1e-4),  # 0 units: the trunk's own width
 ]}
@@ -185,7 +187,7 @@ def resolve_config(config: ModelConfig | None = None, *, check_weights: bool = T
     dropout = bb.dropout if cfg.dropout is None else float(cfg.dropout)
     return cfg.replace(backbone=bb.name, image_size=size, weights=weights, frozen=frozen,
                        dense_units=cfg.dense_units or bb.dense_units or None, pooling=cfg.pooling or bb.pooling,
-                       filters=filters, dropout=dropout, trunk=trunk, stem=stem)
+                       filters=filters, dropout=dropout, trunk=trunk, stem=stem, tta=cfg.tta or bb.tta)
 
 
 __all__ = ["Backbone", "BACKBONES", "FROM_PROJECT", "get_backbone", "tiny_filters", "keras_cache_dir",

@@ -24,7 +24,7 @@ from keras import layers, ops
 from ..config import ModelConfig
 from ..errors import AltI2VError, UsageError
 from .backbones import FROM_PROJECT, Backbone, get_backbone, offline_message, resolve_config
-from .layers import Preprocess
+from .layers import Mirror, Preprocess
 
 # ---------------------------------------------------------------------------------------------------------
 # Building
@@ -153,6 +153,26 @@ def embedding_model(model: keras.Model) -> keras.Model:
     return keras.Model(model.inputs, [model.get_layer("tags").output, emb], name=f"{model.name}_embed")
 
 
+def with_tta(model: keras.Model, tta: str | None = "flip") -> keras.Model:
+    """What every prediction runs (``ModelConfig.tta``): ``model`` itself for "none", or for "flip" a model
+    whose outputs are the means of ``model``'s over the picture and its mirror image, output by output
+    (tags, and an embedding model's embedding). Mirror images are as likely as the pictures themselves
+    (training flips them), so the mean is a steadier guess; on the real faces it gained mAP on every one of
+    fifteen models, for twice the compute (docs/quality.md)."""
+    if tta in (None, "none"):
+        return model
+    if tta != "flip":
+        raise UsageError(f"tta must be 'flip' or 'none', got {tta!r}")
+    image = keras.Input(tuple(model.inputs[0].shape[1:]), dtype=model.inputs[0].dtype, name="image")
+    views = model(image), model(Mirror(name="mirror")(image))
+    if isinstance(views[0], (list, tuple)):
+        outputs = [layers.Average(dtype="float32", name=f"{name}_mean")([a, b])
+                   for name, a, b in zip(model.output_names, *views)]
+    else:
+        outputs = layers.Average(dtype="float32", name="tags_mean")(list(views))
+    return keras.Model(image, outputs, name=f"{model.name}_flip")
+
+
 def predict_batch(model: keras.Model, batch: Any, max_batch: int = 64) -> Any:
     """``model.predict_on_batch`` with short batches zero-padded to a power of two (at most ``max_batch``):
     compiled predict functions (tf.function, jax.jit) trace once per shape, so a run over any number of
@@ -182,4 +202,4 @@ def count_params(model: keras.Model) -> dict[str, int]:
     return {"total": total, "trainable": trainable, "non_trainable": total - trainable}
 
 
-__all__ = ["build_model", "embedding_model", "embedding_dim", "predict_batch", "count_params"]
+__all__ = ["build_model", "embedding_model", "with_tta", "embedding_dim", "predict_batch", "count_params"]

@@ -1,5 +1,6 @@
 """The model's own layers, registered so that a saved model loads with ``safe_mode=True``: the pixel
-preprocessing that lives inside the model (RGB 0-255 in, whatever the backbone expects out)."""
+preprocessing that lives inside the model (RGB 0-255 in, whatever the backbone expects out), and the
+mirror image of test-time augmentation."""
 
 from __future__ import annotations
 
@@ -51,4 +52,15 @@ class Preprocess(layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
-__all__ = ["Preprocess", "PACKAGE"]
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Mirror(layers.Layer):
+    """Images (N, H, W, C) mirrored left to right: the second view of test-time flip averaging."""
+
+    def call(self, inputs):
+        return ops.flip(inputs, axis=2)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+__all__ = ["Preprocess", "Mirror", "PACKAGE"]

@@ -47,6 +47,14 @@ class ModelFiles:
     image: ImageConfig
     thresholds: dict[str, Any] | None  # None: no thresholds.json (calibration never finished)
 
+    @property
+    def tta(self) -> str:
+        """What every prediction of this model averages over ("flip" or "none"; model/build.py with_tta):
+        the thresholds were calibrated on the same."""
+        from ..config import ModelConfig
+
+        return str(ModelConfig.from_config(self.config.get("model") or {}).tta)
+
 
 class ModelDir:
     """A model directory: every file's path, :meth:`read` to load and check it, ``write_*`` to write it."""

@@ -216,7 +216,7 @@ def export(model: Any, out: str | os.PathLike, format: str = "onnx", *, quiet: b
             reference = tagger.probabilities(images)  # also builds the model's call graph, which ONNX needs
             with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # converters print progress and warn about NumPy/TF internals
-                tagger.model.export(str(tmp / name), format=keras_format, verbose=False)
+                tagger.predictor.export(str(tmp / name), format=keras_format, verbose=False)
             steps.update(1)
             diff, runtime = check_parity(format, tmp / name, reference, images)
             steps.update(1)

@@ -139,13 +139,18 @@ class Explainer:
              ) -> tuple[np.ndarray, list[int], np.ndarray]:
         """Grad-CAM maps (K, h, w) in [0, 1] at the feature map's resolution for the tag ``indices`` (None:
         the ``top_k`` most probable), those indices, and the image's probabilities (T,). ``image`` is a
-        loaded uint8 (S, S, 3) model input."""
+        loaded uint8 (S, S, 3) model input. The maps are of the picture as given; the probabilities (and so
+        the top tags) are what the tagger predicts, the mean with the mirror image for a ``flip`` model."""
         from keras import ops
 
+        averaged = None
+        if self.tagger.predictor is not self.tagger.model:
+            averaged = self.tagger.probabilities_of_arrays(image[None])[0]
         with self._lock:
             fmap = ops.convert_to_numpy(self.body(image[None], training=False)).astype(np.float32)
             if indices is None:
-                logits = ops.convert_to_numpy(self._score(ops.convert_to_tensor(fmap)))[0]
+                logits = averaged if averaged is not None else \
+                    ops.convert_to_numpy(self._score(ops.convert_to_tensor(fmap)))[0]
                 indices = [int(i) for i in np.argsort(-logits, kind="stable")[:top_k]]
             k = len(indices)
             onehot = np.zeros((k, len(self.tagger.vocab)), np.float32)
@@ -158,7 +163,7 @@ class Explainer:
         cam = np.where(peak > 0, cam / np.where(peak > 0, peak, 1.0), 0.0).astype(np.float32)
         z = logits[0].astype(np.float64)
         probs = 1.0 / (1.0 + np.exp(-z)) if self._dense is not None else z  # Dense or sigmoid: logits
-        return cam, list(indices), probs.astype(np.float32)
+        return cam, list(indices), (averaged if averaged is not None else probs).astype(np.float32)
 
 
 def get_explainer(tagger: Any) -> Explainer:

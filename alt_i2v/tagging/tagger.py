@@ -43,7 +43,8 @@ class Tagger:
 
     An alt-i2v model directory loads ``model.keras`` with safe_mode (no pickle, no lambdas), and through
     :class:`ModelDir` the ``vocab.json``, ``config.json`` (image settings) and ``thresholds.json`` (per-tag
-    thresholds calibrated on the validation split). A WD14 folder runs ``model.onnx`` on onnxruntime, a
+    thresholds calibrated on the validation split); ``predictor`` is what its predictions run: the network,
+    or the mean over each picture and its mirror image where the model's ``tta`` says so. A WD14 folder runs ``model.onnx`` on onnxruntime, a
     DeepDanbooru project its Keras network; both take their tags and categories from their own files and
     their family's default thresholds per category, and report their rating outputs apart from the tags
     (:meth:`ratings_from_probs`).
@@ -60,6 +61,7 @@ class Tagger:
             raise UsageError("--batch-size must be >= 1")
         self.workers = resolve_workers(workers)
         self.onnx = None  # the onnxruntime runner of a WD14 model (self.model is then None)
+        self.tta = "none"  # an alt-i2v model's test-time augmentation (config.json): self.predictor runs it
         if self.family == ALT_I2V:
             self._load_own()
         else:
@@ -78,6 +80,7 @@ class Tagger:
         self._fingerprint: str | None = None
 
     def _load_own(self) -> None:
+        from ..model.build import with_tta
         from ..model.modeldir import load_model
 
         self.files = ModelDir(self.model_dir).read()
@@ -86,6 +89,8 @@ class Tagger:
         self.image_config = self.files.image
         self.weights_file = self.files.dir.model_file
         self.model = load_model(self.model_dir)
+        self.tta = self.files.tta
+        self.predictor = with_tta(self.model, self.tta)
         thresholds = self.files.thresholds
         self.calibrated = thresholds is not None
         self.global_threshold = thresholds["global"] if thresholds else DEFAULT_THRESHOLD
@@ -104,6 +109,7 @@ class Tagger:
                        **{k: v for k, v in ready.info.items() if k != "proto"}}
         net = ready.runner()
         self.onnx, self.model = (net, None) if self.family == WD14 else (None, net)
+        self.predictor = self.model
         by_category = ready.thresholds
         self.calibrated = False
         self.global_threshold = float(by_category["general"])
@@ -191,9 +197,9 @@ class Tagger:
         if self.onnx is not None:
             return "embed"
         if self._embed_model is None:
-            from ..model.build import embedding_model
+            from ..model.build import embedding_model, with_tta
 
-            self._embed_model = embedding_model(self.model)
+            self._embed_model = with_tta(embedding_model(self.model), self.tta)
         return self._embed_model
 
     def _load(self, source: Any) -> np.ndarray | ImageLoadError:
@@ -264,7 +270,7 @@ class Tagger:
     def probabilities_of_arrays(self, images: np.ndarray) -> np.ndarray:
         """Raw sigmoid outputs (N, T) float32 of already loaded uint8 images (N, S, S, 3): the forward
         pass of :meth:`probabilities` without the loading (the web server decodes uploads itself)."""
-        return np.asarray(self._forward(self.model, np.asarray(images)), dtype=np.float32)
+        return np.asarray(self._forward(self.predictor, np.asarray(images)), dtype=np.float32)
 
     def row_thresholds(self, probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
         """``thresholds`` with MCut entries resolved for the probabilities ``probs`` ((T,) or (N, T))."""
@@ -296,7 +302,7 @@ class Tagger:
 
     def iter_probabilities(self, sources: Sequence[Any]) -> Iterator[tuple[int, list, list[int], np.ndarray]]:
         """:meth:`iter_batches` with the model's probabilities (len(ok), T) as the outputs."""
-        return self.iter_batches(sources, lambda b: self._forward(self.model, b))
+        return self.iter_batches(sources, lambda b: self._forward(self.predictor, b))
 
     def iter_predict(self, sources: Sequence[Any], threshold: Any = None, top_k: int | None = None, *,
                      with_ratings: bool = False) -> Iterator[tuple]:

@@ -112,6 +112,7 @@ def evaluate(data_dir: str | os.PathLike, model_dir: str | os.PathLike, split: s
     PNGs). Uses the calibrated thresholds of thresholds.json, and also reports everything at 0.5."""
     from ..config import resolve_workers
     from ..fsutil import atomic_write_json, atomic_write_text
+    from ..model.build import with_tta
     from ..model.modeldir import load_model
     from .readers import ReaderPool
     from ..store import SPLITS, open_store
@@ -130,7 +131,7 @@ def evaluate(data_dir: str | os.PathLike, model_dir: str | os.PathLike, split: s
     saved = ModelDir(model_dir).read()
     config, vocab, thresholds = saved.config, saved.vocab, saved.thresholds
     image_size = saved.image.image_size
-    model = load_model(model_dir)
+    model = with_tta(load_model(model_dir), saved.tta)  # as the tagger predicts, and as it was calibrated
     names = vocab.names
     thr = thresholds_vector(thresholds, names)
     # the store must hold the pixels the model was trained on: same vocabulary, size and resize mode

@@ -31,7 +31,7 @@ from ..config import ImageConfig, ModelConfig, TrainConfig, resolve_workers
 from ..data.vocab import VOCAB_FILE, Vocab
 from ..errors import AltI2VError, UsageError
 from ..model.backbones import FROM_PROJECT, get_backbone, resolve_config
-from ..model.build import build_model, count_params, embedding_dim
+from ..model.build import build_model, count_params, embedding_dim, with_tta
 from ..model.modeldir import ModelDir, config_record
 from ..model.thresholds import thresholds_vector
 from ..store import Store
@@ -374,7 +374,7 @@ def _finish(job: _Job, run: Run, image: ImageConfig, dim: int, has_val: bool, po
     best = run.dir.best_file
     run.export.load_weights(best)
     split = "val" if has_val else "train"
-    _, y_true, y_prob = predict_split(run.export, store, split, batch_size=max(tc.batch_size, 64),
+    _, y_true, y_prob = predict_split(with_tta(run.export, mc.tta), store, split, batch_size=max(tc.batch_size, 64),
                                       workers=tc.workers, quiet=quiet, desc=f"calibrate on {split}", readers=readers)
     thresholds = calibrate_thresholds(y_true, y_prob, vocab.names, min_positives=tc.min_positives,
                                       calibrated_on=split)
