@@ -152,8 +152,10 @@ def make_model_dir(model_dir: Path, num_tags: int, image_size: int, backbone: st
 
     vocab = Vocab(tags=[{"name": f"tag_{i:04d}", "category": "general", "count": num_tags - i}
                         for i in range(num_tags)])
+    # tta none: the network runs once per picture, so the pipeline is measured against the same network
+    # (a flip model runs it twice on every path alike)
     config = resolve_config(ModelConfig(num_tags=num_tags, image_size=image_size, backbone=backbone, weights=None,
-                                        frozen=0))
+                                        frozen=0, tta="none"))
     model = build_model(config=config)
     md = ModelDir(model_dir).create()
     md.write_model(model)

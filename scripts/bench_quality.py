@@ -47,10 +47,11 @@ sys.path.insert(0, str(ROOT))
 BASELINE = {"backbone": "tiny", "weights": None, "trunk": "plain", "filters": (16, 32, 64, 128),
             "pooling": "flatten", "dense_units": 256, "dropout": 0.0, "augment": False, "zoom": 0.0,
             "optimizer": "adam", "schedule": "constant", "weight_decay": 0.0, "label_smoothing": 0.0,
-            "loss": "bce", "lr": 1e-3, "batch_size": 32, "epochs": 200, "patience": 0, "monitor": "val_auc"}
+            "loss": "bce", "lr": 1e-3, "batch_size": 32, "epochs": 200, "patience": 0, "monitor": "val_auc",
+            "tta": "none"}
 DEFAULTS = {"backbone": "tiny", "weights": None}
 # the defaults before the real-faces round (docs/quality.md): what that round changed, pinned to the old values
-PREVIOUS = {"backbone": "tiny", "weights": None, "group_loss": 0.0, "stem": 2}
+PREVIOUS = {"backbone": "tiny", "weights": None, "group_loss": 0.0, "stem": 2, "tta": "none"}
 RECIPES = {"baseline": BASELINE, "previous": PREVIOUS, "defaults": DEFAULTS}
 
 
@@ -96,6 +97,7 @@ def run_one(name: str, data: Path, model_dir: Path, settings: dict, budget: floa
     seconds it took), score the model already in ``model_dir`` instead (``--trained``)."""
     from alt_i2v.training.evaluation import predict_split
     from alt_i2v.training.metrics import compute_metrics, prf_at
+    from alt_i2v.model.build import with_tta
     from alt_i2v.model.modeldir import ModelDir, load_model
     from alt_i2v.model.thresholds import thresholds_vector
     from alt_i2v.store import open_store
@@ -123,8 +125,8 @@ def run_one(name: str, data: Path, model_dir: Path, settings: dict, budget: floa
         params, train_images = count_params(load_model(model_dir))["total"], None
     vocab = Vocab.load(data / "vocab.json")
     store = open_store(data, vocab=vocab)
-    try:
-        model = load_model(model_dir)
+    try:  # what the tagger predicts: with the mirror image where the model's tta says so
+        model = with_tta(load_model(model_dir), ModelDir(model_dir).read().tta)
         _, y_true, y_prob = predict_split(model, store, "test", batch_size=128)
         _, y_val, p_val = predict_split(model, store, "val", batch_size=128)
     finally:
