@@ -73,7 +73,11 @@ def test_export_runs_in_its_runtime_with_the_keras_probabilities(model_dir, tmp_
     assert (out / "vocab.json").read_bytes() == (model_dir / "vocab.json").read_bytes()
     assert (out / "thresholds.json").read_bytes() == (model_dir / "thresholds.json").read_bytes()
     images = np.stack([np.asarray(img.resize((32, 32))) for img in shapes(5, seed=77, size=48)])
-    assert np.abs(_runtime_probs(fmt, out, images) - tagger.probabilities(images)).max() <= TOLERANCE
+    got = _runtime_probs(fmt, out, images)
+    assert np.abs(got - tagger.probabilities(images)).max() <= TOLERANCE
+    # the model's flip averaging is inside the exported graph: a mirror image gets the same answer
+    assert tagger.tta == "flip"
+    assert np.abs(_runtime_probs(fmt, out, np.ascontiguousarray(images[:, :, ::-1])) - got).max() <= TOLERANCE
     assert not list(tmp_path.glob(".*.part"))  # no temporary folder left behind
 
 
