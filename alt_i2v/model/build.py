@@ -21,7 +21,7 @@ from typing import Any
 import keras
 from keras import layers, ops
 
-from ..config import ModelConfig
+from ..config import TTAS, ModelConfig
 from ..errors import AltI2VError, UsageError
 from .backbones import FROM_PROJECT, Backbone, get_backbone, offline_message, resolve_config
 from .layers import Mirror, Preprocess
@@ -161,8 +161,8 @@ def with_tta(model: keras.Model, tta: str | None = "flip") -> keras.Model:
     fifteen models, for twice the compute (docs/quality.md)."""
     if tta in (None, "none"):
         return model
-    if tta != "flip":
-        raise UsageError(f"tta must be 'flip' or 'none', got {tta!r}")
+    if tta not in TTAS:
+        raise UsageError(f"tta must be one of {', '.join(TTAS)}, got {tta!r}")
     image = keras.Input(tuple(model.inputs[0].shape[1:]), dtype=model.inputs[0].dtype, name="image")
     views = model(image), model(Mirror(name="mirror")(image))
     if isinstance(views[0], (list, tuple)):

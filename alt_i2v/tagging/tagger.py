@@ -44,10 +44,10 @@ class Tagger:
     An alt-i2v model directory loads ``model.keras`` with safe_mode (no pickle, no lambdas), and through
     :class:`ModelDir` the ``vocab.json``, ``config.json`` (image settings) and ``thresholds.json`` (per-tag
     thresholds calibrated on the validation split); ``predictor`` is what its predictions run: the network,
-    or the mean over each picture and its mirror image where the model's ``tta`` says so. A WD14 folder runs ``model.onnx`` on onnxruntime, a
-    DeepDanbooru project its Keras network; both take their tags and categories from their own files and
-    their family's default thresholds per category, and report their rating outputs apart from the tags
-    (:meth:`ratings_from_probs`).
+    or the mean over each picture and its mirror image where the model's ``tta`` says so. A WD14 folder
+    runs ``model.onnx`` on onnxruntime, a DeepDanbooru project its Keras network; both take their tags and
+    categories from their own files and their family's default thresholds per category, and report their
+    rating outputs apart from the tags (:meth:`ratings_from_probs`).
     """
 
     def __init__(self, model_dir: str | os.PathLike, *, batch_size: int | None = None, workers: int | None = None):
